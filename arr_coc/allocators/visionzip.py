@@ -1,0 +1,108 @@
+"""``visionzip``: dominant tokens by [CLS] attention plus contextual tokens merged from the rest.
+
+VisionZip (Yang et al., CVPR 2025) splits the budget K into ``K_d`` dominant and ``K_c``
+contextual tokens (54 + 10 of 64, 108 + 20 of 128, 162 + 30 of 192 in the paper; here
+``K_c = round(K * contextual_ratio)`` with ``contextual_ratio = 10 / 64``, which reproduces
+all three):
+
+1. dominant: the ``K_d`` patches with the highest [CLS] attention (our own attention, see
+   :func:`arr_coc.token_scores.cls_attention_scores`; mean patch token when there is no
+   prefix), kept unchanged;
+2. contextual: of the remaining ``R = N - K_d`` patches, taken in raster order, every
+   ``floor(R / K_c)``-th one (the first ``K_c`` of them) becomes a target; every other
+   remaining patch joins the target it is most similar to (cosine similarity of the tokens;
+   the paper uses the attention keys, which we do not have), and each target becomes one
+   token for its group.
+
+``merge`` decides that token: ``"mean"`` (default) the plain average of the group (the
+target and the patches assigned to it), as the paper describes; ``"released"`` the target
+plus the mean of the patches assigned to it, as the authors' released code computes it.
+
+A contextual token is reported at its target patch's index and position. Step 2 uses the
+raster order of the patches, so this method is spatial: permuting the patch tokens does not
+simply permute its choice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from arr_coc.allocators.base import AllocationContext, Allocator, Selection, topk_indices
+from arr_coc.allocators.registry import register_allocator
+from arr_coc.token_scores import cls_attention_scores, cosine_similarity_matrix, working_dtype
+
+__all__ = ["VisionZipAllocator"]
+
+
+@register_allocator("visionzip")
+class VisionZipAllocator(Allocator):
+    """Dominant + contextual tokens (VisionZip).
+
+    Args:
+        contextual_ratio: share of the budget spent on contextual (merged) tokens, in [0, 1].
+        merge: ``"mean"`` or ``"released"`` (see the module docstring).
+        num_heads: heads of the [CLS] attention (must divide D).
+    """
+
+    fixed_budget = True
+
+    def __init__(self, *, contextual_ratio: float = 10 / 64, merge: str = "mean", num_heads: int = 1):
+        super().__init__()
+        if not 0.0 <= contextual_ratio <= 1.0:
+            raise ValueError(f"contextual_ratio: expected a value in [0, 1], got {contextual_ratio!r}")
+        if merge not in ("mean", "released"):
+            raise ValueError(f"merge: expected 'mean' or 'released', got {merge!r}")
+        self.contextual_ratio = contextual_ratio
+        self.merge = merge
+        self.num_heads = num_heads
+
+    def split_budget(self, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B] budgets -> ([B] dominant counts, [B] contextual counts); they sum to the budget."""
+        ctx_n = torch.floor(budget.double() * self.contextual_ratio + 0.5).long().clamp(min=0)
+        ctx_n = torch.minimum(ctx_n, budget)
+        return budget - ctx_n, ctx_n
+
+    def select(self, ctx: AllocationContext) -> Selection:
+        fine = ctx.fine
+        b, n, d = fine.shape
+        x = fine.to(working_dtype(fine))
+        scores = cls_attention_scores(ctx.prefix, fine, num_heads=self.num_heads)  # [B, N]
+        n_dom, n_ctx = self.split_budget(ctx.budget)
+        dominant = topk_indices(scores, n_dom)  # [B, Kd], -1 padded
+        is_dom = torch.zeros(b, n + 1, dtype=torch.bool, device=fine.device)
+        is_dom.scatter_(1, torch.where(dominant >= 0, dominant, torch.full_like(dominant, n)), True)
+        rest = ~is_dom[:, :n]  # [B, N] remaining patches
+        # targets: every step-th remaining patch in raster order, the first n_ctx of them
+        rank = rest.long().cumsum(dim=1) - 1  # position among the remaining patches
+        n_rest = rest.sum(dim=1)
+        step = (n_rest // n_ctx.clamp(min=1)).clamp(min=1)
+        is_target = rest & (rank % step[:, None] == 0) & (rank // step[:, None] < n_ctx[:, None])
+        # assign each non-target remaining patch to its most similar target
+        sim = cosine_similarity_matrix(x)  # [B, N, N]
+        sim = sim.masked_fill(~is_target[:, None, :], float("-inf"))
+        owner = sim.argmax(dim=2)  # [B, N]
+        owner = torch.where(is_target, torch.arange(n, device=fine.device).expand(b, n), owner)
+        member = rest & (n_ctx[:, None] > 0)
+        assign = torch.zeros(b, n, n, dtype=x.dtype, device=fine.device)  # [B, target, patch]
+        assign.scatter_(1, owner[:, None, :], member[:, None, :].to(x.dtype))
+        group_sum = assign @ x  # [B, N, D] (rows of non-targets are zero)
+        group_n = assign.sum(dim=2, keepdim=True)
+        if self.merge == "mean":
+            merged = group_sum / group_n.clamp(min=1)
+        else:  # released: target + mean of the others assigned to it
+            others_n = (group_n - 1).clamp(min=1)
+            merged = x + (group_sum - x) / others_n
+        contextual = topk_indices(is_target.to(x.dtype) - torch.arange(n, device=fine.device) / (2 * n), n_ctx)
+        k_c = contextual.shape[1]
+        indices = torch.cat([dominant, contextual], dim=1)
+        tok_dom = x.gather(1, dominant.clamp(min=0)[..., None].expand(-1, -1, d))
+        tok_ctx = merged.gather(1, contextual.clamp(min=0)[..., None].expand(-1, -1, d))
+        tokens = torch.cat([tok_dom, tok_ctx], dim=1).to(fine.dtype)
+        group_sizes = group_n[..., 0].gather(1, contextual.clamp(min=0))
+        return Selection(
+            indices=indices,
+            tokens=tokens,
+            extras={"scores": scores, "dominant": dominant, "contextual": contextual,
+                    "contextual_sizes": torch.where(contextual >= 0, group_sizes, torch.zeros_like(group_sizes)),
+                    "num_contextual": torch.tensor(k_c)},
+        )
