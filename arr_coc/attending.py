@@ -1,0 +1,371 @@
+"""Attending: exact greedy conditional-MI selection of candidates under a token budget.
+
+Model. The candidate embeddings ``c_1..c_M`` and the query tokens ``q_1..q_T`` (all in the
+relevance space) are jointly Gaussian with covariance ``Sigma = k(., .) + jitter * I``,
+``k`` the cosine kernel (inner product of unit vectors) or an RBF kernel. For a candidate
+``j`` and the selected set ``S``:
+
+```
+I(c_j ; Q | c_S) = 1/2 log( Var(j | S) / Var(j | S, Q) )       (query information, two chains)
+R_j(S)           = 1/2 log+( Var(j | S) / D )                   (coverage: Gaussian rate-distortion
+                                                                  of the part of c_j that S does not
+                                                                  explain, at distortion D)
+gain_j(S)        = alpha * I(c_j ; Q | c_S) + (1 - alpha) * R_j(S)
+```
+
+For a single query token the first line equals ``-1/2 log(1 - rho^2(j, q | S))``. Greedy
+picks ``argmax_j gain_j(S)``, conditions on it and repeats until the budget is spent or the
+best gain falls below ``price`` (nats per token). By the chain rule the query terms of the
+picks sum to ``I(c_S ; Q)``, reported as ``total``.
+
+Conditional variances are kept by incremental Cholesky (Gram-Schmidt on kernel columns):
+chain A conditions on the picks, chain B on the query tokens first and then the picks.
+Each step computes one kernel column (O(M R)) and one new Cholesky column per chain
+(O(M (T + k))): O(M K (R + T + K)) time and O(M (T + K)) memory, batched over B with no
+Python loop over the batch.
+
+Tokens are deterministic, so the jitter is numerical only: a conditional variance at or
+below ``var_floor`` means "determined by what is already known". Such a candidate is
+redundant (zero gain), ``Var(j | S, Q)`` is clamped at the floor (finite information about
+the query's twin), and conditioning on a determined variable is a no-op.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["GreedyResult", "greedy_conditional_mi", "kernel_matrix", "gaussian_set_mi"]
+
+_KERNELS = ("cosine", "rbf")
+
+
+@dataclass
+class GreedyResult:
+    """Output of :func:`greedy_conditional_mi` (K = max budget of the batch).
+
+    indices:        [B, K] long, candidate indices in pick order, -1 after the row stopped.
+    gains:          [B, K] the objective gain of each pick, alpha * query + (1 - alpha) * coverage (nats).
+    query_gains:    [B, K] I(c_j ; Q | c_S) of each pick (nats).
+    coverage_gains: [B, K] R_j(S) of each pick (nats).
+    total:          [B] sum of ``query_gains`` = I(c_S ; Q) by the chain rule (nats).
+    counts:         [B] long, number of picks.
+    """
+
+    indices: torch.Tensor
+    gains: torch.Tensor
+    query_gains: torch.Tensor
+    coverage_gains: torch.Tensor
+    total: torch.Tensor
+    counts: torch.Tensor
+
+
+# ---------------------------------------------------------------------- kernels
+def _prepare(
+    cand: torch.Tensor, query: torch.Tensor | None, kernel: str, bandwidth: float | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Embeddings in the form the kernel needs.
+
+    Returns (cand [B, M, R], query [B, T, R] | None, diag [B, M] = k(j, j),
+    cand_sq [B, M] | None, scale [B] | None) where for the RBF kernel the vectors are
+    divided by the bandwidth so that k(x, y) = exp(-|x - y|^2 / 2).
+    """
+    cand = cand.to(dtype)
+    query = query.to(dtype) if query is not None else None
+    if kernel == "cosine":
+        cn = cand.norm(dim=-1, keepdim=True)
+        c = torch.where(cn > 0, cand / cn.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(cand))
+        diag = (cn.squeeze(-1) > 0).to(dtype)
+        q = None
+        if query is not None:
+            qn = query.norm(dim=-1, keepdim=True)
+            q = torch.where(qn > 0, query / qn.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(query))
+        return c, q, diag, None, None
+    # rbf: bandwidth^2 = mean squared distance of the candidates to their mean (per example)
+    if bandwidth is None:
+        centred = cand - cand.mean(dim=1, keepdim=True)
+        ell2 = centred.pow(2).sum(-1).mean(dim=1)  # [B]
+        ell2 = torch.where(ell2 > 0, ell2, torch.ones_like(ell2))
+    else:
+        ell2 = torch.full(cand.shape[:1], float(bandwidth) ** 2, dtype=dtype, device=cand.device)
+    scale = ell2.sqrt()
+    c = cand / scale[:, None, None]
+    q = query / scale[:, None, None] if query is not None else None
+    diag = torch.ones(cand.shape[:2], dtype=dtype, device=cand.device)
+    return c, q, diag, c.pow(2).sum(-1), scale
+
+
+def _cross(kernel: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """k(a_i, b_j) for prepared a [B, I, R], b [B, J, R] -> [B, I, J]."""
+    dots = a @ b.transpose(1, 2)
+    if kernel == "cosine":
+        return dots
+    sq = a.pow(2).sum(-1)[:, :, None] + b.pow(2).sum(-1)[:, None, :] - 2 * dots
+    return torch.exp(-0.5 * sq.clamp_min(0))
+
+
+def kernel_matrix(
+    x: torch.Tensor, y: torch.Tensor | None = None, *, kernel: str = "cosine", bandwidth: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Kernel Gram matrix k(x_i, y_j) [B, I, J] for x [B, I, R], y [B, J, R] (y = x if None).
+
+    ``bandwidth`` (RBF only): a float, a [B] tensor, or None for the default used by
+    :func:`greedy_conditional_mi` (root mean squared distance of ``x`` to its mean).
+    """
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
+    y = x if y is None else y
+    if kernel == "cosine":
+        return F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(1, 2)
+    if bandwidth is None:
+        centred = x - x.mean(dim=1, keepdim=True)
+        ell2 = centred.pow(2).sum(-1).mean(dim=1)
+        ell2 = torch.where(ell2 > 0, ell2, torch.ones_like(ell2))
+    elif isinstance(bandwidth, torch.Tensor):
+        ell2 = bandwidth.to(x.dtype) ** 2
+    else:
+        ell2 = torch.full(x.shape[:1], float(bandwidth) ** 2, dtype=x.dtype, device=x.device)
+    s = ell2.sqrt()[:, None, None]
+    return _cross("rbf", x / s, y / s)
+
+
+# ---------------------------------------------------------------------- validation
+def _validate(cand, query, query_mask, budget, alpha, price, kernel, jitter, var_floor, distortion):
+    if not isinstance(cand, torch.Tensor) or cand.dim() != 3:
+        raise ValueError(f"cand_emb: expected a [B, M, R] tensor, got {getattr(cand, 'shape', type(cand))}")
+    b, m, r = cand.shape
+    if not torch.isfinite(cand).all():
+        raise ValueError("cand_emb: expected finite values, found NaN or Inf")
+    if query is not None:
+        if not isinstance(query, torch.Tensor) or query.dim() != 3 or query.shape[0] != b or query.shape[2] != r:
+            raise ValueError(f"query_emb: expected a [B={b}, T, R={r}] tensor, got {getattr(query, 'shape', type(query))}")
+        if not torch.isfinite(query).all():
+            raise ValueError("query_emb: expected finite values, found NaN or Inf")
+        if query_mask is not None and tuple(query_mask.shape) != tuple(query.shape[:2]):
+            raise ValueError(f"query_mask: expected shape {tuple(query.shape[:2])}, got {tuple(query_mask.shape)}")
+    elif query_mask is not None:
+        raise ValueError("query_mask: given without query_emb")
+    if not isinstance(budget, torch.Tensor):
+        if isinstance(budget, int) and not isinstance(budget, bool):
+            budget = torch.full((b,), budget, dtype=torch.long, device=cand.device)
+        else:
+            raise ValueError(f"budget: expected an int or a [B={b}] long tensor, got {budget!r}")
+    if budget.dim() == 0:
+        budget = budget.expand(b)
+    if budget.shape != (b,) or budget.is_floating_point() or budget.dtype == torch.bool:
+        raise ValueError(f"budget: expected a [B={b}] integer tensor, got {budget.dtype} {tuple(budget.shape)}")
+    if (budget < 0).any():
+        raise ValueError(f"budget: expected values >= 0, got {budget.tolist()}")
+
+    def per_example(name, v, lo, hi):
+        t = torch.as_tensor(v, device=cand.device)
+        if t.dim() == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"{name}: expected a float or a [B={b}] tensor, got shape {tuple(t.shape)}")
+        if not torch.isfinite(t).all() or (t < lo).any() or (t > hi).any():
+            raise ValueError(f"{name}: expected finite values in [{lo}, {hi}], got {t.tolist()}")
+        return t
+
+    alpha = per_example("alpha", alpha, 0.0, 1.0)
+    price = per_example("price", price, 0.0, math.inf)
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
+    for name, v in (("jitter", jitter), ("var_floor", var_floor), ("distortion", distortion)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}: expected a finite float > 0, got {v!r}")
+    return budget.to(device=cand.device, dtype=torch.long), alpha, price
+
+
+# ---------------------------------------------------------------------- the greedy
+@torch.no_grad()
+def greedy_conditional_mi(
+    cand_emb: torch.Tensor,
+    query_emb: torch.Tensor | None,
+    query_mask: torch.Tensor | None,
+    budget: torch.Tensor | int,
+    alpha: torch.Tensor | float = 1.0,
+    price: torch.Tensor | float = 0.0,
+    *,
+    kernel: str = "cosine",
+    jitter: float = 1e-6,
+    var_floor: float = 1e-4,
+    distortion: float = 1e-2,
+    bandwidth: float | None = None,
+    dtype: torch.dtype | None = None,
+) -> GreedyResult:
+    """Exact greedy conditional-MI selection (see the module docstring for the model).
+
+    cand_emb:   [B, M, R] candidate embeddings in the relevance space.
+    query_emb:  [B, T, R] query token embeddings, or None (coverage only).
+    query_mask: [B, T] bool (True = real token) or None (all real). A row with no real
+                token has I(c; Q) = 0, so only coverage drives it.
+    budget:     [B] long (or int) cap on picks per example; values above M act as M.
+    alpha:      [B] or float in [0, 1], weight of the query term vs. coverage.
+    price:      [B] or float >= 0, nats per token: a row stops when its best gain < price.
+                With price 0 the budget is always spent (once every candidate is
+                redundant the rest are filled by largest residual variance).
+    kernel:     "cosine" or "rbf" (RBF bandwidth: ``bandwidth`` or the per-example root
+                mean squared distance of the candidates to their mean).
+    jitter:     added to the covariance diagonal (numerical only).
+    var_floor:  conditional variances at or below it count as zero (redundant).
+    distortion: D of the coverage term.
+    dtype:      compute dtype; default float64 for float64 input, else float32.
+
+    Returns a :class:`GreedyResult`.
+    """
+    budget, alpha, price = _validate(
+        cand_emb, query_emb, query_mask, budget, alpha, price, kernel, jitter, var_floor, distortion
+    )
+    b, m, _ = cand_emb.shape
+    device = cand_emb.device
+    if dtype is None:
+        dtype = torch.float64 if cand_emb.dtype == torch.float64 else torch.float32
+    alpha = alpha.to(dtype)
+    price = price.to(dtype)
+    k_max = int(budget.clamp(max=m).max().item()) if b else 0
+    budget = budget.clamp(max=m)
+
+    c, q, diag, c_sq, _ = _prepare(cand_emb, query_emb, kernel, bandwidth, dtype)
+    var_a = diag + jitter  # [B, M] Var(j | S)
+    ar_b = torch.arange(b, device=device)
+
+    # chain B starts conditioned on the real query tokens: an eigen-factor of K_QQ + jitter I
+    # (padded tokens are zeroed out; eigenvalues at or below the floor are dropped).
+    use_query = q is not None and q.shape[1] > 0
+    if use_query:
+        t = q.shape[1]
+        qm = torch.ones(b, t, dtype=torch.bool, device=device) if query_mask is None else query_mask.to(device).bool()
+        qmf = qm.to(dtype)
+        k_qq = _cross(kernel, q, q) * qmf[:, :, None] * qmf[:, None, :]
+        k_qq = k_qq + torch.diag_embed(qmf * jitter)
+        k_cq = _cross(kernel, c, q) * qmf[:, None, :]  # [B, M, T]
+        evals, evecs = torch.linalg.eigh(k_qq)
+        keep = evals > var_floor
+        inv_sqrt = torch.where(keep, evals.clamp_min(var_floor).rsqrt(), torch.zeros_like(evals))
+        l_q = (k_cq @ evecs) * inv_sqrt[:, None, :]  # [B, M, T]
+        l_b = torch.zeros(b, t + k_max, m, dtype=dtype, device=device)
+        l_b[:, :t] = l_q.transpose(1, 2)
+        var_b = (var_a - l_q.pow(2).sum(-1)).clamp_min(0)
+        use_query = bool((alpha > 0).any())
+    else:
+        t = 0
+        var_b = var_a
+        l_b = None
+    l_a = torch.zeros(b, k_max, m, dtype=dtype, device=device)
+
+    idx_out = torch.full((b, k_max), -1, dtype=torch.long, device=device)
+    g_out = torch.zeros(b, k_max, dtype=dtype, device=device)
+    gq_out = torch.zeros_like(g_out)
+    gx_out = torch.zeros_like(g_out)
+    picked = torch.zeros(b, m, dtype=torch.bool, device=device)
+    done = budget <= 0
+    neg_inf = torch.tensor(-math.inf, dtype=dtype, device=device)
+    half_log_d = 0.5 * math.log(distortion)
+    log_floor = math.log(var_floor)
+    check_every = 1 if bool((price > 0).any()) or bool((budget != k_max).any()) else k_max + 1
+
+    for k in range(k_max):
+        live = var_a > var_floor  # not redundant
+        log_va = var_a.clamp_min(var_floor).log()
+        cov_gain = (0.5 * log_va - half_log_d).clamp_min(0)
+        if use_query:
+            q_gain = (0.5 * (log_va - var_b.clamp_min(var_floor).log().clamp_min(log_floor))).clamp_min(0)
+        else:
+            q_gain = torch.zeros_like(cov_gain)
+        gain = alpha[:, None] * q_gain + (1 - alpha[:, None]) * cov_gain
+        gain = torch.where(live, gain, torch.zeros_like(gain))
+        # positive gains first; among zero gains, the largest residual variance
+        score = torch.where(gain > 0, gain, var_a.clamp(0, 1) - 2)
+        score = torch.where(picked, neg_inf, score)
+        s = score.argmax(dim=1)  # [B]
+        g = gain[ar_b, s]
+        cont = ~done & (k < budget) & (g >= price) & torch.isfinite(score[ar_b, s])
+        idx_out[:, k] = torch.where(cont, s, -1)
+        g_out[:, k] = torch.where(cont, g, 0)
+        gq_out[:, k] = torch.where(cont & live[ar_b, s], q_gain[ar_b, s], 0)
+        gx_out[:, k] = torch.where(cont & live[ar_b, s], cov_gain[ar_b, s], 0)
+        done = done | ~cont
+        if k == k_max - 1 or ((k + 1) % check_every == 0 and bool(done.all())):
+            break
+        picked[ar_b, s] = True
+        # kernel column of the pick, then one Cholesky column per chain
+        cs = c[ar_b, s]  # [B, R]
+        kcol = torch.einsum("bmr,br->bm", c, cs)
+        if kernel == "rbf":
+            kcol = torch.exp(-0.5 * (c_sq + c_sq[ar_b, s][:, None] - 2 * kcol).clamp_min(0))
+        else:
+            kcol = kcol * diag  # a zero vector has zero covariance with everything
+        kcol[ar_b, s] += jitter
+        var_a, l_a = _cholesky_step(l_a, var_a, kcol, s, k, var_floor)
+        if use_query:
+            var_b, l_b = _cholesky_step(l_b, var_b, kcol, s, t + k, var_floor)
+        else:
+            var_b = var_a
+
+    total = gq_out.sum(1)
+    counts = (idx_out >= 0).sum(1)
+    return GreedyResult(idx_out, g_out, gq_out, gx_out, total, counts)
+
+
+def _cholesky_step(
+    l: torch.Tensor, var: torch.Tensor, kcol: torch.Tensor, s: torch.Tensor, k: int, var_floor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Condition one chain on pivot s [B]: write column k of l [B, K, M], update var [B, M].
+
+    cov(j, s | previous pivots) = k(j, s) - sum_i l[i, j] l[i, s]; the new factor column is
+    cov / sqrt(Var(s | previous)); a pivot at or below the floor is already determined and
+    conditioning on it is a no-op.
+    """
+    ar_b = torch.arange(l.shape[0], device=l.device)
+    if k > 0:
+        prev = l[:, :k]  # [B, k, M]
+        ls = prev[ar_b, :, s]  # [B, k]
+        cov = kcol - torch.einsum("bkm,bk->bm", prev, ls)
+    else:
+        cov = kcol
+    vs = var[ar_b, s]
+    ok = vs > var_floor
+    col = cov * torch.where(ok, vs.clamp_min(var_floor).rsqrt(), torch.zeros_like(vs))[:, None]
+    l[:, k] = col
+    var = (var - col.pow(2)).clamp_min(0)
+    var[ar_b, s] = 0  # a pick is known exactly
+    return var, l
+
+
+# ---------------------------------------------------------------------- closed form
+def gaussian_set_mi(
+    cand_emb: torch.Tensor,
+    query_emb: torch.Tensor,
+    indices: torch.Tensor,
+    query_mask: torch.Tensor | None = None,
+    *,
+    kernel: str = "cosine",
+    jitter: float = 1e-6,
+    bandwidth: float | None = None,
+) -> torch.Tensor:
+    """Differentiable I(c_S ; Q) = 1/2 [log det Sigma_SS + log det Sigma_QQ - log det Sigma_(S,Q)] [B].
+
+    cand_emb [B, M, R], query_emb [B, T, R], indices [B, K] (-1 = padding, ignored),
+    query_mask [B, T]. Same model as :func:`greedy_conditional_mi` (Sigma = kernel +
+    jitter I), without the floors; useful as a training signal for the scorer.
+    """
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
+    dtype = torch.float64 if cand_emb.dtype == torch.float64 else torch.float32
+    c, q, _, _, _ = _prepare(cand_emb, query_emb, kernel, bandwidth, dtype)
+    b, t = q.shape[:2]
+    valid = indices >= 0
+    cs = c.gather(1, indices.clamp_min(0)[..., None].expand(-1, -1, c.shape[-1]))
+    qm = torch.ones(b, t, dtype=torch.bool, device=c.device) if query_mask is None else query_mask.bool()
+    joint = torch.cat([cs, q], 1)
+    present = torch.cat([valid, qm], 1).to(dtype)
+    kj = _cross(kernel, joint, joint) * present[:, :, None] * present[:, None, :]
+    # absent entries become independent unit variables: they add 0 to every log-det
+    kj = kj + torch.diag_embed(present * jitter + (1 - present))
+    ks = indices.shape[1]
+    ld = lambda mat: torch.linalg.cholesky(mat).diagonal(dim1=-2, dim2=-1).log().sum(-1) * 2  # noqa: E731
+    return 0.5 * (ld(kj[:, :ks, :ks]) + ld(kj[:, ks:, ks:]) - ld(kj))
