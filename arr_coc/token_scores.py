@@ -16,6 +16,7 @@ Public functions (shapes):
 - :func:`cosine_similarity_matrix` x [B, N, D] -> [B, N, N]
 - :func:`query_attention_scores` query [B, T, D], fine [B, N, D], query_mask [B, T] -> [B, N]
 - :func:`query_relevance`        query [B, T, D], fine [B, N, D], query_mask [B, T] -> [B, N]
+- :func:`content_tiebreak`       x [B, N, D] -> [B, N] (breaks exact ties by content)
 - :func:`valid_query_rows`       query [B, T, Dq] or None, query_mask [B, T] or None -> [B] bool
 """
 
@@ -28,7 +29,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 __all__ = [
+    "argmax_with_tiebreak",
     "cls_attention_scores",
+    "content_tiebreak",
     "cosine_similarity_matrix",
     "feature_norm_scores",
     "global_query",
@@ -133,10 +136,43 @@ def feature_norm_scores(fine: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_similarity_matrix(x: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
-    """Pairwise cosine similarity [B, N, D] -> [B, N, N]; an all-zero token has similarity 0 to all."""
+    """Pairwise cosine similarity [B, N, D] -> [B, N, N].
+
+    Exactly symmetric with an exact unit diagonal (an all-zero token has similarity 0 to
+    everything, itself included), so that equal similarities compare equal wherever the
+    tokens sit in the sequence (a blocked matmul need not round (i, j) and (j, i) alike).
+    """
     _check_rank("x", x, 3, "[B, N, D]")
-    xn = F.normalize(_work(x), dim=-1, eps=eps)
-    return xn @ xn.transpose(1, 2)
+    x = _work(x)
+    xn = F.normalize(x, dim=-1, eps=eps)
+    sim = xn @ xn.transpose(1, 2)
+    sim = 0.5 * (sim + sim.transpose(1, 2))
+    nonzero = (x != 0).any(dim=-1).to(sim.dtype)  # [B, N]
+    return sim - torch.diag_embed(torch.diagonal(sim, dim1=1, dim2=2)) + torch.diag_embed(nonzero)
+
+
+def content_tiebreak(x: torch.Tensor) -> torch.Tensor:
+    """A per-token number that depends only on the token's content: [B, N, D] -> [B, N].
+
+    The projection of the normalised token on a fixed pseudo-random unit direction (seeded,
+    the same on every call). Greedy selections use it to break exact ties (e.g. the first
+    pick of a DPP with constant quality, or the two ends of a mutual nearest-neighbour pair)
+    by content instead of by position, which keeps them permutation-equivariant. Distinct
+    tokens get distinct values almost surely; exact duplicates tie (and are interchangeable).
+    """
+    _check_rank("x", x, 3, "[B, N, D]")
+    x = _work(x)
+    g = torch.Generator().manual_seed(0x5EED)
+    u = torch.randn(x.shape[-1], generator=g, dtype=torch.float64)
+    u = (u / u.norm()).to(device=x.device, dtype=x.dtype)
+    return (F.normalize(x, dim=-1, eps=1e-8) * u).sum(dim=-1)
+
+
+def argmax_with_tiebreak(score: torch.Tensor, tiebreak: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of score [B, N]; among exact ties, the largest ``tiebreak`` [B, N] -> [B] long."""
+    best = score.amax(dim=1, keepdim=True)
+    tied = score == best
+    return torch.where(tied, tiebreak, torch.full_like(tiebreak, float("-inf"))).argmax(dim=1)
 
 
 def query_attention_scores(

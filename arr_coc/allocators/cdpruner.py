@@ -20,6 +20,10 @@ incremental Cholesky factor of ``L_S`` and each candidate's residual ``d_i^2 = L
 |c_i|^2``; picking ``argmax d_i^2`` is exactly picking ``argmax log det(L_{S + i})``.
 O(B N K^2) after the O(B N^2 D) kernel.
 
+Exact ties (all of them at the first pick when the quality is constant) are broken by
+content (:func:`arr_coc.token_scores.content_tiebreak`), not by index, so permuting the
+tokens permutes the choice.
+
 Fallback without a query (``query=None`` or an all-padding row): ``r = 1``, i.e. a plain
 DPP on token similarity (pure diversity).
 """
@@ -32,7 +36,13 @@ from torch import nn
 from arr_coc.allocators.base import AllocationContext, Allocator, Selection
 from arr_coc.allocators.fastv_like import query_in_token_space
 from arr_coc.allocators.registry import register_allocator
-from arr_coc.token_scores import cosine_similarity_matrix, query_relevance, valid_query_rows
+from arr_coc.token_scores import (
+    argmax_with_tiebreak,
+    content_tiebreak,
+    cosine_similarity_matrix,
+    query_relevance,
+    valid_query_rows,
+)
 
 __all__ = ["CDPrunerAllocator", "conditional_kernel", "dpp_greedy_map", "normalized_relevance"]
 
@@ -50,33 +60,44 @@ def conditional_kernel(fine: torch.Tensor, quality: torch.Tensor) -> torch.Tenso
     return quality[:, :, None] * sim * quality[:, None, :]
 
 
-def dpp_greedy_map(kernel: torch.Tensor, k: int, *, eps: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+def dpp_greedy_map(
+    kernel: torch.Tensor, k: int, *, tiebreak: torch.Tensor | None = None, rtol: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast greedy MAP inference for a DPP (Chen et al., 2018), batched.
 
-    kernel: [B, N, N] symmetric PSD; k <= N ->
+    kernel: [B, N, N] symmetric PSD; k <= N; tiebreak [B, N] (optional) decides exact ties
+    (default: the lower index) ->
     (indices [B, k] in pick order, log_gain [B, k] = log det(L_{S+j}) - log det(L_S) of each pick).
-    When every remaining residual is below ``eps`` (the kernel's rank is spent), later picks
-    add nothing (their factor row is set to zero, log gain = log eps) and go in index order.
+    A residual at or below ``rtol * max_i L_ii`` (default ``1000 * machine epsilon``) counts as
+    zero: the candidate is (numerically) in the span of the picks, adds nothing (its factor
+    row is zero, its log gain -inf), and once the kernel's rank is spent the remaining picks
+    are decided by ``tiebreak``, not by rounding noise.
     """
     b, n, _ = kernel.shape
     if not 0 <= k <= n:
         raise ValueError(f"k: expected 0 <= k <= N={n}, got {k}")
     rows = torch.arange(b, device=kernel.device)
     d2 = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # [B, N] residual variances
+    if rtol is None:
+        rtol = 1e3 * torch.finfo(kernel.dtype).eps
+    tol = rtol * d2.amax(dim=1).clamp(min=torch.finfo(kernel.dtype).tiny)  # [B]
     factor = kernel.new_zeros(b, k, n)  # rows of the incremental Cholesky factor
     chosen = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
     picks = torch.empty(b, k, dtype=torch.long, device=kernel.device)
     gains = kernel.new_empty(b, k)
+    if tiebreak is None:
+        tiebreak = -torch.arange(n, device=kernel.device, dtype=kernel.dtype).expand(b, n)
     for step in range(k):
+        d2 = torch.where(d2 > tol[:, None], d2, torch.zeros_like(d2))
         score = d2.masked_fill(chosen, float("-inf"))
-        j = score.argmax(dim=1)
+        j = argmax_with_tiebreak(score, tiebreak)
         dj2 = d2[rows, j]
+        live = dj2 > 0
         picks[:, step] = j
-        gains[:, step] = dj2.clamp(min=eps).log()
+        gains[:, step] = dj2.log()  # -inf for a redundant pick
         chosen[rows, j] = True
         proj = torch.einsum("bs,bsn->bn", factor[rows, :step, j], factor[:, :step])
-        live = dj2 > eps
-        e = (kernel[rows, j] - proj) / dj2.clamp(min=eps).sqrt()[:, None]
+        e = (kernel[rows, j] - proj) / torch.where(live, dj2, torch.ones_like(dj2)).sqrt()[:, None]
         e = torch.where(live[:, None], e, torch.zeros_like(e))
         factor[:, step] = e
         d2 = d2 - e.square()
@@ -124,7 +145,8 @@ class CDPrunerAllocator(Allocator):
     def select(self, ctx: AllocationContext) -> Selection:
         k = ctx.max_budget
         r = self.quality(ctx)
-        picks, log_gain = dpp_greedy_map(conditional_kernel(ctx.fine, r), k)
+        tiebreak = content_tiebreak(ctx.fine).to(r.dtype)
+        picks, log_gain = dpp_greedy_map(conditional_kernel(ctx.fine, r), k, tiebreak=tiebreak)
         keep = ctx.budget_mask(k)
         return Selection(
             indices=torch.where(keep, picks, torch.full_like(picks, -1)),

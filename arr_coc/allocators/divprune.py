@@ -9,7 +9,10 @@ distance ``1 - cos(x_i, x_j)``. It solves it greedily (farthest-point selection)
 2. then, repeatedly, the token farthest from the chosen set,
    ``argmax_i min_{s in S} d(i, s)``, among the tokens not yet chosen.
 
-It uses neither the query nor positions. Batched over B: the K = max(budget) greedy steps
+It uses neither the query nor positions. Exact ties (the two ends of a mutual
+nearest-neighbour pair tie for the first pick) are broken by content
+(:func:`arr_coc.token_scores.content_tiebreak`) rather than by index, so permuting the
+tokens permutes the choice. Batched over B: the K = max(budget) greedy steps
 run for every row at once and row b keeps its first budget[b] picks (greedy choices do not
 depend on how many more follow). O(B N^2 D) for the distances plus O(B N K) for the greedy.
 """
@@ -20,15 +23,18 @@ import torch
 
 from arr_coc.allocators.base import AllocationContext, Allocator, Selection
 from arr_coc.allocators.registry import register_allocator
-from arr_coc.token_scores import cosine_similarity_matrix
+from arr_coc.token_scores import argmax_with_tiebreak, content_tiebreak, cosine_similarity_matrix
 
 __all__ = ["DivPruneAllocator", "max_min_diversity_greedy"]
 
 
-def max_min_diversity_greedy(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def max_min_diversity_greedy(
+    dist: torch.Tensor, k: int, tiebreak: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy max-min selection on a distance matrix.
 
-    dist: [B, N, N] symmetric distances; k <= N picks ->
+    dist: [B, N, N] symmetric distances; k <= N picks; tiebreak [B, N] (optional) decides
+    exact ties (default: the lower index) ->
     (indices [B, k] in pick order, min_dist [B, k]: each pick's distance to the earlier picks,
     the first one's to its nearest neighbour).
     """
@@ -44,9 +50,11 @@ def max_min_diversity_greedy(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     values = torch.empty(b, k, dtype=dist.dtype, device=dist.device)
     chosen = torch.zeros(b, n, dtype=torch.bool, device=dist.device)
     mind = nn_dist
+    if tiebreak is None:
+        tiebreak = -torch.arange(n, device=dist.device, dtype=dist.dtype).expand(b, n)
     for step in range(k):
         score = mind.masked_fill(chosen, float("-inf"))
-        j = score.argmax(dim=1)
+        j = argmax_with_tiebreak(score, tiebreak)
         picks[:, step] = j
         values[:, step] = mind[rows, j]
         chosen[rows, j] = True
@@ -65,7 +73,7 @@ class DivPruneAllocator(Allocator):
     def select(self, ctx: AllocationContext) -> Selection:
         k = ctx.max_budget
         dist = 1.0 - cosine_similarity_matrix(ctx.fine)  # [B, N, N]
-        picks, min_dist = max_min_diversity_greedy(dist, k)
+        picks, min_dist = max_min_diversity_greedy(dist, k, content_tiebreak(ctx.fine).to(dist.dtype))
         keep = ctx.budget_mask(k)
         return Selection(
             indices=torch.where(keep, picks, torch.full_like(picks, -1)),

@@ -12,9 +12,17 @@ __all__ = ["FullAllocator", "RandomAllocator"]
 
 @register_allocator("full")
 class FullAllocator(Allocator):
-    """Keeps every fine token whatever the budget (the unpruned reference)."""
+    """Keeps every fine token whatever the budget (the unpruned reference).
+
+    ``ignores_budget`` tells generic code (the contract tests, sweeps) that its count is
+    always N, at every budget including 0.
+    """
+
+    ignores_budget = True
 
     def forward(self, patch_tokens, query=None, query_mask=None, budget=64, grid=None, num_prefix_tokens=0):
+        # the budget is not used, but a bad one is still bad input
+        self._validate(patch_tokens, query, query_mask, budget, grid, num_prefix_tokens)
         n = patch_tokens.shape[1] - num_prefix_tokens
         return super().forward(patch_tokens, query, query_mask, max(n, 0), grid, num_prefix_tokens)
 
