@@ -345,13 +345,17 @@ def gaussian_set_mi(
     *,
     kernel: str = "cosine",
     jitter: float = 1e-6,
+    var_floor: float | None = None,
     bandwidth: float | None = None,
 ) -> torch.Tensor:
     """Differentiable I(c_S ; Q) = 1/2 [log det Sigma_SS + log det Sigma_QQ - log det Sigma_(S,Q)] [B].
 
     cand_emb [B, M, R], query_emb [B, T, R], indices [B, K] (-1 = padding, ignored),
     query_mask [B, T]. Same model as :func:`greedy_conditional_mi` (Sigma = kernel +
-    jitter I), without the floors; useful as a training signal for the scorer.
+    jitter I). ``var_floor=None``: exact log-dets (Cholesky; the matrices must be
+    numerically positive definite). With a floor, each log-det sums log max(eigenvalue,
+    var_floor), the set-level counterpart of the greedy's floors: an exact duplicate adds
+    nothing and a query twin's information is capped, and rank-deficient sets are fine.
     """
     if kernel not in _KERNELS:
         raise ValueError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
@@ -367,5 +371,8 @@ def gaussian_set_mi(
     # absent entries become independent unit variables: they add 0 to every log-det
     kj = kj + torch.diag_embed(present * jitter + (1 - present))
     ks = indices.shape[1]
-    ld = lambda mat: torch.linalg.cholesky(mat).diagonal(dim1=-2, dim2=-1).log().sum(-1) * 2  # noqa: E731
+    if var_floor is None:
+        ld = lambda mat: torch.linalg.cholesky(mat).diagonal(dim1=-2, dim2=-1).log().sum(-1) * 2  # noqa: E731
+    else:
+        ld = lambda mat: torch.linalg.eigvalsh(mat).clamp_min(var_floor).log().sum(-1)  # noqa: E731
     return 0.5 * (ld(kj[:, :ks, :ks]) + ld(kj[:, ks:, ks:]) - ld(kj))

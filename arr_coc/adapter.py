@@ -1,0 +1,273 @@
+"""A learned, cheap estimate of each candidate's greedy gain: the fast inference path.
+
+:class:`QualityAdapter` scores every candidate in one forward pass; the allocator then
+keeps the top-k. Its prediction is a closed-form base plus a learned residual (zero at
+initialisation, so an untrained adapter is already sensible):
+
+```
+base_j = alpha * (-1/2 log(1 - cos^2(c_j, q)))            (first greedy step's I(c_j ; q), one query token)
+       + (1 - alpha) * 1/2 log+((1 - cos^2(c_j, c_mean)) / D)   (what c_j holds beyond the image mean)
+pred_j = base_j + MLP([P c_j, P c_j * P q, pmi_j, cos(c_j, q), cos(c_j, c_mean), level_j])
+```
+
+``q`` is the query summary and ``P`` a small projection, so the cost is O(M R p) with a
+small p, far below the exact greedy's O(M K (R + K)) sequential steps.
+
+Training (any mix):
+- :func:`distillation_loss`: the Plackett-Luce likelihood of the exact greedy's pick order
+  under the adapter's scores (so top-k reproduces the greedy) plus a squared error on the
+  picked gains (so predictions stay in nats and can be compared with a price);
+- :meth:`QualityAdapter.critic_matrix` + :func:`infonce_bound`: the adapter as an InfoNCE
+  critic between images and queries, a lower bound on I(image ; query) (log B - loss);
+- end to end through a downstream loss with :func:`relaxed_topk` (Gumbel top-k with a
+  straight-through estimator).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parameter import UninitializedParameter
+
+from arr_coc.knowing import _Lazy
+
+__all__ = ["AdapterOutput", "QualityAdapter", "distillation_loss", "infonce_bound", "relaxed_topk"]
+
+
+@dataclass
+class AdapterOutput:
+    """score [B, M] predicted gain (nats); base [B, M] its closed-form part."""
+
+    score: torch.Tensor
+    base: torch.Tensor
+
+
+class _LazyProjection(_Lazy):
+    """x [.., R] -> x W^T [.., p], W created on demand (see :class:`arr_coc.knowing._Lazy`)."""
+
+    def __init__(self, in_dim: int | None, out_dim: int):
+        super().__init__()
+        self.out_dim = out_dim
+        self.weight = UninitializedParameter()
+        if in_dim is not None:
+            self.initialize_parameters(in_dim)
+
+    def initialize_parameters(self, d: int) -> None:  # type: ignore[override]
+        if self.materialized:
+            return
+        with torch.no_grad():
+            self.weight.materialize((self.out_dim, d), device=self.weight.device)
+            nn.init.normal_(self.weight, std=1.0)  # unit-norm inputs -> O(1) features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.initialize_parameters(x.shape[-1])
+        if x.shape[-1] != self.weight.shape[1]:
+            raise ValueError(f"candidate_emb: this adapter was built for width {self.weight.shape[1]}, got {x.shape[-1]}")
+        return x @ self.weight.to(x.dtype).T
+
+
+class QualityAdapter(nn.Module):
+    """Predicts each candidate's gain from its embedding, the query summary and the scorer's pmi.
+
+    Args:
+        relevance_dim: R (None: lazy; until the projection exists - first training forward,
+            or :meth:`materialize` - the adapter is its closed-form base for any width).
+        proj_dim: width p of the learned candidate / query projection.
+        hidden: hidden width of the residual MLP.
+        num_levels: pyramid levels encoded one-hot (levels above are clipped).
+        distortion: D of the coverage term (as in :func:`arr_coc.attending.greedy_conditional_mi`).
+        var_floor: floor on 1 - cos^2 (caps the information of a query twin).
+
+    forward(candidate_emb [B, M, R], query_summary [B, R] | None, pmi [B, M] | None,
+            alpha [B] | None, levels [M] long | None, has_query [B] bool | None) -> :class:`AdapterOutput`.
+    """
+
+    def __init__(
+        self,
+        relevance_dim: int | None = None,
+        *,
+        proj_dim: int = 16,
+        hidden: int = 64,
+        num_levels: int = 4,
+        distortion: float = 1e-2,
+        var_floor: float = 1e-4,
+    ):
+        super().__init__()
+        if not (distortion > 0 and var_floor > 0):
+            raise ValueError(f"distortion, var_floor: expected > 0, got {distortion!r}, {var_floor!r}")
+        self.num_levels, self.distortion, self.var_floor = num_levels, float(distortion), float(var_floor)
+        self.proj = _LazyProjection(relevance_dim, proj_dim)
+        n_in = 2 * proj_dim + 3 + num_levels
+        self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def materialize(self, relevance_dim: int) -> "QualityAdapter":
+        """Create the projection for this width now (before building an optimizer)."""
+        self.proj.initialize_parameters(relevance_dim)
+        return self
+
+    def _base(self, cos_q: torch.Tensor, cos_m: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        iq = -0.5 * (1 - cos_q.pow(2)).clamp_min(self.var_floor).log()
+        cov = (0.5 * ((1 - cos_m.pow(2)).clamp_min(self.var_floor) / self.distortion).log()).clamp_min(0)
+        a = alpha[..., None]
+        return a * iq + (1 - a) * cov
+
+    def forward(
+        self,
+        candidate_emb: torch.Tensor,
+        query_summary: torch.Tensor | None = None,
+        pmi: torch.Tensor | None = None,
+        alpha: torch.Tensor | None = None,
+        levels: torch.Tensor | None = None,
+        has_query: torch.Tensor | None = None,
+    ) -> AdapterOutput:
+        if candidate_emb.dim() != 3:
+            raise ValueError(f"candidate_emb: expected [B, M, R], got {tuple(candidate_emb.shape)}")
+        b, m, r = candidate_emb.shape
+        dtype = torch.float64 if candidate_emb.dtype == torch.float64 else torch.float32
+        c = F.normalize(candidate_emb.to(dtype), dim=-1)
+        device = c.device
+        if query_summary is None:
+            q = torch.zeros(b, r, dtype=dtype, device=device)
+            has_query = torch.zeros(b, dtype=torch.bool, device=device)
+        else:
+            if query_summary.shape != (b, r):
+                raise ValueError(f"query_summary: expected [B={b}, R={r}], got {tuple(query_summary.shape)}")
+            q = F.normalize(query_summary.to(dtype), dim=-1)
+            if has_query is None:
+                has_query = torch.ones(b, dtype=torch.bool, device=device)
+        pmi = torch.zeros(b, m, dtype=dtype, device=device) if pmi is None else pmi.to(dtype)
+        alpha = (has_query.to(dtype) if alpha is None else alpha.to(dtype)).to(device)
+        levels = torch.zeros(m, dtype=torch.long, device=device) if levels is None else levels.to(device)
+        if not self.proj.materialized and not (self.training and torch.is_grad_enabled()):
+            # untrained (the residual's last layer is still zero): the closed form alone, any width
+            cos_m = torch.einsum("bmr,br->bm", c, F.normalize(c.mean(1), dim=-1))
+            cos_q = torch.einsum("bmr,br->bm", c, q) * has_query[:, None].to(dtype)
+            base = self._base(cos_q, cos_m, alpha)
+            return AdapterOutput(score=base, base=base)
+        # the matched pair only: the critic's diagonal
+        feats, cos_q, cos_m = self._pair_features(c, q[:, None], pmi, levels, has_query)
+        resid = self.mlp(feats)[..., 0][:, 0]  # [B, M]
+        base = self._base(cos_q[:, 0], cos_m, alpha)
+        return AdapterOutput(score=base + resid, base=base)
+
+    def _pair_features(self, c, q, pmi, levels, has_q):
+        """Features of every candidate of image b with query summary rows q[b, i] -> [B, Bq, M, F]."""
+        b, m, _ = c.shape
+        cm = F.normalize(c.mean(1), dim=-1)
+        cos_m = torch.einsum("bmr,br->bm", c, cm)
+        cos_q = torch.einsum("bmr,bir->bim", c, q) * has_q[:, None, None].to(c.dtype)
+        h = self.proj(c)  # [B, M, p]
+        g = self.proj(q)  # [B, Bq, p]
+        bq = q.shape[1]
+        onehot = F.one_hot(levels.clamp(0, self.num_levels - 1), self.num_levels).to(c.dtype)
+        feats = torch.cat(
+            [
+                h[:, None].expand(-1, bq, -1, -1),
+                h[:, None] * g[:, :, None],
+                pmi[:, None, :, None].expand(-1, bq, -1, -1),
+                cos_q[..., None],
+                cos_m[:, None, :, None].expand(-1, bq, -1, -1),
+                onehot.expand(b, bq, m, -1),
+            ],
+            dim=-1,
+        )
+        return feats, cos_q, cos_m
+
+    def critic_matrix(
+        self, candidate_emb: torch.Tensor, query_summary: torch.Tensor, levels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Critic scores S [B, B]: S[a, b] = log mean_j exp(score(c^a_j ; q^b)) (alpha = 1, no pmi).
+
+        Positives on the diagonal; feed to :func:`infonce_bound`.
+        """
+        b, m, r = candidate_emb.shape
+        dtype = torch.float64 if candidate_emb.dtype == torch.float64 else torch.float32
+        c = F.normalize(candidate_emb.to(dtype), dim=-1)
+        q = F.normalize(query_summary.to(dtype), dim=-1)[None].expand(b, -1, -1)  # every image x every query
+        levels = torch.zeros(m, dtype=torch.long, device=c.device) if levels is None else levels
+        has_q = torch.ones(b, dtype=torch.bool, device=c.device)
+        pmi = torch.zeros(b, m, dtype=dtype, device=c.device)
+        feats, cos_q, cos_m = self._pair_features(c, q, pmi, levels, has_q)
+        score = self._base(cos_q, cos_m[:, None], torch.ones(b, b, dtype=dtype, device=c.device)) + self.mlp(feats)[..., 0]
+        return torch.logsumexp(score, dim=-1) - math.log(m)
+
+
+# ---------------------------------------------------------------------- training signals
+def infonce_bound(critic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE from a critic matrix [B, B] (positives on the diagonal).
+
+    Returns (loss, bound) with bound = log B - loss <= I(image ; query) in nats.
+    """
+    if critic.dim() != 2 or critic.shape[0] != critic.shape[1]:
+        raise ValueError(f"critic: expected a square [B, B] matrix, got {tuple(critic.shape)}")
+    n = critic.shape[0]
+    loss = F.cross_entropy(critic, torch.arange(n, device=critic.device))
+    return loss, math.log(n) - loss
+
+
+def distillation_loss(
+    pred: torch.Tensor, indices: torch.Tensor, gains: torch.Tensor, *, mse_weight: float = 1.0
+) -> torch.Tensor:
+    """Fit the adapter to the exact greedy: pred [B, M], greedy indices [B, K] (-1 padded, pick order), gains [B, K].
+
+    Plackett-Luce negative log-likelihood of the pick order (each pick is a softmax over the
+    candidates not yet picked) plus ``mse_weight`` times the squared error on the picked gains.
+    """
+    if pred.dim() != 2 or indices.shape != gains.shape or indices.shape[0] != pred.shape[0]:
+        raise ValueError(
+            f"pred, indices, gains: expected [B, M], [B, K], [B, K]; got {tuple(pred.shape)}, {tuple(indices.shape)}, {tuple(gains.shape)}"
+        )
+    valid = indices >= 0
+    if not valid.any():
+        return pred.sum() * 0
+    picked = pred.gather(1, indices.clamp_min(0))  # [B, K]
+    top = pred.max(dim=1, keepdim=True).values.detach()
+    total = (pred - top).exp().sum(1, keepdim=True)  # [B, 1]
+    removed = torch.cumsum(((picked - top).exp() * valid), dim=1) - (picked - top).exp() * valid  # before step k
+    log_denom = (total - removed).clamp_min(torch.finfo(pred.dtype).tiny).log() + top
+    nll = -((picked - log_denom) * valid).sum() / valid.sum()
+    mse = (((picked - gains.to(pred.dtype)) ** 2) * valid).sum() / valid.sum()
+    return nll + mse_weight * mse
+
+
+def relaxed_topk(
+    scores: torch.Tensor,
+    budget: torch.Tensor,
+    *,
+    temperature: float = 0.5,
+    gumbel: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gumbel top-k with a straight-through relaxation.
+
+    scores [B, M], budget [B] long -> (indices [B, K] -1 padded, keep [B, M]) where ``keep``
+    equals the hard 0/1 selection in the forward pass and carries the gradient of the
+    relaxed subset (k successive softmaxes, Xie and Ermon 2019) in the backward pass.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    b, m = scores.shape
+    k = int(budget.max().item()) if budget.numel() else 0
+    k = min(k, m)
+    s = scores
+    if gumbel:
+        u = torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype).clamp(1e-10, 1 - 1e-10)
+        s = s - torch.log(-torch.log(u))
+    idx = s.detach().topk(k, dim=1).indices
+    live = torch.arange(k, device=s.device)[None] < budget[:, None]
+    idx = torch.where(live, idx, torch.full_like(idx, -1))
+    hard = torch.zeros_like(s).scatter_add(1, idx.clamp_min(0), live.to(s.dtype))
+    soft = torch.zeros_like(s)
+    logits = s / temperature
+    for i in range(k):
+        p = logits.softmax(dim=1)
+        soft = soft + p * live[:, i : i + 1].to(s.dtype)
+        logits = logits + torch.log1p(-p.clamp(max=1 - 1e-6))
+    keep = hard + soft - soft.detach()
+    return idx, keep

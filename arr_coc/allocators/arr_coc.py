@@ -1,0 +1,216 @@
+"""``arr_coc`` (exact greedy conditional MI) and ``arr_coc_adapter`` (learned fast path).
+
+Both run the same front end on the candidate pyramid (fine tokens plus 2x2 and 4x4 pooled
+tokens, each candidate one token):
+
+    knowing   (:class:`arr_coc.knowing.ParticipatoryScorer`): relevance-space embeddings, pmi
+    balancing (:class:`arr_coc.balancing.Balancer`): alpha and price per example
+
+then ``arr_coc`` runs :func:`arr_coc.attending.greedy_conditional_mi` and reports the
+chain-rule total ``I(c_S ; Q)`` as ``gain``, while ``arr_coc_adapter`` scores every
+candidate with :class:`arr_coc.adapter.QualityAdapter` and keeps the top-k (one forward).
+
+Without a query, or for a row whose query is all padding, the query carries no
+information: alpha is 0 and the choice is coverage only.
+
+Training. The submodules are attributes (``scorer``, ``balancer``, ``adapter``) so a
+training module can optimise and save them. In training mode with gradients on, the
+returned tokens carry a straight-through factor (value 1, gradient of a relaxed keep
+probability): ``sigmoid(pmi / st_temperature)`` for ``arr_coc`` (the greedy itself is
+discrete), the Gumbel top-k relaxation of the adapter scores for ``arr_coc_adapter``.
+``arr_coc`` also returns a differentiable ``gain`` (the set's log-det MI). ``extras`` holds
+``keep_prob`` [B, M] for the rate term of :class:`arr_coc.balancing.IBLoss`, ``pmi`` [B, M],
+``alpha`` [B], ``price`` [B], and per method the pick order and per-step gains
+(``arr_coc``) or the adapter ``scores`` (``arr_coc_adapter``, for
+:func:`arr_coc.adapter.distillation_loss` against an ``arr_coc`` built on the same scorer:
+``create_allocator("arr_coc", scorer=adapter_allocator.scorer)``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from arr_coc.adapter import QualityAdapter, relaxed_topk
+from arr_coc.allocators.base import AllocationContext, Allocator, Selection, topk_indices
+from arr_coc.allocators.registry import register_allocator
+from arr_coc.attending import gaussian_set_mi, greedy_conditional_mi
+from arr_coc.balancing import Balancer
+from arr_coc.knowing import ParticipatoryScorer, ScorerOutput
+
+__all__ = ["ArrCocAdapterAllocator", "ArrCocAllocator"]
+
+
+@register_allocator("arr_coc")
+class ArrCocAllocator(Allocator):
+    """Exact greedy conditional-MI allocation over the candidate pyramid.
+
+    Args:
+        alpha: query focus in [0, 1] (fixed), or None for a learned balancer.
+        price: nats per token >= 0 (fixed; > 0 makes the budget adaptive), or None (learned).
+        levels: pooled pyramid levels (log2 of the pooling factor); () = fine tokens only.
+        kernel, jitter, var_floor, distortion, bandwidth: see :func:`greedy_conditional_mi`.
+        vision_dim, query_dim, relevance_dim, num_heads, rank, prior: the
+            :class:`ParticipatoryScorer` (dims None = lazy, identity until trained).
+        scorer, balancer: ready-made modules instead (shared with another allocator).
+        st_temperature: temperature of the straight-through keep probability.
+    """
+
+    def __init__(
+        self,
+        alpha: float | None = 0.9,
+        price: float | None = 0.0,
+        *,
+        levels: tuple[int, ...] = (1, 2),
+        kernel: str = "cosine",
+        jitter: float = 1e-6,
+        var_floor: float = 1e-4,
+        distortion: float = 1e-2,
+        bandwidth: float | None = None,
+        vision_dim: int | None = None,
+        query_dim: int | None = None,
+        relevance_dim: int | None = None,
+        num_heads: int = 8,
+        rank: int = 16,
+        prior: str = "uniform",
+        scorer: ParticipatoryScorer | None = None,
+        balancer: Balancer | None = None,
+        st_temperature: float = 1.0,
+    ):
+        super().__init__()
+        if any((not isinstance(lv, int)) or lv < 1 for lv in levels):
+            raise ValueError(f"levels: expected positive ints (log2 pooling factors), got {levels!r}")
+        if kernel not in ("cosine", "rbf"):
+            raise ValueError(f"kernel: expected 'cosine' or 'rbf', got {kernel!r}")
+        if not st_temperature > 0:
+            raise ValueError(f"st_temperature: expected > 0, got {st_temperature!r}")
+        self.pyramid_levels = tuple(levels)
+        self.kernel, self.jitter, self.var_floor = kernel, float(jitter), float(var_floor)
+        self.distortion, self.bandwidth, self.st_temperature = float(distortion), bandwidth, float(st_temperature)
+        self.scorer = scorer if scorer is not None else ParticipatoryScorer(
+            vision_dim, query_dim, relevance_dim, num_heads, rank=rank, prior=prior
+        )
+        self.balancer = balancer if balancer is not None else Balancer(alpha, price)
+        self.fixed_budget = not self.balancer.adaptive
+
+    # ------------------------------------------------------------------ shared front end
+    def _front(self, ctx: AllocationContext):
+        out: ScorerOutput = self.scorer(ctx.candidates, ctx.query, ctx.query_mask)
+        b = ctx.batch_size
+        bal = self.balancer(
+            out.query_summary if out.query_emb is not None else None, out.has_query, batch_size=b, device=ctx.fine.device
+        )
+        return out, bal
+
+    def _training(self) -> bool:
+        return self.training and torch.is_grad_enabled()
+
+    def _gather_tokens(self, ctx: AllocationContext, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Candidates at idx [B, K] times the straight-through factor keep [B, M] (value 1 where kept)."""
+        cand = ctx.candidates
+        tok = cand.gather(1, idx.clamp_min(0)[..., None].expand(-1, -1, cand.shape[-1]))
+        w = keep.gather(1, idx.clamp_min(0))
+        return (tok * w[..., None].to(tok.dtype)).to(cand.dtype)
+
+    # ------------------------------------------------------------------ selection
+    def select(self, ctx: AllocationContext) -> Selection:
+        out, bal = self._front(ctx)
+        qemb = out.query_emb
+        res = greedy_conditional_mi(
+            out.candidate_emb.detach(),
+            qemb.detach() if qemb is not None else None,
+            ctx.query_mask if qemb is not None else None,
+            ctx.budget,
+            bal.alpha.detach(),
+            bal.price.detach(),
+            kernel=self.kernel,
+            jitter=self.jitter,
+            var_floor=self.var_floor,
+            distortion=self.distortion,
+            bandwidth=self.bandwidth,
+        )
+        keep_prob = torch.sigmoid(out.pmi / self.st_temperature)
+        extras = dict(
+            pick_order=res.indices,
+            step_gains=res.gains,
+            query_gains=res.query_gains,
+            coverage_gains=res.coverage_gains,
+            alpha=bal.alpha,
+            price=bal.price,
+            pmi=out.pmi,
+            keep_prob=keep_prob,
+        )
+        tokens, gain = None, res.total
+        if self._training():
+            st = keep_prob - keep_prob.detach() + 1.0  # value 1, gradient of keep_prob
+            tokens = self._gather_tokens(ctx, res.indices, st)
+            if qemb is not None:
+                gain = gaussian_set_mi(
+                    out.candidate_emb, qemb, res.indices, ctx.query_mask,
+                    kernel=self.kernel, jitter=self.jitter, var_floor=self.var_floor, bandwidth=self.bandwidth,
+                )
+        return Selection(indices=res.indices, tokens=tokens, gain=gain, extras=extras)
+
+
+@register_allocator("arr_coc_adapter")
+class ArrCocAdapterAllocator(ArrCocAllocator):
+    """The fast path: one adapter forward over the candidates, then top-k (Gumbel top-k in training).
+
+    Args: those of :class:`ArrCocAllocator` (``price`` is not used: the budget is spent),
+    plus ``adapter`` (a ready-made :class:`QualityAdapter`), ``proj_dim`` and ``hidden``
+    (its size), ``gumbel_temperature`` and ``gumbel`` (the training relaxation) and
+    ``report_gain`` (compute I(c_S ; Q) of the kept set, a small extra cost).
+    """
+
+    def __init__(
+        self,
+        alpha: float | None = 0.9,
+        *,
+        adapter: QualityAdapter | None = None,
+        proj_dim: int = 16,
+        hidden: int = 64,
+        gumbel_temperature: float = 0.5,
+        gumbel: bool = True,
+        report_gain: bool = True,
+        **kwargs,
+    ):
+        kwargs.setdefault("price", 0.0)
+        super().__init__(alpha, **kwargs)
+        if not gumbel_temperature > 0:
+            raise ValueError(f"gumbel_temperature: expected > 0, got {gumbel_temperature!r}")
+        self.adapter = adapter if adapter is not None else QualityAdapter(
+            proj_dim=proj_dim, hidden=hidden, distortion=self.distortion, var_floor=self.var_floor
+        )
+        self.gumbel_temperature, self.gumbel, self.report_gain = float(gumbel_temperature), bool(gumbel), bool(report_gain)
+        self.fixed_budget = True
+
+    def select(self, ctx: AllocationContext) -> Selection:
+        out, bal = self._front(ctx)
+        pred = self.adapter(
+            out.candidate_emb,
+            out.query_summary if out.query_emb is not None else None,
+            out.pmi,
+            bal.alpha,
+            ctx.pyramid.positions[:, 2],
+            out.has_query,
+        )
+        scores = pred.score
+        tokens = None
+        if self._training():
+            idx, keep = relaxed_topk(scores, ctx.budget, temperature=self.gumbel_temperature, gumbel=self.gumbel)
+            tokens = self._gather_tokens(ctx, idx, keep)
+        else:
+            idx = topk_indices(scores.detach(), ctx.budget)
+            keep = torch.zeros_like(scores).scatter_add(1, idx.clamp_min(0), (idx >= 0).to(scores.dtype))
+        gain = None
+        if self.report_gain:
+            if out.query_emb is not None:
+                gain = gaussian_set_mi(
+                    out.candidate_emb, out.query_emb, idx, ctx.query_mask,
+                    kernel=self.kernel, jitter=self.jitter, var_floor=self.var_floor, bandwidth=self.bandwidth,
+                )
+            else:
+                gain = torch.zeros(ctx.batch_size, dtype=scores.dtype, device=scores.device)
+            if not self._training():
+                gain = gain.detach()
+        extras = dict(scores=scores, alpha=bal.alpha, price=bal.price, pmi=out.pmi, keep_prob=keep)
+        return Selection(indices=idx, tokens=tokens, gain=gain, extras=extras)
