@@ -218,11 +218,20 @@ def test_generate_kv_cache_holds_shortened_sequence(model):
     assert ref.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] + new - 1
 
 
+@pytest.fixture(scope="module")
+def model_full_strategy() -> LlavaForConditionalGeneration:
+    return tiny_llava(strategy="full")
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
 @pytest.mark.parametrize("name", list_allocators())
 @torch.no_grad()
-def test_every_registered_allocator_runs_through(model, name):
+def test_every_registered_allocator_runs_through(model, model_full_strategy, name, strategy):
+    """Strategy "default": 36 patches, no prefix; "full": the CLS goes in as a prefix token."""
+    prefix = int(strategy == "full")
+    model = model_full_strategy if prefix else model
     before, after = [2, 7, 4], [5, 1, 3]
-    inputs = make_batch(before, after)
+    inputs = make_batch(before, after, n=N + prefix)
     allocator = create_allocator(name)
     budget = torch.tensor([8, 3, 12])
     vlm = llava.wrap(model, allocator, budget=budget)
@@ -235,7 +244,8 @@ def test_every_registered_allocator_runs_through(model, name):
         assert counts.tolist() == expected.tolist()
     else:  # adaptive: never above the budget
         assert (counts <= budget).all() and (counts >= 0).all()
-    text = torch.tensor(before) + torch.tensor(after)
+    assert s.image_counts.tolist() == (counts + prefix).tolist()
+    text = torch.tensor(before) + torch.tensor(after) + prefix
     assert cap.calls[0]["attention_mask"].sum(1).tolist() == (text + counts).tolist()
     assert torch.isfinite(out.logits).all()
     assert out.logits.shape == (3, int((text + counts).max()), VOCAB)
