@@ -165,9 +165,13 @@ class NegativeQueue(nn.Module):
         self.count.copy_(torch.clamp(self.count + n, max=self.size))
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(``keys`` [size, D], ``valid`` [size] bool): the slots filled so far."""
+        """(``keys`` [size, D], ``valid`` [size] bool): a snapshot of the slots filled so far.
+
+        The keys are a copy, so enqueueing before the backward pass of a loss that used
+        them is safe (the buffer itself is updated in place).
+        """
         valid = torch.arange(self.size, device=self.keys.device) < self.count
-        return self.keys, valid
+        return self.keys.clone(), valid
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -236,7 +240,7 @@ class InfoNCELoss(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return float(1 / self._scale())
+        return float(1 / self._scale().detach())
 
     def _scale(self) -> torch.Tensor:
         return _scale_from_log(self.logit_scale, self.max_logit_scale if self.learnable else None)
@@ -351,7 +355,7 @@ class ClipLoss(nn.Module):
     ) -> None:
         super().__init__()
         _check_positive("max_logit_scale", max_logit_scale)
-        if not math.isfinite(init_logit_scale) or math.exp(init_logit_scale) > max_logit_scale:
+        if not math.isfinite(init_logit_scale) or init_logit_scale > math.log(max_logit_scale) + 1e-12:
             raise ValueError(f"exp(init_logit_scale) = {math.exp(init_logit_scale):.4g} must be finite and <= max_logit_scale = {max_logit_scale}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
