@@ -1,0 +1,430 @@
+"""Stage 2: train the allocator modules on top of a frozen VLM (``ARRCOCModule``).
+
+```
+pixels ──vlm.encode_image──> [B, P+N, Dv] ──vlm.project──> [B, P+N, Dl] ─┐   (frozen, no grad)
+question ──vlm.query_embeddings──> [B, T, Dl] ───────────────────────────┴─ allocator  (trained)
+kept tokens [B, K, Dl] ──vlm.answer_logits──> [B, vocab]   (frozen; the gradient flows through)
+```
+(``allocate_after_projection=False`` allocates among the ViT tokens and projects the kept ones.)
+
+Loss = ``ce`` * answer cross-entropy (an upper bound on H(answer | tokens, question), so
+minimising it maximises a lower bound on I(tokens; answer)) + ``rate`` * the IB rate term +
+``critic`` * the InfoNCE critic loss, the last two as the allocator reports them (see
+:func:`allocator_loss_terms`); an allocator that reports none trains on the answer alone, and
+one without trainable parameters is only evaluated.
+
+The frozen VLM is never written into a checkpoint: ``on_save_checkpoint`` drops its weights
+and stores the backbone references (names / paths, as given in ``backbones``) and a
+fingerprint; ``on_load_checkpoint`` puts the live VLM's weights back and refuses a
+checkpoint trained on another backbone. The global RNG state is saved and restored so that a
+resumed run continues exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+
+from arr_coc.allocators import AllocationOutput
+from arr_coc.pyramid import build_pyramid, pyramid_positions
+
+__all__ = [
+    "ARRCOCModule",
+    "allocator_loss_terms",
+    "build_vlm",
+    "coverage_mask",
+    "module_fingerprint",
+    "repool_in_vision_space",
+    "relevance_recall",
+]
+
+_LOSS_KEYS = ("ce", "rate", "critic")
+
+
+# ---------------------------------------------------------------------------- metrics
+def coverage_mask(positions: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Fine patches covered by the kept tokens.
+
+    positions: [B, K, 3] long (row, col, level); a token at level l covers the
+    2^l x 2^l block whose top-left patch is (row, col), clipped to the grid.
+    mask: [B, K] bool (real tokens).  Returns [B, H, W] bool.
+    """
+    if positions.dim() != 3 or positions.shape[-1] != 3 or mask.shape != positions.shape[:2]:
+        raise ValueError(
+            f"positions/mask: expected [B, K, 3] and [B, K], got {tuple(positions.shape)} and {tuple(mask.shape)}"
+        )
+    h, w = grid
+    rows = torch.arange(h, device=positions.device)
+    cols = torch.arange(w, device=positions.device)
+    r0, c0, lv = positions.unbind(-1)  # [B, K]
+    size = torch.where(mask, 2 ** lv.clamp(min=0), torch.zeros_like(lv))
+    in_r = (rows[None, None, :] >= r0[..., None]) & (rows[None, None, :] < (r0 + size)[..., None])  # [B, K, H]
+    in_c = (cols[None, None, :] >= c0[..., None]) & (cols[None, None, :] < (c0 + size)[..., None])  # [B, K, W]
+    return (in_r[..., :, None] & in_c[..., None, :]).any(dim=1)
+
+
+def relevance_recall(
+    positions: torch.Tensor, mask: torch.Tensor, relevance: torch.Tensor, grid: tuple[int, int]
+) -> torch.Tensor:
+    """Fraction of ground-truth relevant patches covered by the kept tokens, per example.
+
+    relevance: [B, gh, gw] bool on the task's grid; when it differs from the token grid
+    (H, W), it is mapped by nearest-neighbour resampling (exact for integer ratios).
+    Returns [B] float; NaN for an example with no relevant patch (recall undefined).
+    """
+    if relevance.dim() != 3 or relevance.shape[0] != positions.shape[0]:
+        raise ValueError(f"relevance: expected [B={positions.shape[0]}, gh, gw], got {tuple(relevance.shape)}")
+    rel = relevance.bool()
+    if tuple(rel.shape[1:]) != tuple(grid):
+        rel = F.interpolate(rel[:, None].float(), size=tuple(grid), mode="nearest")[:, 0] > 0.5
+    covered = coverage_mask(positions, mask, grid)
+    hit = (covered & rel).flatten(1).sum(1).float()
+    total = rel.flatten(1).sum(1).float()
+    return torch.where(total > 0, hit / total.clamp(min=1), torch.full_like(total, float("nan")))
+
+
+@torch.no_grad()
+def repool_in_vision_space(
+    kept: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    fine_vision: torch.Tensor,
+    fine_projected: torch.Tensor,
+    grid: tuple[int, int],
+    project: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    atol: float = 1e-5,
+) -> torch.Tensor:
+    """Replace pooled tokens that were pooled after the projector by project(pool(ViT tokens)).
+
+    An allocator working among projected tokens pools them in the LLM's space, but the base
+    VLM learned pooled tokens as ``project(mean of ViT tokens)``; the MLP projector is not
+    linear, so the two differ. For every kept token at level > 0 that equals the pyramid
+    candidate at its position (a selected pooled candidate, not a merged token), this
+    returns the ViT-space version; everything else is returned unchanged.
+
+    kept: [B, K, Dl]; positions: [B, K, 3]; mask: [B, K]; fine_vision: [B, N, Dv];
+    fine_projected: [B, N, Dl] (= project(fine_vision)). Returns [B, K, Dl] (no grad).
+    """
+    level = positions[..., 2]
+    pooled = mask & (level > 0)
+    if not pooled.any():
+        return kept
+    h, w = grid
+    max_level = int(level[pooled].max())
+    levels = tuple(range(1, max_level + 1))
+    pos_all, _ = pyramid_positions(grid, levels, device=kept.device)  # [M, 3]
+    table = torch.full((max_level + 1, h, w), -1, dtype=torch.long, device=kept.device)
+    table[pos_all[:, 2], pos_all[:, 0], pos_all[:, 1]] = torch.arange(pos_all.shape[0], device=kept.device)
+    r = positions[..., 0].clamp(0, h - 1)
+    c = positions[..., 1].clamp(0, w - 1)
+    idx = table[level.clamp(0, max_level), r, c]  # [B, K]
+    pooled = pooled & (idx >= 0)
+    safe = idx.clamp(min=0)
+    cand_l = build_pyramid(fine_projected, grid, levels).candidates  # [B, M, Dl]
+    cand_v = build_pyramid(fine_vision, grid, levels).candidates  # [B, M, Dv]
+    got_l = cand_l.gather(1, safe[..., None].expand(-1, -1, cand_l.shape[-1]))
+    got_v = cand_v.gather(1, safe[..., None].expand(-1, -1, cand_v.shape[-1]))
+    same = (kept - got_l).abs().amax(-1) <= atol * (1 + got_l.abs().amax(-1))
+    replace = pooled & same
+    if not replace.any():
+        return kept
+    return torch.where(replace[..., None], project(got_v).to(kept.dtype), kept)
+
+
+@torch.no_grad()
+def module_fingerprint(module: nn.Module) -> list[float]:
+    """A cheap identity check of a module's weights: [number of tensors, sum, sum of squares]."""
+    tensors = list(module.state_dict().values())
+    s = sum((t.double().sum() for t in tensors if t.is_floating_point()), torch.zeros((), dtype=torch.float64))
+    q = sum((t.double().square().sum() for t in tensors if t.is_floating_point()), torch.zeros((), dtype=torch.float64))
+    return [float(len(tensors)), float(s), float(q)]
+
+
+def allocator_loss_terms(out: AllocationOutput) -> dict[str, torch.Tensor]:
+    """The training terms an allocator reports in ``out.extras`` (scalars, nats).
+
+    ``rate``: the information-bottleneck rate penalty (e.g. expected tokens x price, or a
+    KL to a prior); ``critic``: the InfoNCE critic loss of the adapter / scorer. Both are
+    optional; a [B] tensor is averaged over the batch.
+    """
+    terms = {}
+    losses = out.extras.get("losses", {}) if isinstance(out.extras, Mapping) else {}
+    for key in ("rate", "critic"):
+        val = losses.get(key, out.extras.get(f"{key}_loss"))
+        if val is not None:
+            val = torch.as_tensor(val)
+            terms[key] = val.mean() if val.dim() else val
+    return terms
+
+
+# ---------------------------------------------------------------------------- builder
+def build_vlm(
+    *,
+    vision: Any,
+    llm: Any,
+    projector: Mapping[str, Any] | None = None,
+    task: Any = None,
+    tokenizer: Any = None,
+    **overrides: Any,
+) -> nn.Module:
+    """A ``BaseVLM`` built from backbone configs (what ``conf/model/*.yaml`` instantiate).
+
+    vision: a ``VisionConfig`` (or its fields); llm: an ``LLMConfig`` (or its fields);
+    projector: ``{"hidden": width or None}``; task: the ``VQATask`` whose vocabulary the LLM
+    reads (default ``VQATask()``); tokenizer: default the task's word-level one.
+    """
+    from arr_coc.training.backbones import LLMConfig, VisionConfig
+    from arr_coc.training.base_vlm import BaseVLM, BaseVLMConfig
+    from arr_coc.training.task import VQATask
+    from arr_coc.training.tokenizer import build_tokenizer
+
+    if isinstance(vision, Mapping):
+        vision = VisionConfig(**{k: (tuple(v) if k in ("mean", "std") else v) for k, v in vision.items()})
+    if isinstance(llm, Mapping):
+        llm = LLMConfig(**llm)
+    projector = dict(projector or {})
+    unknown = set(projector) - {"hidden"}
+    if unknown:
+        raise ValueError(f"projector: unknown keys {sorted(unknown)}; expected 'hidden'")
+    task = VQATask() if task is None else task
+    tokenizer = build_tokenizer(task) if tokenizer is None else tokenizer
+    cfg = BaseVLMConfig.for_task(
+        task, tokenizer, vision=vision, llm=llm, projector_hidden=projector.get("hidden"), **overrides
+    )
+    return BaseVLM(cfg)
+
+
+# ---------------------------------------------------------------------------- module
+class ARRCOCModule(L.LightningModule):
+    """Trains an allocator on a frozen VLM (see the module docstring).
+
+    Args:
+        vlm: the frozen base VLM (``encode_image``, ``query_embeddings``, ``project``,
+            ``answer_logits``, ``num_prefix_tokens``, ``grid``).
+        allocator: any registered allocator (``arr_coc.allocators.create_allocator``).
+        optimizer: a partial optimizer (``params`` left open), finished in
+            ``configure_optimizers``.
+        scheduler: optional partial LR scheduler (``optimizer`` left open).
+        budget: token budget during training (int).
+        val_budget: token budget during validation / test (default: ``budget``).
+        loss_weights: ``{"ce": 1.0, "rate": ..., "critic": ...}``.
+        use_positions: pass the kept tokens' (row, col, level) to the VLM.
+        allocate_after_projection: allocate among the projected tokens [B, P+N, Dl] (the
+            LLM's space, where the query lives; pooled tokens are means of projected
+            tokens), else among the ViT tokens [B, P+N, Dv] and project the kept ones.
+        backbones: what rebuilds the frozen VLM (names, paths); stored in checkpoints.
+        question_types: names of the question types, to log per-type accuracy.
+    """
+
+    def __init__(
+        self,
+        vlm: nn.Module,
+        allocator: nn.Module,
+        *,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        budget: int = 16,
+        val_budget: int | None = None,
+        loss_weights: Mapping[str, float] | None = None,
+        use_positions: bool = True,
+        allocate_after_projection: bool = True,
+        repool_in_vision_space: bool = True,
+        backbones: Mapping[str, Any] | None = None,
+        question_types: Iterable[str] | None = None,
+    ):
+        super().__init__()
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise ValueError(f"budget: expected an int >= 0, got {budget!r}")
+        if val_budget is not None and (not isinstance(val_budget, int) or val_budget < 0):
+            raise ValueError(f"val_budget: expected an int >= 0 or None, got {val_budget!r}")
+        weights = {"ce": 1.0, "rate": 0.0, "critic": 0.0}
+        for k, v in dict(loss_weights or {}).items():
+            if k not in weights:
+                raise ValueError(f"loss_weights: unknown term {k!r}; expected some of {list(weights)}")
+            if float(v) < 0:
+                raise ValueError(f"loss_weights: {k} must be >= 0, got {v}")
+            weights[k] = float(v)
+        self.save_hyperparameters(logger=False, ignore=["vlm", "allocator"])
+        self.vlm = vlm
+        self.vlm.requires_grad_(False)
+        self.vlm.eval()
+        self.allocator = allocator
+        self.budget = budget
+        self.val_budget = budget if val_budget is None else val_budget
+        self.loss_weights = weights
+        self.use_positions = use_positions
+        self.allocate_after_projection = allocate_after_projection
+        self.repool_in_vision_space = repool_in_vision_space
+        self.backbones = dict(backbones or {})
+        self.question_types = list(question_types or [])
+        self._vlm_fingerprint: list[float] | None = None
+        self._pending_rng: dict[str, Any] | None = None
+        self.val_type_acc = nn.ModuleDict({t: MeanMetric() for t in self.question_types})
+        self._val_examples = 0
+        self._val_seconds = 0.0
+
+    # ------------------------------------------------------------------ structure
+    def train(self, mode: bool = True) -> ARRCOCModule:
+        """The VLM stays in eval mode (no dropout, frozen statistics) whatever ``mode``."""
+        super().train(mode)
+        self.vlm.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.allocator.parameters() if p.requires_grad]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.vlm.grid
+        return (int(g), int(g)) if isinstance(g, int) else (int(g[0]), int(g[1]))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: Mapping[str, torch.Tensor], budget: int | torch.Tensor | None = None) -> dict[str, Any]:
+        """Run the pipeline on a batch; returns ``logits`` [B, vocab] and the allocation ``out``.
+
+        batch: ``pixels`` [B, 3, H, W], ``question_ids`` [B, T] long, ``question_mask`` [B, T] bool.
+        """
+        budget = self.budget if budget is None else budget
+        pixels, q_ids, q_mask = batch["pixels"], batch["question_ids"], batch["question_mask"]
+        p = int(self.vlm.num_prefix_tokens)
+        with torch.no_grad():
+            vision_tokens = self.vlm.encode_image(pixels)  # [B, P+N, Dv]
+            tokens = self.vlm.project(vision_tokens) if self.allocate_after_projection else vision_tokens
+            query = self.vlm.query_embeddings(q_ids)  # [B, T, Dl]
+        out = self.allocator(
+            tokens,
+            query=query,
+            query_mask=q_mask,
+            budget=budget,
+            grid=self.grid,
+            num_prefix_tokens=p,
+        )
+        if self.allocate_after_projection:
+            visual = out.tokens  # [B, K, Dl]
+            if self.repool_in_vision_space:
+                fixed = repool_in_vision_space(
+                    out.tokens.detach(), out.positions, out.mask, vision_tokens[:, p:], tokens[:, p:],
+                    self.grid, self.vlm.project,
+                )
+                visual = visual + (fixed - visual.detach())  # the value of ViT-space pooling, the allocator's gradient
+        else:
+            visual = self.vlm.project(out.tokens)  # [B, K, Dl]
+        logits = self.vlm.answer_logits(
+            visual, out.mask, out.positions if self.use_positions else None, q_ids, q_mask
+        )  # [B, vocab]
+        return {"logits": logits, "out": out}
+
+    def _loss(self, batch: Mapping[str, torch.Tensor], budget: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        res = self(batch, budget)
+        terms = {"ce": F.cross_entropy(res["logits"].float(), batch["answer"])}
+        terms.update(allocator_loss_terms(res["out"]))
+        total = sum(self.loss_weights[k] * v for k, v in terms.items())
+        return total, terms, res
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        total, terms, res = self._loss(batch, self.budget)
+        b = batch["answer"].shape[0]
+        for k, v in terms.items():
+            self.log(f"train/{k}", v.detach(), batch_size=b)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=b)
+        self.log("train/tokens", res["out"].mask.sum(1).float().mean(), batch_size=b)
+        if not isinstance(total, torch.Tensor) or not total.requires_grad:
+            return None  # nothing to train (a parameter-free allocator): evaluation only
+        return total
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_examples, self._val_seconds = 0, 0.0
+
+    def _eval_step(self, batch: Mapping[str, torch.Tensor], stage: str) -> None:
+        t0 = time.perf_counter()
+        total, terms, res = self._loss(batch, self.val_budget)
+        dt = time.perf_counter() - t0
+        out, logits = res["out"], res["logits"]
+        b = batch["answer"].shape[0]
+        self._val_examples += b
+        self._val_seconds += dt
+        correct = (logits.argmax(-1) == batch["answer"]).float()
+        self.log(f"{stage}/acc", correct.mean(), prog_bar=True, batch_size=b, sync_dist=True)
+        self.log(f"{stage}/loss", total, batch_size=b, sync_dist=True)
+        for k, v in terms.items():
+            self.log(f"{stage}/{k}", v, batch_size=b, sync_dist=True)
+        self.log(f"{stage}/tokens", out.mask.sum(1).float().mean(), batch_size=b, sync_dist=True)
+        if "relevance" in batch:
+            rec = relevance_recall(out.positions, out.mask, batch["relevance"], self.grid)
+            ok = ~torch.isnan(rec)
+            if ok.any():
+                self.log(f"{stage}/recall", rec[ok].mean(), batch_size=int(ok.sum()), sync_dist=True)
+        if out.gain is not None:
+            self.log(f"{stage}/mi_selected_query", out.gain.float().mean(), batch_size=b, sync_dist=True)
+        if "question_type" in batch and self.question_types:
+            for i, name in enumerate(self.question_types):
+                sel = batch["question_type"] == i
+                if sel.any():
+                    self.val_type_acc[name].update(correct[sel])
+                    self.log(f"{stage}/acc_{name}", self.val_type_acc[name], batch_size=int(sel.sum()))
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_seconds > 0:
+            # examples per second through the whole pipeline (timing: not bit-reproducible)
+            self.log("val/throughput", self._val_examples / self._val_seconds, sync_dist=True)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            return None
+        opt = self.hparams.optimizer(params=params)
+        if self.hparams.scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.hparams.scheduler(optimizer=opt), "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _frozen_fingerprint(self) -> list[float]:
+        if self._vlm_fingerprint is None:
+            self._vlm_fingerprint = module_fingerprint(self.vlm)
+        return self._vlm_fingerprint
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("vlm.")]:
+            del state[key]
+        checkpoint["arr_coc"] = {
+            "backbones": self.backbones,
+            "vlm_fingerprint": self._frozen_fingerprint(),
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("arr_coc", {})
+        saved = meta.get("vlm_fingerprint")
+        if saved is not None:
+            now = self._frozen_fingerprint()
+            if not torch.allclose(torch.tensor(saved), torch.tensor(now), rtol=1e-9, atol=1e-6):
+                raise ValueError(
+                    f"checkpoint: trained on another frozen VLM (backbones {meta.get('backbones')}); "
+                    f"fingerprint {saved} != {now}"
+                )
+        state = checkpoint["state_dict"]
+        for k, v in self.vlm.state_dict().items():
+            state.setdefault(f"vlm.{k}", v)
+        self._pending_rng = meta.get("rng")
+
+    def on_train_start(self) -> None:
+        if self._pending_rng is not None:
+            torch.set_rng_state(self._pending_rng["torch"])
+            self._pending_rng = None

@@ -1,0 +1,225 @@
+"""ARRCOCModule: the pipeline, its metrics, gradients, checkpoints and the allocator hub."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from arr_coc.allocators import create_allocator
+from arr_coc.pyramid import build_pyramid
+from arr_coc.training.datamodule import EmbeddedVQADataModule, SeededRandomSampler
+from arr_coc.training.hub import load_allocator, save_allocator
+from arr_coc.training.module import (
+    ARRCOCModule,
+    allocator_loss_terms,
+    coverage_mask,
+    relevance_recall,
+    repool_in_vision_space,
+)
+from arr_coc.training.task import VQATask
+from tests.training._helpers import FixedChoice, TrainableTopK, micro_vlm, registered
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return micro_vlm(0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    dm = EmbeddedVQADataModule(VQATask(seed=3), train_size=8, val_size=8, batch_size=8)
+    return next(iter(dm.val_dataloader()))
+
+
+def _module(vlm, allocator, **kw):
+    return ARRCOCModule(vlm, allocator, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), **kw)
+
+
+# ------------------------------------------------------------------ metrics
+def test_coverage_mask_fine_pooled_and_clipped():
+    # 6 x 6 grid: a fine token at (0, 5), a 2x2 token at (2, 2), a 4x4 token at (4, 4) (clipped to 2x2)
+    pos = torch.tensor([[[0, 5, 0], [2, 2, 1], [4, 4, 2], [-1, -1, -1]]])
+    mask = torch.tensor([[True, True, True, False]])
+    cov = coverage_mask(pos, mask, (6, 6))[0]
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    expected[0, 5] = True
+    expected[2:4, 2:4] = True
+    expected[4:6, 4:6] = True
+    assert torch.equal(cov, expected)
+
+
+def test_relevance_recall_by_hand():
+    grid = (4, 4)
+    rel = torch.zeros(3, 4, 4, dtype=torch.bool)
+    rel[0, 0, 0] = rel[0, 0, 1] = rel[0, 3, 3] = True  # 3 relevant patches
+    rel[1, 1, 1] = True
+    # example 2 has no relevant patch: recall undefined (NaN)
+    pos = torch.tensor(
+        [
+            [[0, 0, 1], [3, 3, 0]],  # 2x2 at the corner covers (0,0), (0,1); plus (3,3): 3/3
+            [[0, 0, 0], [2, 2, 1]],  # neither covers (1,1): 0/1
+            [[0, 0, 0], [1, 1, 0]],
+        ]
+    )
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    r = relevance_recall(pos, mask, rel, grid)
+    assert r[0].item() == 1.0 and r[1].item() == 0.0 and torch.isnan(r[2])
+    # a padded token does not count
+    mask[0, 1] = False
+    assert relevance_recall(pos, mask, rel, grid)[0].item() == pytest.approx(2 / 3)
+
+
+def test_relevance_recall_maps_a_coarser_mask_to_the_token_grid():
+    rel = torch.zeros(1, 2, 2, dtype=torch.bool)
+    rel[0, 0, 1] = True  # the top-right quarter: fine patches rows 0-1, cols 2-3 of a 4 x 4 grid
+    pos = torch.tensor([[[0, 2, 0], [1, 3, 0], [0, 0, 0]]])
+    r = relevance_recall(pos, torch.ones(1, 3, dtype=torch.bool), rel, (4, 4))
+    assert r.item() == pytest.approx(2 / 4)
+    with pytest.raises(ValueError, match="relevance"):
+        relevance_recall(pos, torch.ones(1, 3, dtype=torch.bool), rel[0], (4, 4))
+
+
+def test_repool_gives_vision_space_pooling_for_pooled_candidates_only(vlm, batch):
+    with torch.no_grad():
+        fine_v = vlm.encode_image(batch["pixels"])[:, vlm.num_prefix_tokens :]  # [B, 64, Dv]
+        fine_l = vlm.project(fine_v)
+    grid = vlm.grid
+    pyr_l = build_pyramid(fine_l, grid, (1, 2))
+    pyr_v = build_pyramid(fine_v, grid, (1, 2))
+    idx = torch.tensor([3, 64 + 5, 64 + 16 + 2])  # a fine token, a 2x2 and a 4x4 candidate
+    kept = pyr_l.candidates[:, idx].clone()
+    pos = pyr_l.positions[idx][None].expand(kept.shape[0], -1, -1)
+    mask = torch.ones(kept.shape[:2], dtype=torch.bool)
+    kept[:, 1] += 0.5  # a merged token at a pooled position: not a candidate, left alone
+    out = repool_in_vision_space(kept, pos, mask, fine_v, fine_l, grid, vlm.project)
+    assert torch.equal(out[:, 0], kept[:, 0])
+    assert torch.equal(out[:, 1], kept[:, 1])
+    want = vlm.project(pyr_v.candidates[:, idx[2:3]])[:, 0]
+    torch.testing.assert_close(out[:, 2], want, rtol=1e-5, atol=1e-6)
+    # and the two poolings really differ (the projector is not linear)
+    assert (want - pyr_l.candidates[:, idx[2]]).abs().max() > 1e-3
+
+
+def test_module_feeds_repooled_tokens_to_the_llm(vlm, batch, monkeypatch):
+    seen = {}
+    orig = vlm.answer_logits
+
+    def spy(visual, *a, **k):
+        seen["visual"] = visual.detach()
+        return orig(visual, *a, **k)
+
+    monkeypatch.setattr(vlm, "answer_logits", spy)
+    module = _module(vlm, FixedChoice([64 + 16 + 1]), budget=1)
+    module(batch)
+    with torch.no_grad():
+        fine_v = vlm.encode_image(batch["pixels"])[:, vlm.num_prefix_tokens :]
+    want = vlm.project(build_pyramid(fine_v, vlm.grid, (1, 2)).candidates[:, 64 + 16 + 1 :][:, :1])[:, 0]
+    torch.testing.assert_close(seen["visual"][:, 0], want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ pipeline
+@pytest.mark.parametrize("after_projection", [True, False])
+def test_full_allocator_reproduces_the_unmodified_vlm(vlm, batch, after_projection):
+    module = _module(vlm, create_allocator("full"), budget=4, allocate_after_projection=after_projection).eval()
+    with torch.no_grad():
+        got = module(batch)
+        ref = vlm(batch["pixels"], batch["question_ids"], batch["question_mask"])
+    assert got["out"].mask.sum(1).tolist() == [vlm.num_patches] * ref.shape[0]
+    torch.testing.assert_close(got["logits"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_allocator_trains_and_its_terms_are_weighted(vlm, batch):
+    alloc = TrainableTopK(dim=32)
+    module = _module(vlm, alloc, budget=8, loss_weights={"ce": 1.0, "rate": 0.5, "critic": 0.25})
+    module.train()
+    assert not vlm.training, "the frozen VLM stays in eval mode"
+    total, terms, res = module._loss(batch, 8)
+    assert set(terms) == {"ce", "rate", "critic"}
+    torch.testing.assert_close(total, terms["ce"] + 0.5 * terms["rate"] + 0.25 * terms["critic"])
+    total.backward()
+    assert alloc.key.weight.grad is not None and alloc.key.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in vlm.parameters())
+    assert [id(p) for p in module.trainable_parameters()] == [id(p) for p in alloc.parameters()]
+    # the answer loss alone reaches the allocator (through the straight-through gates)
+    _, terms2, _ = module._loss(batch, 8)
+    alloc.zero_grad()
+    terms2["ce"].backward()
+    assert alloc.key.weight.grad.abs().sum() > 0
+    assert res["out"].mask.sum(1).tolist() == [8] * batch["answer"].shape[0]
+
+
+def test_loss_terms_read_from_the_allocator_output():
+    from arr_coc.allocators import AllocationOutput
+
+    z = torch.zeros(2, 1)
+    out = AllocationOutput(z.long(), z[..., None], z.bool(), z.long()[..., None].expand(-1, -1, 3))
+    assert allocator_loss_terms(out) == {}
+    out.extras = {"losses": {"rate": torch.tensor([1.0, 3.0])}, "critic_loss": torch.tensor(0.5)}
+    terms = allocator_loss_terms(out)
+    assert terms["rate"].item() == 2.0 and terms["critic"].item() == 0.5
+
+
+def test_bad_arguments_are_named(vlm):
+    with pytest.raises(ValueError, match="loss_weights"):
+        _module(vlm, create_allocator("random"), loss_weights={"rat": 1.0})
+    with pytest.raises(ValueError, match="loss_weights"):
+        _module(vlm, create_allocator("random"), loss_weights={"rate": -1.0})
+    with pytest.raises(ValueError, match="budget"):
+        _module(vlm, create_allocator("random"), budget=-1)
+
+
+def test_parameter_free_allocator_is_evaluated_not_trained(vlm, batch):
+    module = _module(vlm, create_allocator("visionzip"), budget=8)
+    assert module.configure_optimizers() is None
+    assert module.training_step(batch, 0) is None
+
+
+# ------------------------------------------------------------------ checkpoints
+def test_checkpoint_holds_the_allocator_and_refuses_another_backbone(vlm):
+    module = _module(vlm, TrainableTopK(dim=32), backbones={"model": "micro"})
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["state_dict"] and not any(k.startswith("vlm.") for k in ckpt["state_dict"])
+    assert ckpt["arr_coc"]["backbones"] == {"model": "micro"}
+    # loading into a module on the same VLM works strictly (the VLM's weights are put back)
+    other = _module(vlm, TrainableTopK(dim=32))
+    other.on_load_checkpoint(ckpt)
+    other.load_state_dict(ckpt["state_dict"], strict=True)
+    assert torch.equal(other.allocator.key.weight, module.allocator.key.weight)
+    # a different frozen VLM is refused with a clear error
+    stranger = _module(micro_vlm(1), TrainableTopK(dim=32))
+    ckpt2 = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt2)
+    with pytest.raises(ValueError, match="another frozen VLM"):
+        stranger.on_load_checkpoint(ckpt2)
+
+
+# ------------------------------------------------------------------ hub
+def test_save_and_load_pretrained_allocator(tmp_path, batch):
+    with registered("_test_trainable", TrainableTopK):
+        alloc = TrainableTopK(dim=32, query_dim=16)
+        torch.nn.init.normal_(alloc.key.weight)
+        folder = save_allocator(alloc, tmp_path / "alloc", name="_test_trainable", config={"dim": 32, "query_dim": 16})
+        assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+        loaded = load_allocator(folder)
+        assert isinstance(loaded, TrainableTopK)
+        for (k, a), (k2, b) in zip(alloc.state_dict().items(), loaded.state_dict().items()):
+            assert k == k2 and torch.equal(a, b)
+        x, q = torch.randn(2, 65, 32), torch.randn(2, 5, 16)
+        o1 = alloc(x, query=q, budget=7, num_prefix_tokens=1)
+        o2 = loaded(x, query=q, budget=7, num_prefix_tokens=1)
+        assert torch.equal(o1.indices, o2.indices) and torch.equal(o1.tokens, o2.tokens)
+        with pytest.raises(ValueError, match="config"):
+            save_allocator(alloc, tmp_path / "bad", name="_test_trainable", config={"dim": 32})
+
+
+def test_seeded_sampler_depends_on_seed_and_epoch_only():
+    a, b = SeededRandomSampler(range(50), seed=3), SeededRandomSampler(range(50), seed=3)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert list(a) == list(b) and sorted(a) == list(range(50))
+    b.set_epoch(3)
+    assert list(a) != list(b)
+    assert list(SeededRandomSampler(range(50), seed=4)) != list(SeededRandomSampler(range(50), seed=3))
