@@ -263,7 +263,7 @@ class ParticipatoryScorer(nn.Module):
         emb = self.candidate_map(candidates.to(dtype), materialize=grow)  # [B, M, R]
         r = emb.shape[-1]
         h = self._heads(r)
-        tau = self.log_temperature[:h].clamp(max=math.log(100.0)).exp().to(dtype)  # [H]
+        tau = self.log_temperature[:h].to(dtype).clamp(max=math.log(100.0)).exp()  # [H]
         kh = F.normalize(rearrange(emb, "b m (h e) -> b h m e", h=h), dim=-1)
         if self.prior_kind == "learned":
             prior_vec = self.candidate_map.prior_vector(r, dtype, emb.device)
@@ -296,7 +296,7 @@ class ParticipatoryScorer(nn.Module):
         count = mask.sum(1)  # [B]
         has_query = count > 0
         # log of the mixture over heads and real tokens
-        log_cond = torch.logsumexp(rearrange(log_p, "b h t m -> b m (h t)"), dim=-1) - (count * h).clamp_min(1).log()[:, None]
+        log_cond = torch.logsumexp(rearrange(log_p, "b h t m -> b m (h t)"), dim=-1) - (count * h).clamp_min(1).to(dtype).log()[:, None]
         pmi = torch.where(has_query[:, None], log_cond - log_prior, torch.zeros_like(log_prior))
         return ScorerOutput(
             pmi=pmi,

@@ -1,0 +1,114 @@
+"""QualityAdapter: the closed-form base, distillation from the exact greedy, InfoNCE, Gumbel top-k."""
+
+import math
+
+import pytest
+import torch
+
+from arr_coc.adapter import QualityAdapter, distillation_loss, infonce_bound, relaxed_topk
+from arr_coc.attending import greedy_conditional_mi
+
+
+def test_untrained_query_term_equals_greedy_first_step_gain():
+    b, m, r = 3, 40, 16
+    c = torch.randn(b, m, r, dtype=torch.float64)
+    q = torch.randn(b, 1, r, dtype=torch.float64)
+    a = QualityAdapter().eval()
+    pred = a(c, q[:, 0], alpha=torch.ones(b, dtype=torch.float64))
+    res = greedy_conditional_mi(c, q, None, 1, alpha=1.0, jitter=1e-9, var_floor=1e-12)
+    # the greedy's first pick is the adapter's argmax, with the same information (nats)
+    assert torch.equal(pred.score.argmax(1), res.indices[:, 0])
+    torch.testing.assert_close(pred.score.max(1).values, res.gains[:, 0], atol=1e-6, rtol=0)
+    assert torch.equal(pred.score, pred.base)
+    # any width works untrained
+    a(torch.randn(2, 7, 5), torch.randn(2, 5))
+
+
+def test_plackett_luce_distillation_loss_closed_form():
+    pred = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64)
+    idx = torch.tensor([[2, 0]])
+    gains = torch.tensor([[0.5, 0.25]], dtype=torch.float64)
+    e = [math.exp(v) for v in (1.0, 0.0, -1.0)]
+    nll = -(math.log(e[2] / sum(e)) + math.log(e[0] / (e[0] + e[1]))) / 2
+    mse = ((-1.0 - 0.5) ** 2 + (1.0 - 0.25) ** 2) / 2
+    assert distillation_loss(pred, idx, gains).item() == pytest.approx(nll + mse, abs=1e-12)
+    # padding is ignored
+    padded = distillation_loss(pred, torch.tensor([[2, 0, -1]]), torch.tensor([[0.5, 0.25, 0.0]], dtype=torch.float64))
+    assert padded.item() == pytest.approx(nll + mse, abs=1e-12)
+
+
+def test_distillation_teaches_the_adapter_the_greedy_choice():
+    """Distillation from a query-focused greedy (alpha = 1) fixes an adapter told alpha = 0."""
+    torch.manual_seed(0)
+    b, m, r, k = 16, 48, 8, 4
+    c = torch.randn(b, m, r)
+    q = torch.randn(b, 1, r)
+    teacher = greedy_conditional_mi(c, q, None, k, alpha=1.0)
+    alpha = torch.zeros(b)  # the base is coverage only: the residual has to learn the query term
+    a = QualityAdapter(r, proj_dim=8, hidden=32)
+    opt = torch.optim.Adam(a.parameters(), lr=2e-2)
+
+    def overlap():
+        with torch.no_grad():
+            top = a.eval()(c, q[:, 0], alpha=alpha).score.topk(k, dim=1).indices
+        return sum(len(set(top[i].tolist()) & set(teacher.indices[i].tolist())) for i in range(b)) / (b * k)
+
+    before = overlap()
+    a.train()
+    first = None
+    for _ in range(60):
+        loss = distillation_loss(a(c, q[:, 0], alpha=alpha).score, teacher.indices, teacher.gains)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first
+    assert overlap() > before + 0.3
+
+
+def test_infonce_bound():
+    b = 8
+    perfect = torch.eye(b) * 50
+    loss, bound = infonce_bound(perfect)
+    assert bound.item() == pytest.approx(math.log(b), abs=1e-6)
+    loss, bound = infonce_bound(torch.zeros(b, b))
+    assert bound.item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="critic"):
+        infonce_bound(torch.zeros(3, 4))
+
+
+def test_critic_matrix_trains_and_bound_rises():
+    torch.manual_seed(0)
+    b, m, r = 8, 12, 8
+    c = torch.randn(b, m, r)
+    q = c[:, 0] + 0.1 * torch.randn(b, r)  # each query is about its own image
+    a = QualityAdapter(r)
+    _, bound0 = infonce_bound(a.critic_matrix(c, q))
+    opt = torch.optim.Adam(a.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss, bound = infonce_bound(a.critic_matrix(c, q))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert bound.item() > bound0.item() and bound.item() <= math.log(b) + 1e-6
+
+
+def test_relaxed_topk_straight_through():
+    torch.manual_seed(0)
+    scores = torch.randn(3, 10, requires_grad=True)
+    budget = torch.tensor([3, 0, 10])
+    idx, keep = relaxed_topk(scores, budget, gumbel=False)
+    assert idx.shape == (3, 10)
+    assert torch.equal(idx[0, :3], scores.detach()[0].topk(3).indices) and (idx[0, 3:] == -1).all()
+    assert (idx[1] == -1).all() and sorted(idx[2].tolist()) == list(range(10))
+    # forward: the hard 0/1 selection
+    hard = torch.zeros(3, 10)
+    hard[0, idx[0, :3]] = 1
+    hard[2] = 1
+    torch.testing.assert_close(keep.detach(), hard, atol=1e-6, rtol=0)
+    # backward: the relaxed subset's gradient
+    (keep * torch.arange(10.0)).sum().backward()
+    assert scores.grad[0].abs().sum() > 0
+    # with Gumbel noise the picks are random but the count is right
+    idx2, keep2 = relaxed_topk(scores, budget, generator=torch.Generator().manual_seed(1))
+    assert keep2.detach().sum(1).tolist() == pytest.approx([3, 0, 10])
