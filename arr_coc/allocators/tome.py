@@ -32,32 +32,38 @@ __all__ = ["ToMeAllocator", "bipartite_merge_round"]
 
 
 def bipartite_merge_round(
-    x: torch.Tensor, size: torch.Tensor, alive: torch.Tensor, r: torch.Tensor
+    x: torch.Tensor, size: torch.Tensor, count: torch.Tensor, r: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One round of bipartite soft matching on padded token slots.
+    """One round of bipartite soft matching on left-packed token slots.
 
-    x [B, n, D] tokens, size [B, n] sizes, alive [B, n] bool (live slots, in order),
-    r [B] merges wanted per row (at most |A|) -> updated (x, size, alive); merged A slots die.
+    x [B, n, D] tokens, size [B, n] sizes, count [B] live slots per row (slots ``0..count-1``
+    are live, in order; the rest is padding), r [B] merges wanted per row (at most |A|)
+    -> (x, size, alive [B, n] bool) with merged A slots dead. A = even slots, B = odd slots,
+    so only the |A| x |B| similarities are computed.
     """
     b, n, _ = x.shape
-    rank = alive.long().cumsum(dim=1) - 1
-    in_a = alive & (rank % 2 == 0)
-    in_b = alive & (rank % 2 == 1)
+    slot = torch.arange(n, device=x.device)
+    live = slot[None, :] < count[:, None]
+    in_a = live & (slot[None, :] % 2 == 0)
     xn = F.normalize(x, dim=-1, eps=1e-8)
-    sim = xn @ xn.transpose(1, 2)  # [B, n, n]
-    sim = sim.masked_fill(~in_b[:, None, :], float("-inf"))
-    best, dst = sim.max(dim=2)  # [B, n]
+    sim = xn[:, 0::2] @ xn[:, 1::2].transpose(1, 2)  # [B, |A|, |B|]
+    sim = sim.masked_fill(~live[:, None, 1::2], float("-inf"))
+    best_a, dst_b = sim.max(dim=2)  # [B, |A|]
+    best = torch.full((b, n), float("-inf"), dtype=sim.dtype, device=x.device)
+    best[:, 0::2] = best_a
+    dst = torch.zeros(b, n, dtype=torch.long, device=x.device)
+    dst[:, 0::2] = 2 * dst_b + 1
     best = best.masked_fill(~in_a, float("-inf"))
     order = best.argsort(dim=1, descending=True, stable=True)
     pos = torch.empty_like(order)
-    pos.scatter_(1, order, torch.arange(n, device=x.device).expand(b, n))
+    pos.scatter_(1, order, slot.expand(b, n))
     merged = in_a & (pos < r[:, None]) & torch.isfinite(best)
-    w = (size * merged.to(size.dtype))[..., None]  # [B, n, 1]
+    w = size * merged.to(size.dtype)  # [B, n]
     dst = torch.where(merged, dst, torch.zeros_like(dst))
-    mass = x * size[..., None]
-    new_mass = mass.scatter_add(1, dst[..., None].expand_as(x), x * w) - x * w
-    new_size = size.scatter_add(1, dst, w[..., 0]) - w[..., 0]
-    alive = alive & ~merged
+    moved = x * w[..., None]
+    new_mass = (x * size[..., None]).scatter_add(1, dst[..., None].expand_as(x), moved) - moved
+    new_size = size.scatter_add(1, dst, w) - w
+    alive = live & ~merged
     x = torch.where(alive[..., None], new_mass / new_size.clamp(min=1e-12)[..., None], x)
     return x, new_size, alive
 
@@ -74,7 +80,7 @@ class ToMeAllocator(Allocator):
         x = fine.to(working_dtype(fine))
         size = torch.ones(b, n, dtype=x.dtype, device=x.device)
         ident = torch.arange(n, device=x.device).expand(b, n).clone()  # the patch each slot started as
-        alive = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        alive = torch.ones(b, n, dtype=torch.bool, device=x.device)  # live slots are always a prefix
         target = torch.where(ctx.budget > 0, ctx.budget, torch.full_like(ctx.budget, n))  # 0: nothing to do
         while True:
             count = alive.sum(dim=1)
@@ -83,7 +89,7 @@ class ToMeAllocator(Allocator):
             n_a = (count + 1) // 2
             r = torch.minimum(count - target, n_a).clamp(min=0)
             r = torch.where(count > 1, r, torch.zeros_like(r))
-            x, size, alive = bipartite_merge_round(x, size, alive, r)
+            x, size, alive = bipartite_merge_round(x, size, count, r)
             # compact: live slots first, in order of the patch they started as
             key = torch.where(alive, ident, torch.full_like(ident, n))
             order = key.argsort(dim=1, stable=True)

@@ -239,8 +239,7 @@ def test_tome_merges_duplicates_first():
 def test_bipartite_round_matches_a_reference():
     g = torch.Generator().manual_seed(15)
     x = torch.randn(1, 7, 4, generator=g, dtype=torch.float64)
-    new, size, alive = bipartite_merge_round(x, torch.ones(1, 7, dtype=torch.float64), torch.ones(1, 7, dtype=torch.bool),
-                                             torch.tensor([2]))
+    new, size, alive = bipartite_merge_round(x, torch.ones(1, 7, dtype=torch.float64), torch.tensor([7]), torch.tensor([2]))
     xs = x[0].numpy()
     a, b = list(range(0, 7, 2)), list(range(1, 7, 2))
     s = np_cos(xs)
@@ -347,3 +346,4 @@ def test_every_baseline_builds_with_defaults_and_on_unusual_layouts():
         else:
             assert (out.counts <= torch.tensor([7, 20])).all() and (out.counts > 0).all(), name
         assert out.positions[..., 0].max() < 5 and out.positions[..., 1].max() < 9, name
+
