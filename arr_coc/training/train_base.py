@@ -1,0 +1,338 @@
+"""Stage 1: train the base VLM on the embedded task (full tokens plus random token dropping).
+
+```
+python -m arr_coc.training.train_base --out checkpoints/base_vlm --run-dir experiments/runs/base_vlm \
+    --max-minutes 90
+```
+
+Writes, whenever validation accuracy improves, ``--out``: ``model.safetensors``,
+``config.json`` (BaseVLM), the tokenizer, ``train_args.json`` and ``training_log.csv`` (the
+learning curve: one row per evaluation). ``--run-dir`` gets the same log and a resumable
+``last.pt`` (model + optimiser + step + RNG), which ``--resume`` continues from.
+
+The recipe (why each part is there: experiments/results/base_vlm.md):
+
+- examples generated on the fly (never the same image twice), several questions per image;
+- auxiliary per-patch colour / shape heads on the ViT tokens (the task's exact cell labels);
+- attention supervision: the readout token's attention in head 0 of the first LLM layer
+  is pushed onto the candidates covering the object the question names (the anchor), in
+  head 0 of the last layer onto the object the answer is read from (the target); this
+  gives the routing a gradient before the answer does (counts are left unsupervised);
+- a curriculum: single-object questions first, everything once their validation accuracy
+  reaches ``--curriculum-threshold`` (0 disables);
+- random allocations half of the time: a random 5-100 % of the candidates (fine tokens plus
+  pooled 2x2 and 4x4 tokens, levels mixed with random per-image preferences), in raster
+  order, so that any allocator's output is in distribution; the other half full tokens;
+- AdamW with linear warmup and cosine decay; Llama initializer range 0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from arr_coc.pyramid import build_pyramid, raster_key
+from arr_coc.training.backbones import LLMConfig, VisionConfig
+from arr_coc.training.base_vlm import BaseVLM, BaseVLMConfig, candidate_regions
+from arr_coc.training.task import QUESTION_TYPES, VQABatch, VQATask
+from arr_coc.training.tokenizer import build_tokenizer
+
+__all__ = ["evaluate", "main", "parse_args", "random_allocation", "train"]
+
+SINGLE_OBJECT = ("shape", "colour", "side")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m arr_coc.training.train_base", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="checkpoints/base_vlm", help="where the best checkpoint goes")
+    p.add_argument("--run-dir", default="experiments/runs/base_vlm", help="log + resumable state")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--object-cells", type=int, default=1)
+    p.add_argument("--vit-dim", type=int, default=96)
+    p.add_argument("--vit-depth", type=int, default=4)
+    p.add_argument("--vit-heads", type=int, default=4)
+    p.add_argument("--llm-dim", type=int, default=96)
+    p.add_argument("--llm-layers", type=int, default=2)
+    p.add_argument("--llm-heads", type=int, default=4)
+    p.add_argument("--llm-init", type=float, default=0.1, help="Llama initializer_range")
+    p.add_argument("--images-per-step", type=int, default=32)
+    p.add_argument("--questions-per-image", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--max-steps", type=int, default=4000)
+    p.add_argument("--max-minutes", type=float, default=90.0)
+    p.add_argument("--full-prob", type=float, default=0.5, help="fraction of images at full tokens")
+    p.add_argument("--keep-min", type=float, default=0.05, help="smallest kept fraction when dropping")
+    p.add_argument("--aux-weight", type=float, default=0.5)
+    p.add_argument("--attn-weight", type=float, default=0.5)
+    p.add_argument("--curriculum-threshold", type=float, default=0.9)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--val-images", type=int, default=250)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine 2 threads ran 9x slower)")
+    p.add_argument("--log-every", type=int, default=50)
+    args = p.parse_args(argv)
+    for name in ("images_per_step", "questions_per_image", "max_steps", "eval_every", "val_images", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if not 0.0 < args.keep_min <= 1.0:
+        raise ValueError(f"--keep-min: expected in (0, 1], got {args.keep_min}")
+    if not 0.0 <= args.full_prob <= 1.0:
+        raise ValueError(f"--full-prob: expected in [0, 1], got {args.full_prob}")
+    return args
+
+
+def random_allocation(
+    num_images: int,
+    positions: torch.Tensor,
+    num_fine: int,
+    grid: tuple[int, int],
+    generator: torch.Generator,
+    *,
+    full_prob: float = 0.5,
+    keep_min: float = 0.05,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random allocations: (indices [I, K] long with -1 padding, mask [I, K] bool), raster order.
+
+    positions: [M, 3] candidate positions (fine first). A row is the N fine tokens with
+    probability ``full_prob``; otherwise ``round(f N)`` candidates, f ~ U(keep_min, 1), drawn
+    without replacement with per-image random preferences for each level (Gumbel top-k).
+    """
+    m = positions.shape[0]
+    levels = positions[:, 2]
+    n_levels = int(levels.max()) + 1
+    full = torch.rand(num_images, generator=generator) < full_prob
+    frac = keep_min + (1.0 - keep_min) * torch.rand(num_images, generator=generator)
+    k = torch.where(full, torch.full_like(frac, num_fine), (frac * num_fine).round().clamp(min=1)).long()
+    bias = 1.5 * torch.randn(num_images, n_levels, generator=generator)
+    gumbel = -torch.log(-torch.log(torch.rand(num_images, m, generator=generator).clamp(1e-9, 1 - 1e-9)))
+    scores = bias[:, levels] + gumbel
+    scores[full] = torch.where(torch.arange(m) < num_fine, 1.0, -1.0).float().expand(int(full.sum()), m)
+    kmax = int(k.max())
+    top = scores.topk(kmax, dim=1).indices  # [I, kmax]
+    mask = torch.arange(kmax)[None, :] < k[:, None]
+    key = raster_key(positions[top], grid)
+    key = key.masked_fill(~mask, torch.iinfo(torch.long).max)
+    order = key.argsort(dim=1)
+    idx = top.gather(1, order)
+    mask = mask.gather(1, order)
+    return idx.masked_fill(~mask, -1), mask
+
+
+def _answer_ids(tok, answers: list[str]) -> torch.Tensor:
+    ids = tok.convert_tokens_to_ids(answers)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _gather(candidates: torch.Tensor, positions: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor):
+    safe = idx.clamp(min=0)
+    tokens = candidates.gather(1, safe[..., None].expand(-1, -1, candidates.shape[-1]))
+    tokens = tokens * mask[..., None]
+    pos = positions[safe].masked_fill(~mask[..., None], -1)
+    return tokens, pos
+
+
+def step_losses(vlm: BaseVLM, tok, batch: VQABatch, args, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """All training losses of one batch (answer CE + aux patch CE + attention supervision)."""
+    tokens = vlm.encode_image(batch.images)
+    p = vlm.num_prefix_tokens
+    fine = tokens[:, p:]
+    losses: dict[str, torch.Tensor] = {}
+    colour, shape = vlm.patch_logits(tokens)
+    aux = torch.zeros(())
+    if colour is not None:
+        aux = aux + F.cross_entropy(colour.flatten(0, 1), batch.colour_map.flatten())
+    if shape is not None:
+        aux = aux + F.cross_entropy(shape.flatten(0, 1), batch.shape_map.flatten())
+    losses["aux"] = aux
+    pyr = build_pyramid(fine, vlm.grid)
+    idx, mask = random_allocation(
+        fine.shape[0], pyr.positions, pyr.num_fine, vlm.grid, generator,
+        full_prob=args.full_prob, keep_min=args.keep_min,
+    )
+    sel, pos = _gather(pyr.candidates, pyr.positions, idx, mask)
+    visual = vlm.project(sel)
+    qi = batch.image_index
+    enc = tok(batch.questions, padding=True, return_tensors="pt")
+    logits, att = vlm.answer_logits(
+        visual[qi], mask[qi], pos[qi], enc["input_ids"], enc["attention_mask"], return_attention=True
+    )
+    target_ids = _answer_ids(tok, batch.answers)
+    losses["answer"] = F.cross_entropy(logits, target_ids)
+    losses["acc"] = (logits.argmax(-1) == target_ids).float().mean().detach()
+    # attention supervision on the readout token
+    regions = candidate_regions(vlm.grid, pos[qi])  # [Q, K, N]
+    anchor = (regions & batch.anchor.flatten(1)[:, None, :]).any(-1) & mask[qi]
+    target = (regions & batch.target.flatten(1)[:, None, :]).any(-1) & mask[qi]
+    supervised = torch.tensor([t != "count" for t in batch.qtypes])
+    attn_loss = torch.zeros(())
+    for layer, rel in ((0, anchor), (len(att) - 1, target)):
+        ok = supervised & rel.any(-1)
+        if ok.any():
+            mass = (att[layer][:, 0] * rel).sum(-1)
+            attn_loss = attn_loss + (-torch.log(mass[ok] + 1e-6)).mean()
+    losses["attn"] = attn_loss
+    losses["total"] = losses["answer"] + args.aux_weight * losses["aux"] + args.attn_weight * attn_loss
+    return losses
+
+
+@torch.no_grad()
+def evaluate(vlm: BaseVLM, tok, batch: VQABatch, *, chunk: int = 256) -> dict[str, float]:
+    """Accuracy at full tokens, overall and per question type (plus patch-head accuracy)."""
+    vlm.eval()
+    tokens = torch.cat([vlm.encode_image(batch.images[i : i + chunk]) for i in range(0, len(batch.images), chunk)])
+    visual = vlm.project(tokens[:, vlm.num_prefix_tokens :])
+    target = _answer_ids(tok, batch.answers)
+    preds = []
+    for i in range(0, len(batch.questions), chunk):
+        qi = batch.image_index[i : i + chunk]
+        enc = tok(batch.questions[i : i + chunk], padding=True, return_tensors="pt")
+        logits = vlm.answer_logits(visual[qi], None, None, enc["input_ids"], enc["attention_mask"])
+        preds.append(logits.argmax(-1))
+    correct = (torch.cat(preds) == target).float()
+    out = {"val_acc": float(correct.mean())}
+    types = np.array(batch.qtypes)
+    for t in QUESTION_TYPES:
+        sel = torch.from_numpy(types == t)
+        out[f"val_{t}"] = float(correct[sel].mean()) if sel.any() else float("nan")
+    colour, shape = vlm.patch_logits(tokens)
+    if colour is not None:
+        out["patch_colour_acc"] = float((colour.argmax(-1) == batch.colour_map.flatten(1)).float().mean())
+    if shape is not None:
+        out["patch_shape_acc"] = float((shape.argmax(-1) == batch.shape_map.flatten(1)).float().mean())
+    vlm.train()
+    return out
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build(args) -> tuple[VQATask, object, BaseVLM]:
+    task = VQATask(args.seed, image_size=args.image_size, grid=args.grid, object_cells=args.object_cells)
+    tok = build_tokenizer(task)
+    vision = VisionConfig(
+        img_size=args.image_size, patch_size=args.image_size // args.grid,
+        embed_dim=args.vit_dim, depth=args.vit_depth, num_heads=args.vit_heads,
+    )
+    llm = LLMConfig(
+        hidden_size=args.llm_dim, num_layers=args.llm_layers, num_heads=args.llm_heads,
+        intermediate_size=2 * args.llm_dim, initializer_range=args.llm_init,
+    )
+    vlm = BaseVLM(BaseVLMConfig.for_task(task, tok, vision=vision, llm=llm))
+    return task, tok, vlm
+
+
+def train(args) -> dict[str, float]:
+    """Run stage 1; returns the best validation metrics."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    task, tok, vlm = build(args)
+    val_task = VQATask(args.seed + 1_000_003, image_size=args.image_size, grid=args.grid, object_cells=args.object_cells)
+    val = val_task.fixed_batch(args.val_images, 4)
+    opt = torch.optim.AdamW(vlm.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    run_dir, out_dir = Path(args.run_dir), Path(args.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "training_log.csv"
+    rng = np.random.default_rng([args.seed, 11])
+    gen = torch.Generator().manual_seed(args.seed)
+    step, stage, best, seen, elapsed0 = 0, 0 if args.curriculum_threshold > 0 else 1, {"val_acc": -1.0}, 0, 0.0
+    if args.resume and (run_dir / "last.pt").is_file():
+        state = torch.load(run_dir / "last.pt", weights_only=False)
+        vlm.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, stage, best, seen, elapsed0 = state["step"], state["stage"], state["best"], state["seen"], state["elapsed"]
+        rng = state["rng"]
+        gen.set_state(state["gen"])
+    elif log_path.exists():
+        log_path.unlink()
+    fields = ["step", "minutes", "questions_seen", "stage", "lr", "loss", "answer_loss", "aux_loss", "attn_loss",
+              "train_acc", "val_acc", *[f"val_{t}" for t in QUESTION_TYPES], "patch_colour_acc", "patch_shape_acc"]
+    if not log_path.exists():
+        with log_path.open("w", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writeheader()
+    (run_dir / "train_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    start = time.time() - elapsed0 * 60.0
+    running: dict[str, float] = {}
+    vlm.train()
+    while step < args.max_steps and (time.time() - start) / 60.0 < args.max_minutes:
+        for g in opt.param_groups:
+            g["lr"] = args.lr * _lr_factor(step, args.warmup, args.max_steps)
+        qtypes = SINGLE_OBJECT if stage == 0 else None
+        batch = task.batch(rng, args.images_per_step, args.questions_per_image, qtypes=qtypes)
+        losses = step_losses(vlm, tok, batch, args, gen)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
+        opt.step()
+        step += 1
+        seen += len(batch.questions)
+        for key in ("total", "answer", "aux", "attn", "acc"):
+            value = float(losses[key].detach())
+            running[key] = 0.9 * running.get(key, value) + 0.1 * value
+        if step % args.log_every == 0:
+            print(
+                f"step {step} {(time.time() - start) / 60:.1f} min stage {stage} loss {running['total']:.3f} "
+                f"ans {running['answer']:.3f} aux {running['aux']:.3f} attn {running['attn']:.3f} "
+                f"acc {running['acc']:.3f}",
+                flush=True,
+            )
+        if step % args.eval_every == 0 or step == args.max_steps:
+            metrics = evaluate(vlm, tok, val)
+            minutes = (time.time() - start) / 60.0
+            row = {
+                "step": step, "minutes": round(minutes, 2), "questions_seen": seen, "stage": stage,
+                "lr": opt.param_groups[0]["lr"], "loss": running["total"], "answer_loss": running["answer"],
+                "aux_loss": running["aux"], "attn_loss": running["attn"], "train_acc": running["acc"], **metrics,
+            }
+            with log_path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=fields).writerow({k: row.get(k) for k in fields})
+            print("eval", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            if stage == 0:
+                single = np.nanmean([metrics[f"val_{t}"] for t in SINGLE_OBJECT])
+                if single >= args.curriculum_threshold:
+                    stage = 1
+                    print(f"curriculum: single-object accuracy {single:.3f}, switching to all question types", flush=True)
+            if stage == 1 and metrics["val_acc"] > best["val_acc"]:
+                best = {**metrics, "step": step, "minutes": minutes, "questions_seen": seen}
+                vlm.save_pretrained(out_dir)
+                tok.save_pretrained(str(out_dir))
+                (out_dir / "train_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+                (out_dir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+            tmp = run_dir / "last.pt.tmp"
+            torch.save(
+                {"model": vlm.state_dict(), "opt": opt.state_dict(), "step": step, "stage": stage, "best": best,
+                 "seen": seen, "elapsed": minutes, "rng": rng, "gen": gen.get_state()},
+                tmp,
+            )
+            os.replace(tmp, run_dir / "last.pt")
+            if out_dir.exists():
+                (out_dir / "training_log.csv").write_text(log_path.read_text())
+    return best
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    best = train(args)
+    print("best", json.dumps(best), flush=True)
+    return best
+
+
+if __name__ == "__main__":
+    main()

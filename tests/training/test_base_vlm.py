@@ -1,0 +1,152 @@
+"""BaseVLM on tiny configs: shapes, invariances, persistence, backbone loading, a training smoke run."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from arr_coc.pyramid import build_pyramid
+from arr_coc.training.backbones import LLMConfig, VisionConfig, build_causal_lm, build_vision_encoder
+from arr_coc.training.base_vlm import BaseVLM, BaseVLMConfig
+from arr_coc.training.task import VQATask
+from arr_coc.training.tokenizer import build_tokenizer
+
+TINY_VISION = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    task = VQATask(0, image_size=32, grid=4, num_objects=(2, 3), num_distractors=(1, 2))
+    tok = build_tokenizer(task)
+    cfg = BaseVLMConfig.for_task(
+        task, tok, vision=VisionConfig(**TINY_VISION), llm=LLMConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+    )
+    vlm = BaseVLM(cfg).eval()
+    exs = [task.example(i) for i in range(3)]
+    pixels = torch.stack([e.image for e in exs])
+    enc = tok([e.question for e in exs], padding=True, return_tensors="pt")
+    return task, tok, vlm, pixels, enc
+
+
+def test_forward_shapes(setup):
+    task, tok, vlm, pixels, enc = setup
+    assert vlm.grid == (4, 4) and vlm.num_prefix_tokens == 1
+    tokens = vlm.encode_image(pixels)
+    assert tokens.shape == (3, 1 + 16, 16)
+    visual = vlm.project(tokens[:, 1:])
+    assert visual.shape == (3, 16, 16)
+    q = vlm.query_embeddings(enc["input_ids"])
+    assert torch.equal(q, vlm.llm.get_input_embeddings().weight[enc["input_ids"]])
+    logits, att = vlm.answer_logits(visual, None, None, enc["input_ids"], enc["attention_mask"], return_attention=True)
+    assert logits.shape == (3, len(tok))
+    assert len(att) == 2 and att[0].shape == (3, 2, 16)
+    assert torch.all(att[0].sum(-1) <= 1 + 1e-5) and torch.all(att[0] >= 0)
+    assert torch.allclose(vlm(pixels, enc["input_ids"], enc["attention_mask"]), logits, atol=1e-5)
+    colour, shape = vlm.patch_logits(tokens)
+    assert colour.shape == (3, 16, 8) and shape.shape == (3, 16, 6)
+
+
+def test_positions_none_means_fine_raster_and_padding_is_ignored(setup):
+    _, _, vlm, pixels, enc = setup
+    tokens = vlm.encode_image(pixels)
+    pyr = build_pyramid(tokens[:, 1:], vlm.grid)
+    visual = vlm.project(pyr.candidates)
+    ids, qm = enc["input_ids"], enc["attention_mask"]
+    fine_pos = pyr.positions[:16][None].expand(3, -1, -1)
+    ref = vlm.answer_logits(visual[:, :16], None, None, ids, qm)
+    explicit = vlm.answer_logits(visual[:, :16], None, fine_pos, ids, qm)
+    assert torch.allclose(ref, explicit, atol=1e-5)
+    # padded slots (mask False, position -1, arbitrary values) change nothing
+    junk = torch.randn(3, 5, visual.shape[-1]) * 100
+    padded = torch.cat([visual[:, :16], junk], dim=1)
+    mask = torch.cat([torch.ones(3, 16, dtype=torch.bool), torch.zeros(3, 5, dtype=torch.bool)], dim=1)
+    pos = torch.cat([fine_pos, torch.full((3, 5, 3), -1)], dim=1)
+    assert torch.allclose(vlm.answer_logits(padded, mask, pos, ids, qm), ref, atol=1e-4)
+    # pooled tokens with their own positions give a different (finite) answer
+    mixed = vlm.answer_logits(visual[:, 16:], None, pyr.positions[16:][None].expand(3, -1, -1), ids, qm)
+    assert torch.isfinite(mixed).all() and not torch.allclose(mixed, ref)
+    # a question's logits do not depend on the padding of the batch it is in
+    alone = vlm.answer_logits(visual[:1, :16], None, None, ids[:1, : int(qm[0].sum())], None)
+    assert torch.allclose(alone, ref[:1], atol=1e-5)
+
+
+def test_bad_inputs_raise(setup):
+    _, _, vlm, pixels, enc = setup
+    visual = vlm.project(vlm.encode_image(pixels)[:, 1:])
+    ids = enc["input_ids"]
+    with pytest.raises(ValueError, match="pixels"):
+        vlm.encode_image(pixels[:, :1])
+    with pytest.raises(ValueError, match="tokens"):
+        vlm.project(torch.zeros(3, 4, 5))  # wrong width
+    with pytest.raises(ValueError, match="visual_positions"):
+        vlm.answer_logits(visual[:, :5], None, None, ids)
+    with pytest.raises(ValueError, match="visual_mask"):
+        vlm.answer_logits(visual, torch.ones(3, 4, dtype=torch.bool), None, ids)
+    with pytest.raises(ValueError, match="question_ids"):
+        vlm.answer_logits(visual, None, None, ids[:2])
+
+
+def test_save_load_round_trip(setup, tmp_path):
+    _, tok, vlm, pixels, enc = setup
+    vlm.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["llm_config"]["model_type"] == "llama" and cfg["vision"]["embed_dim"] == 16
+    again = BaseVLM.from_pretrained(tmp_path).eval()
+    ref = vlm(pixels, enc["input_ids"], enc["attention_mask"])
+    assert torch.equal(again(pixels, enc["input_ids"], enc["attention_mask"]), ref)
+    with pytest.raises(ValueError, match="folder"):
+        BaseVLM.from_pretrained(tmp_path / "missing")
+
+
+def test_timm_encoder_loads_a_local_file_through_the_pretrained_overlay(tmp_path):
+    ref = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **TINY_VISION)
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    cfg = VisionConfig(pretrained=True, pretrained_file=str(path), **TINY_VISION)
+    loaded = build_vision_encoder(cfg)
+    for (k, a), (k2, b) in zip(ref.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    fresh = build_vision_encoder(VisionConfig(**TINY_VISION))
+    assert not torch.equal(fresh.patch_embed.proj.weight, ref.patch_embed.proj.weight)
+    with pytest.raises(ValueError, match="pretrained_file"):
+        build_vision_encoder(VisionConfig(pretrained=True, pretrained_file=str(tmp_path / "nope.pt"), **TINY_VISION))
+    with pytest.raises(ValueError, match="pretrained"):
+        build_vision_encoder(VisionConfig(pretrained=False, pretrained_file=str(path), **TINY_VISION))
+
+
+def test_causal_lm_loads_from_a_local_folder(tmp_path):
+    lm = build_causal_lm(LLMConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), vocab_size=20)
+    lm.save_pretrained(tmp_path)
+    again = build_causal_lm(LLMConfig(name_or_path=str(tmp_path)))
+    ids = torch.randint(0, 20, (2, 5))
+    assert torch.allclose(lm(ids).logits, again(ids).logits)
+    # a BaseVLM around the loaded LM uses its width
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_causal_lm(LLMConfig(), vocab_size=None)
+
+
+def test_training_smoke_run_writes_checkpoint_and_curve(tmp_path):
+    from arr_coc.training.train_base import main
+
+    out, run = tmp_path / "ckpt", tmp_path / "run"
+    best = main(
+        [
+            "--out", str(out), "--run-dir", str(run), "--image-size", "32", "--grid", "4",
+            "--vit-dim", "16", "--vit-depth", "1", "--vit-heads", "2", "--llm-dim", "16", "--llm-layers", "2",
+            "--llm-heads", "2", "--images-per-step", "2", "--questions-per-image", "2", "--max-steps", "4",
+            "--eval-every", "2", "--val-images", "3", "--curriculum-threshold", "0", "--warmup", "2",
+        ]
+    )
+    assert 0.0 <= best["val_acc"] <= 1.0 and best["step"] in (2, 4)
+    rows = list(csv.DictReader((run / "training_log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert all(float(r["loss"]) > 0 for r in rows)
+    model = BaseVLM.from_pretrained(out)
+    assert model.grid == (4, 4)
+    assert (out / "tokenizer.json").is_file() and (out / "training_log.csv").is_file()
