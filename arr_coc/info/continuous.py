@@ -1,0 +1,394 @@
+"""Information measures of continuous samples: k-NN (KSG, Frenzel-Pompe, Kozachenko-Leonenko),
+Gaussian (log-det), and the batched feature-selection workload ``mi_features``.
+
+Samples are ``[n]`` or ``[n, d]``, sample dimension first. Results are tensors on the input's
+device, in the unit of ``base`` (e: nats). Estimates are never clipped at zero unless
+``clip=True`` is asked for (KSG is nearly unbiased around 0, so independent variables give
+small negative values about half the time; clipping would bias averages upwards).
+
+Preprocessing of the k-NN MI estimators (``ksg_mi``, ``ksg_cmi``, ``mi_features``):
+
+1. Every coordinate is centred and scaled to unit standard deviation (as Kraskov et al. and
+   scikit-learn do; the max-norm mixes coordinates, so their scales matter at finite n).
+   A variable whose samples are all equal carries no information: the estimate is exactly 0.
+2. Ties. KSG assumes continuous data; repeated values (integer-valued or rounded data) make
+   k-th neighbour distances 0 and the strict counts meaningless. A coordinate with repeated
+   values gets deterministic uniform noise of half-width ``jitter`` times the smallest gap
+   between its distinct values (default 0.25): ties are broken, the order of distinct values
+   is never changed, and the noise is always far above float64 resolution (scikit-learn's
+   ``1e-10 * mean|x|`` noise is not - its issue 30772 - and its integer inputs were once
+   rounded by the scaling - issue 26696; here integers are converted to floats first). On
+   discrete data the estimate then approaches the plug-in discrete MI. Coordinates without
+   ties are left untouched, so continuous data give the exact KSG estimate. The noise is
+   seeded by ``seed`` and by the variable's own values, so ``ksg_mi(x, y) == ksg_mi(y, x)``
+   and ``mi_features(X, y)[j] == ksg_mi(X[:, j], y)``. ``jitter=0`` disables it.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+
+from arr_coc.info._validate import (
+    check_base,
+    check_integer_samples,
+    check_k,
+    check_same_n,
+    check_samples,
+    from_nats,
+)
+from arr_coc.info.knn import (
+    TILE_ELEMENTS,
+    brute_radius_counts,
+    grid_kth_2d,
+    kth_1d_sorted,
+    strict_counts_sorted,
+)
+
+__all__ = ["gaussian_cmi", "gaussian_mi", "kl_entropy", "ksg_cmi", "ksg_mi", "mi_features"]
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def _standardize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre and scale each column of ``v [n, d]``; constant columns become 0.
+
+    Returns the scaled samples and ``[d]`` bool: which columns are constant.
+    """
+    centred = v - v.mean(dim=0, keepdim=True)
+    std = centred.pow(2).mean(dim=0).sqrt()
+    const = (v == v[:1]).all(dim=0)
+    safe = torch.where(const | (std == 0), torch.ones_like(std), std)
+    return torch.where(const, torch.zeros_like(centred), centred / safe), const
+
+
+def _fingerprint(v: torch.Tensor) -> int:
+    """A 63-bit integer summarising the values and their order (seeds the tie-breaking noise)."""
+    n = v.shape[0]
+    w = torch.cos(torch.arange(n, device=v.device, dtype=v.dtype) * 0.7390851332 + 0.5)
+    s = float((v * w.unsqueeze(1)).sum() + v.sum() * 1.6180339887)
+    return struct.unpack("<q", struct.pack("<d", s))[0] & ((1 << 63) - 1)
+
+
+def _break_ties(v: torch.Tensor, jitter: float, seed: int, salt: int = 0) -> torch.Tensor:
+    """Add ``U(-a, a)`` noise, ``a = jitter * (smallest gap between distinct values)``, to the
+    columns of ``v [n, d]`` that hold repeated values (constant columns are left alone)."""
+    if jitter == 0 or v.shape[0] < 2:
+        return v
+    s = torch.sort(v, dim=0).values
+    gaps = s[1:] - s[:-1]
+    tied = (gaps == 0).any(dim=0)
+    pos = torch.where(gaps > 0, gaps, torch.full_like(gaps, math.inf)).amin(dim=0)
+    need = tied & torch.isfinite(pos)
+    if not bool(need.any()):
+        return v
+    g = torch.Generator(device=v.device)
+    g.manual_seed((seed * 1_000_003 + _fingerprint(v) + salt) % (1 << 63))
+    u = torch.rand(v.shape, generator=g, device=v.device, dtype=v.dtype) * 2 - 1
+    amp = torch.where(need, jitter * pos, torch.zeros_like(pos))
+    return v + u * amp
+
+
+def _check_jitter(jitter: float) -> None:
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 0.5:
+        raise ValueError(f"jitter: expected a number in [0, 0.5) (a fraction of the smallest gap), got {jitter!r}")
+
+
+def _prepare_vars(named: dict[str, torch.Tensor], jitter: float, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Standardize and de-tie several variables; returns them and their per-column constant masks."""
+    out, consts = [], []
+    for v in named.values():
+        z, const = _standardize(v)
+        out.append(z)
+        consts.append(const)
+    if jitter:
+        seen: dict[int, int] = {}
+        res = []
+        for z in out:
+            fp = _fingerprint(z)
+            salt = seen.get(fp, 0)  # identical variables get independent noise
+            seen[fp] = salt + 1
+            res.append(_break_ties(z, jitter, seed, salt))
+        out = res
+    return out, consts
+
+
+def _digamma_mean(c: torch.Tensor) -> torch.Tensor:
+    return torch.special.digamma(c.to(torch.float64) + 1).mean(dim=-1)
+
+
+def _finish(value: torch.Tensor, zero: torch.Tensor, base: float, clip: bool) -> torch.Tensor:
+    """Exact 0 where ``zero``; optional clipping; unit conversion."""
+    value = torch.where(zero, torch.zeros_like(value), value)
+    if clip:
+        value = value.clamp(min=0.0)
+    return from_nats(value, base)
+
+
+# ----------------------------------------------------------------------------- KSG
+
+
+def ksg_mi(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    k: int = 3,
+    *,
+    base: float = math.e,
+    clip: bool = False,
+    jitter: float = 0.25,
+    seed: int = 0,
+    method: str = "auto",
+) -> torch.Tensor:
+    """I(X; Y) by the Kraskov-Stoegbauer-Grassberger estimator 1 -> ``[]``.
+
+    ``I = psi(k) + psi(n) - < psi(n_x + 1) + psi(n_y + 1) >`` with ``eps_i`` the max-norm
+    distance to the k-th neighbour in the joint space and ``n_x``, ``n_y`` the numbers of
+    other points strictly closer than ``eps_i`` in each marginal (max-norm there too).
+    x: [n] or [n, dx]; y: [n] or [n, dy]; 1 <= k < n.
+
+    method: ``"grid"`` (scalar x and y only: exact rank-space grid search, O(n log n)-ish,
+    bounded memory), ``"brute"`` (tiled O(n^2), any dimension) or ``"auto"`` (grid for
+    scalar pairs, brute otherwise). See the module docstring for scaling, ties and ``jitter``.
+    """
+    check_base(base)
+    _check_jitter(jitter)
+    xs = check_samples("x", x)
+    ys = check_samples("y", y)
+    n = check_same_n(x=xs, y=ys)
+    check_k(k, n)
+    (xz, yz), (cx, cy) = _prepare_vars({"x": xs, "y": ys}, jitter, seed)
+    zero = cx.all() | cy.all()
+    scalar = xz.shape[1] == 1 and yz.shape[1] == 1
+    if method not in ("auto", "grid", "brute"):
+        raise ValueError(f"method: expected 'auto', 'grid' or 'brute', got {method!r}")
+    if method == "grid" and not scalar:
+        raise ValueError("method: 'grid' needs scalar x and y ([n] or [n, 1])")
+    if method == "grid" or (method == "auto" and scalar):
+        nx, ny = _ksg_counts_grid(xz[:, 0][None], yz[:, 0][None], k)
+        nx, ny = nx[0], ny[0]
+    else:
+        _, (nx, ny) = brute_radius_counts([xz, yz], k, [(0,), (1,)])
+    value = _psi_n(k, xz.device) + _psi_n(n, xz.device)
+    value = value - (_digamma_mean(nx) + _digamma_mean(ny))
+    return _finish(value, zero, base, clip)
+
+
+def _psi_n(n: int, device: torch.device) -> torch.Tensor:
+    """digamma(n) as a float64 tensor on ``device``."""
+    return torch.special.digamma(torch.tensor(float(n), dtype=torch.float64, device=device))
+
+
+def _ksg_counts_grid(x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strict marginal counts (other points) for batched scalar pairs ``x, y [B, n]``."""
+    eps, xs, ys = grid_kth_2d(x, y, k)
+    self_in = (eps > 0).long()
+    nx = strict_counts_sorted(xs, x, eps) - self_in
+    ny = strict_counts_sorted(ys, y, eps) - self_in
+    return nx, ny
+
+
+def ksg_cmi(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    z: torch.Tensor,
+    k: int = 3,
+    *,
+    base: float = math.e,
+    clip: bool = False,
+    jitter: float = 0.25,
+    seed: int = 0,
+) -> torch.Tensor:
+    """I(X; Y | Z) by the Frenzel-Pompe estimator -> ``[]``.
+
+    ``I = psi(k) - < psi(n_xz + 1) + psi(n_yz + 1) - psi(n_z + 1) >`` with ``eps_i`` the
+    max-norm k-th neighbour distance in the joint (x, y, z) space and strict counts in the
+    (x, z), (y, z) and z subspaces. Tiled O(n^2) search (bounded memory, any device).
+    A constant X or Y gives exactly 0; a constant Z gives the KSG estimate of I(X; Y).
+    """
+    check_base(base)
+    _check_jitter(jitter)
+    xs = check_samples("x", x)
+    ys = check_samples("y", y)
+    zs = check_samples("z", z)
+    n = check_same_n(x=xs, y=ys, z=zs)
+    check_k(k, n)
+    (xv, yv, zv), (cx, cy, _) = _prepare_vars({"x": xs, "y": ys, "z": zs}, jitter, seed)
+    _, (nxz, nyz, nz) = brute_radius_counts([xv, yv, zv], k, [(0, 2), (1, 2), (2,)])
+    dev = xv.device
+    value = _psi_n(k, dev) - (
+        _digamma_mean(nxz) + _digamma_mean(nyz) - _digamma_mean(nz)
+    )
+    return _finish(value, cx.all() | cy.all(), base, clip)
+
+
+def kl_entropy(x: torch.Tensor, k: int = 3, *, norm: str = "euclidean", base: float = math.e) -> torch.Tensor:
+    """Differential entropy h(X) by the Kozachenko-Leonenko k-NN estimator -> ``[]``.
+
+    ``h = psi(n) - psi(k) + log V_d + d < log r_i >`` with ``r_i`` the distance to the k-th
+    nearest other point in the chosen norm and ``V_d`` the volume of that norm's unit ball
+    (``pi^(d/2) / Gamma(d/2 + 1)`` Euclidean, ``2^d`` max-norm). x: [n] or [n, d], on its own
+    scale (entropy is not scale invariant). If some point has k exact duplicates, ``r_i = 0``
+    and the estimate is ``-inf`` - the differential entropy of a distribution with atoms.
+    """
+    check_base(base)
+    if norm not in ("euclidean", "max"):
+        raise ValueError(f"norm: expected 'euclidean' or 'max', got {norm!r}")
+    xs = check_samples("x", x)
+    n, d = xs.shape
+    check_k(k, n)
+    if d == 1:
+        r = kth_1d_sorted(torch.sort(xs[:, 0]).values[None], k)[0]
+    else:
+        p = 2.0 if norm == "euclidean" else math.inf
+        r = torch.empty(n, dtype=xs.dtype, device=xs.device)
+        rows = max(1, TILE_ELEMENTS // n)
+        for r0 in range(0, n, rows):
+            dist = torch.cdist(xs[r0 : r0 + rows], xs, p=p, compute_mode="donot_use_mm_for_euclid_dist")
+            dist[torch.arange(dist.shape[0], device=xs.device), torch.arange(r0, r0 + dist.shape[0], device=xs.device)] = math.inf
+            r[r0 : r0 + rows] = dist.kthvalue(k, dim=1).values
+    log_vd = d / 2 * math.log(math.pi) - math.lgamma(d / 2 + 1) if norm == "euclidean" else d * math.log(2)
+    h = _psi_n(n, xs.device) - _psi_n(k, xs.device) + log_vd + d * torch.log(r.to(torch.float64)).mean()
+    return from_nats(h, base)
+
+
+# ----------------------------------------------------------------------------- Gaussian
+
+
+def _corr_logdet(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """log det of the sample correlation matrix of the concatenated ``[n, d_i]`` blocks.
+
+    Constant columns are given unit variance and no correlation (they carry nothing)."""
+    v = torch.cat(blocks, dim=1)
+    z, const = _standardize(v)
+    c = z.T @ z / z.shape[0]
+    c = c + torch.diag(const.to(c.dtype))
+    sign, logabs = torch.linalg.slogdet(c)
+    return torch.where(sign > 0, logabs, torch.full_like(logabs, -math.inf))
+
+
+def gaussian_mi(x: torch.Tensor, y: torch.Tensor, *, base: float = math.e) -> torch.Tensor:
+    """I(X; Y) of jointly Gaussian variables from the sample covariance -> ``[]``.
+
+    ``I = 1/2 (log det C_x + log det C_y - log det C_xy)`` on the sample correlation
+    matrices (the scale cancels); ``-1/2 log(1 - rho^2)`` for scalars. A constant X or Y gives
+    exactly 0; an exactly collinear pair gives ``inf``.
+    """
+    check_base(base)
+    xs = check_samples("x", x, min_n=2)
+    ys = check_samples("y", y, min_n=2)
+    check_same_n(x=xs, y=ys)
+    zero = (xs == xs[:1]).all() | (ys == ys[:1]).all()
+    value = 0.5 * (_corr_logdet([xs]) + _corr_logdet([ys]) - _corr_logdet([xs, ys]))
+    return from_nats(torch.where(zero, torch.zeros_like(value), value), base)
+
+
+def gaussian_cmi(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, *, base: float = math.e) -> torch.Tensor:
+    """I(X; Y | Z) of jointly Gaussian variables: ``1/2 (ld C_xz + ld C_yz - ld C_xyz - ld C_z)`` -> ``[]``."""
+    check_base(base)
+    xs = check_samples("x", x, min_n=2)
+    ys = check_samples("y", y, min_n=2)
+    zs = check_samples("z", z, min_n=2)
+    check_same_n(x=xs, y=ys, z=zs)
+    zero = (xs == xs[:1]).all() | (ys == ys[:1]).all()
+    value = 0.5 * (_corr_logdet([xs, zs]) + _corr_logdet([ys, zs]) - _corr_logdet([xs, ys, zs]) - _corr_logdet([zs]))
+    return from_nats(torch.where(zero, torch.zeros_like(value), value), base)
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def mi_features(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    k: int = 3,
+    *,
+    discrete_target: bool = False,
+    base: float = math.e,
+    clip: bool = False,
+    jitter: float = 0.25,
+    seed: int = 0,
+) -> torch.Tensor:
+    """MI of every column of ``X [n, F]`` with the target ``y [n]`` -> ``[F]``.
+
+    The workload of scikit-learn's ``mutual_info_regression`` (continuous y: KSG estimator 1
+    per feature) and ``mutual_info_classif`` (``discrete_target=True``, y integer labels: the
+    Ross (2014) estimator), batched over features instead of a loop. Same preprocessing as
+    ``ksg_mi`` (each column standardized, ties broken per column), so column j equals
+    ``ksg_mi(X[:, j], y, k)``. With ``clip=True`` negative estimates become 0, as in
+    scikit-learn. Constant columns give exactly 0.
+
+    Ross: for each point, ``d_i`` is the distance to its ``k_i = min(k, N_c - 1)``-th
+    neighbour among the points of its own class (size ``N_c``), ``m_i`` the number of points
+    of any class strictly closer than ``d_i``, itself included;
+    ``I = psi(N) + <psi(k_i)> - <psi(N_c)> - <psi(m_i)>`` over the points whose class has at
+    least two members (``N`` of them).
+    """
+    check_base(base)
+    _check_jitter(jitter)
+    if not isinstance(X, torch.Tensor) or X.dim() != 2:
+        raise ValueError(f"X: expected a [n, F] tensor, got {getattr(X, 'shape', type(X).__name__)}")
+    Xs = check_samples("X", X)
+    n, F = Xs.shape
+    if not isinstance(y, torch.Tensor) or y.dim() != 1:
+        raise ValueError(f"y: expected a [n] tensor, got {getattr(y, 'shape', type(y).__name__)}")
+    check_k(k, n)
+    Xz, const = _standardize(Xs)
+    if jitter:
+        Xz = torch.stack([_break_ties(Xz[:, j : j + 1], jitter, seed)[:, 0] for j in range(F)], dim=1) if _any_ties(Xz) else Xz
+    if discrete_target:
+        labels = check_integer_samples("y", y, n=n)[:, 0]
+        value = _ross(Xz, labels, k)
+        zero = const | (labels == labels[0]).all()
+    else:
+        ys = check_samples("y", y, n=n)
+        (yz,), (cy,) = _prepare_vars({"y": ys}, 0, seed)
+        if jitter:
+            yz = _break_ties(yz, jitter, seed)
+        xb = Xz.T.contiguous()  # [F, n]
+        yb = yz[:, 0].expand(F, n).contiguous()
+        nx, ny = _ksg_counts_grid(xb, yb, k)
+        value = _psi_n(k, Xz.device) + _psi_n(n, Xz.device)
+        value = value - (_digamma_mean(nx) + _digamma_mean(ny))
+        zero = const | cy.all()
+    return _finish(value, zero, base, clip)
+
+
+def _any_ties(v: torch.Tensor) -> bool:
+    s = torch.sort(v, dim=0).values
+    return bool((s[1:] == s[:-1]).any())
+
+
+def _ross(Xz: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Ross (2014) MI between each column of ``Xz [n, F]`` and discrete ``labels [n]`` -> [F]."""
+    codes = torch.unique(labels, return_inverse=True)[1]
+    counts = torch.bincount(codes)
+    keep = counts[codes] > 1
+    if not bool(keep.any()):
+        return torch.zeros(Xz.shape[1], dtype=torch.float64, device=Xz.device)
+    Xk, ck = Xz[keep], codes[keep]
+    N = Xk.shape[0]
+    class_size = counts[ck]  # [N]
+    k_i = class_size.clamp(max=k + 1) - 1
+    k_i = torch.minimum(k_i, torch.full_like(k_i, k))
+    # sort each column by (class, value): class blocks are the same for every column
+    v = Xk.T  # [F, N]
+    order_v = torch.sort(v, dim=1, stable=True).indices
+    cls_sorted = ck[order_v]  # [F, N]
+    order_c = torch.sort(cls_sorted, dim=1, stable=True).indices
+    order = order_v.gather(1, order_c)  # [F, N] point indices sorted by (class, value)
+    vs = v.gather(1, order)
+    cls_s = torch.sort(ck).values  # class of each sorted position (same for all columns)
+    start = torch.searchsorted(cls_s, cls_s, side="left")
+    end = torch.searchsorted(cls_s, cls_s, side="right")
+    ks = k_i[torch.sort(ck, stable=True).indices]  # k per sorted position (depends on class only)
+    d = kth_1d_sorted(vs, ks, start, end)  # [F, N]
+    full_sorted = torch.sort(v, dim=1).values
+    m = strict_counts_sorted(full_sorted, vs, d) + (d == 0).long()  # itself included
+    dev = Xz.device
+    psi = torch.special.digamma
+    value = psi(torch.tensor(float(N), dtype=torch.float64, device=dev)) + psi(ks.to(torch.float64)).mean()
+    value = value - psi(class_size.to(torch.float64)).mean() - psi(m.to(torch.float64)).mean(dim=1)
+    return value
