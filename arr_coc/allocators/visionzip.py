@@ -26,10 +26,11 @@ simply permute its choice.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from arr_coc.allocators.base import AllocationContext, Allocator, Selection, topk_indices
 from arr_coc.allocators.registry import register_allocator
-from arr_coc.token_scores import cls_attention_scores, cosine_similarity_matrix, working_dtype
+from arr_coc.token_scores import cls_attention_scores, working_dtype
 
 __all__ = ["VisionZipAllocator"]
 
@@ -77,23 +78,25 @@ class VisionZipAllocator(Allocator):
         n_rest = rest.sum(dim=1)
         step = (n_rest // n_ctx.clamp(min=1)).clamp(min=1)
         is_target = rest & (rank % step[:, None] == 0) & (rank // step[:, None] < n_ctx[:, None])
-        # assign each non-target remaining patch to its most similar target
-        sim = cosine_similarity_matrix(x)  # [B, N, N]
-        sim = sim.masked_fill(~is_target[:, None, :], float("-inf"))
-        owner = sim.argmax(dim=2)  # [B, N]
+        # the targets in raster order, [B, Kc] (-1 padded)
+        contextual = topk_indices(is_target.to(x.dtype) - torch.arange(n, device=fine.device) / (2 * n), n_ctx)
+        # assign each remaining patch to its most similar target (a target to itself)
+        xn = F.normalize(x, dim=-1, eps=1e-8)
+        xt = xn.gather(1, contextual.clamp(min=0)[..., None].expand(-1, -1, d))  # [B, Kc, D]
+        sim = (xn @ xt.transpose(1, 2)).masked_fill((contextual < 0)[:, None, :], float("-inf"))  # [B, N, Kc]
+        if contextual.shape[1]:
+            owner = contextual.clamp(min=0).gather(1, sim.argmax(dim=2))  # [B, N]
+        else:  # no row has contextual tokens
+            owner = torch.zeros(b, n, dtype=torch.long, device=fine.device)
         owner = torch.where(is_target, torch.arange(n, device=fine.device).expand(b, n), owner)
-        member = rest & (n_ctx[:, None] > 0)
-        assign = torch.zeros(b, n, n, dtype=x.dtype, device=fine.device)  # [B, target, patch]
-        assign.scatter_(1, owner[:, None, :], member[:, None, :].to(x.dtype))
-        group_sum = assign @ x  # [B, N, D] (rows of non-targets are zero)
-        group_n = assign.sum(dim=2, keepdim=True)
+        member = (rest & (n_ctx[:, None] > 0)).to(x.dtype)  # [B, N]
+        group_sum = torch.zeros_like(x).scatter_add(1, owner[..., None].expand(-1, -1, d), x * member[..., None])
+        group_n = torch.zeros(b, n, 1, dtype=x.dtype, device=fine.device).scatter_add(1, owner[..., None], member[..., None])
         if self.merge == "mean":
             merged = group_sum / group_n.clamp(min=1)
         else:  # released: target + mean of the others assigned to it
             others_n = (group_n - 1).clamp(min=1)
             merged = x + (group_sum - x) / others_n
-        contextual = topk_indices(is_target.to(x.dtype) - torch.arange(n, device=fine.device) / (2 * n), n_ctx)
-        k_c = contextual.shape[1]
         indices = torch.cat([dominant, contextual], dim=1)
         tok_dom = x.gather(1, dominant.clamp(min=0)[..., None].expand(-1, -1, d))
         tok_ctx = merged.gather(1, contextual.clamp(min=0)[..., None].expand(-1, -1, d))
@@ -103,6 +106,5 @@ class VisionZipAllocator(Allocator):
             indices=indices,
             tokens=tokens,
             extras={"scores": scores, "dominant": dominant, "contextual": contextual,
-                    "contextual_sizes": torch.where(contextual >= 0, group_sizes, torch.zeros_like(group_sizes)),
-                    "num_contextual": torch.tensor(k_c)},
+                    "contextual_sizes": torch.where(contextual >= 0, group_sizes, torch.zeros_like(group_sizes))},
         )
