@@ -27,13 +27,24 @@ STOCHASTIC = {"random"}  # results depend on a random draw, not only on the inpu
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
+# non-default configurations that change the code path, checked against the same contract
+VARIANTS = {
+    "pool[mode=pyramid]": ("pool", {"mode": "pyramid"}),
+    "visionzip[merge=released]": ("visionzip", {"merge": "released"}),
+    "cdpruner[theta=0.5]": ("cdpruner", {"theta": 0.5}),
+    "cdpruner[negate_relevance]": ("cdpruner", {"negate_relevance": True}),
+    "cls_attention[num_heads=2]": ("cls_attention", {"num_heads": 2}),
+    "fastv_like[num_heads=2]": ("fastv_like", {"num_heads": 2}),
+}
+
 _ALLOCATORS: dict[str, torch.nn.Module] = {}
 
 
 def get(name: str) -> torch.nn.Module:
-    """One default-built instance per name (building must work with no arguments)."""
+    """One instance per name or variant (a bare name must build with no arguments)."""
     if name not in _ALLOCATORS:
-        _ALLOCATORS[name] = create_allocator(name).eval()
+        base, cfg = VARIANTS.get(name, (name, {}))
+        _ALLOCATORS[name] = create_allocator(base, **cfg).eval()
     return _ALLOCATORS[name]
 
 
@@ -114,6 +125,13 @@ def check_contract(name: str, case: dict) -> None:
 @settings(max_examples=25, **SETTINGS)
 @given(case=cases())
 def test_contract_properties(name, case):
+    check_contract(name, case)
+
+
+@pytest.mark.parametrize("name", [v for v, (base, _) in VARIANTS.items() if base in NAMES])
+@settings(max_examples=10, **SETTINGS)
+@given(case=cases())
+def test_contract_properties_of_variants(name, case):
     check_contract(name, case)
 
 
