@@ -386,11 +386,11 @@ class ClipLoss(nn.Module):
             all_u, all_v = all_gather_with_grad(u, self.group), all_gather_with_grad(v, self.group)
         else:
             all_u, all_v = u, v
-        if self.local_loss or self.world_size == 1:
+        if self.local_loss and self.world_size > 1:
             logits_i2t = scale * u @ all_v.T  # [B, W B]
             logits_t2i = scale * v @ all_u.T  # [B, W B]
             labels = torch.arange(b, device=u.device) + self.rank * b
-        else:
+        else:  # one matrix, read both ways
             logits_i2t = scale * all_u @ all_v.T  # [W B, W B]
             logits_t2i = logits_i2t.T
             labels = torch.arange(all_u.shape[0], device=u.device)
@@ -439,14 +439,14 @@ class _SigLipChunked(Function):
         lse = u.new_empty(u.shape[0])
         for i0 in range(0, u.shape[0], chunk):
             i1 = min(i0 + chunk, u.shape[0])
-            sim = u[i0:i1] @ v.T
-            sim.mul_(scale)
-            lse[i0:i1] = torch.logsumexp(sim, dim=1)
-            sim.add_(bias)
-            total += _softplus_sum(sim)
+            logits = u[i0:i1] @ v.T  # [c, N]; the only block kept, plus one temporary
+            logits.mul_(scale)
+            lse[i0:i1] = torch.logsumexp(logits, dim=1)
+            logits.add_(bias)
             cells = _positive_cells(i0, i1, offset, n, u.device)
             if cells is not None:
-                total -= sim[cells].sum()
+                total -= logits[cells].sum()
+            total -= F.logsigmoid(logits.neg_()).sum()  # + sum softplus(logits)
         ctx.save_for_backward(u, v, scale, bias)
         ctx.offset, ctx.chunk = offset, chunk
         ctx.mark_non_differentiable(lse)
@@ -465,14 +465,14 @@ class _SigLipChunked(Function):
             i1 = min(i0 + ctx.chunk, u.shape[0])
             uc = u[i0:i1]
             sim = uc @ v.T  # [c, N]
-            g = torch.sigmoid(sim * scale + bias)  # d loss / d logit = sigmoid(l) - [positive]
+            g = (sim * scale).add_(bias).sigmoid_()  # d loss / d logit = sigmoid(l) - [positive]
             cells = _positive_cells(i0, i1, ctx.offset, n, u.device)
             if cells is not None:
                 g[cells] -= 1
             g.mul_(grad_total)
             grad_u[i0:i1] = g @ v
             grad_v.addmm_(g.T, uc)
-            grad_scale += (g * sim).sum()
+            grad_scale += torch.dot(g.view(-1), sim.view(-1))
             grad_bias += g.sum()
         grad_u.mul_(scale)
         grad_v.mul_(scale)

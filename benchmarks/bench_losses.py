@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks._report import markdown_table, median_time, write_report
 
@@ -69,6 +69,8 @@ def _make(kind: str, chunk: int | None) -> torch.nn.Module:
 def _child(spec: dict) -> dict:
     """Run one configuration in this (fresh) process; return its figures."""
     b, d, repeats = spec["batch"], spec["dim"], spec["repeats"]
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     loss_fn = _make(spec["kind"], spec["chunk"])
     gen = torch.Generator().manual_seed(0)
     img = torch.randn(b, d, generator=gen).requires_grad_()
@@ -92,6 +94,7 @@ def _child(spec: dict) -> dict:
         "peak_mib": peak / 1024,
         "peak_exact": exact,
         "seconds": seconds,
+        "threads": torch.get_num_threads(),
         "loss": float(loss),
         "img_grad_norm": float(img.grad.norm()),
         "txt_grad_norm": float(txt.grad.norm()),
@@ -110,13 +113,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--chunks", default="1024,256,64", help="SigLIP chunk sizes (rows per block)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return
 
-    base = {"batch": args.batch, "dim": args.dim, "repeats": args.repeats}
+    base = {"batch": args.batch, "dim": args.dim, "repeats": args.repeats, "threads": args.threads}
+    load_before = os.getloadavg()[0]
     configs = [("SigLipLoss, unchunked", "siglip", None)]
     configs += [(f"SigLipLoss, chunk_size={c}", "siglip", int(c)) for c in args.chunks.split(",") if c]
     configs += [("ClipLoss", "clip", None), ("naive CLIP reference", "naive_clip", None)]
@@ -138,7 +143,11 @@ def main(argv: list[str]) -> None:
     b = args.batch
     body = (
         f"B = {b} image-text pairs, D = {args.dim}, float32, CPU, one forward + backward per call "
-        f"(embeddings L2-normalised inside the loss). Time: median of {args.repeats} calls. "
+        f"(embeddings L2-normalised inside the loss), {ref['threads']} torch thread(s). "
+        f"Time: median of {args.repeats} calls; 1-minute load average {load_before:.1f} before and "
+        f"{os.getloadavg()[0]:.1f} after the run on this shared machine, so times are inflated and noisy "
+        "(with more threads than free cores, the many small ops of the chunked path wait on thread "
+        "synchronisation; one thread avoids that). "
         "Peak memory: rise of the peak resident set size during one call, each configuration in a "
         f"fresh process ({'VmHWM reset via /proc/self/clear_refs' if exact else 'ru_maxrss fallback: upper bound'}). "
         f"A float32 B x B matrix is {b * b * 4 / MIB:.0f} MiB; the inputs and their gradients are "
