@@ -17,6 +17,7 @@ Public functions (shapes):
 - :func:`query_attention_scores` query [B, T, D], fine [B, N, D], query_mask [B, T] -> [B, N]
 - :func:`query_relevance`        query [B, T, D], fine [B, N, D], query_mask [B, T] -> [B, N]
 - :func:`content_tiebreak`       x [B, N, D] -> [B, N] (breaks exact ties by content)
+- :func:`argmax_with_tiebreak`   score [B, N], tiebreak [B, N] -> [B] long
 - :func:`valid_query_rows`       query [B, T, Dq] or None, query_mask [B, T] or None -> [B] bool
 """
 
