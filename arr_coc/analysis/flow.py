@@ -1,0 +1,184 @@
+"""Information flow through the layers of a network, recorded with forward hooks.
+
+``ActivationRecorder`` registers forward hooks on named submodules, keeps what they output
+(pooled to one vector per example), and removes every hook on ``eject()`` (or on leaving the
+``with`` block): the model is never edited.
+
+``information_plane`` turns the recorded activations T_k into the two coordinates of the
+information plane for each layer:
+
+- ``I(X; T_k)``: a deterministic network gives I(X; T) = infinity for continuous X, so the
+  quantity is only meaningful for a noisy view ``T + eps``, eps ~ N(0, sigma^2 I) (the
+  convention of Saxe et al. 2018 and Goldfeld et al. 2019). We report the Gaussian upper
+  bound ``h(T + eps) - h(eps) <= 1/2 log det(I + Cov(T) / sigma^2)`` on the top principal
+  components of T (the rest carry little variance), with sigma set relative to the layer's
+  scale (``noise`` times the RMS of T), so layers of different scales are comparable.
+- ``I(T_k; Y)`` for a discrete label Y: a lower bound from a linear probe,
+  ``H(Y) - CE(probe)`` (held-out cross-entropy of a multinomial logistic regression on the
+  principal components), never above H(Y).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["ActivationRecorder", "LayerInformation", "information_plane", "probe_information", "noisy_gaussian_information"]
+
+
+def _pool(out) -> torch.Tensor:
+    """Module output -> [B, D] (mean over token/space dims; first element of tuples)."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"layer output: expected a tensor, got {type(out).__name__}")
+    t = out.detach().float()
+    if t.dim() == 1:
+        return t[:, None]
+    if t.dim() == 4:  # [B, C, H, W]
+        return t.mean(dim=(2, 3))
+    return t.reshape(t.shape[0], -1, t.shape[-1]).mean(1) if t.dim() > 2 else t
+
+
+class ActivationRecorder:
+    """Record pooled outputs of named submodules; hooks removed by ``eject()``.
+
+    >>> with ActivationRecorder(model, ["blocks.0", "blocks.3"]) as rec:
+    ...     model(x)
+    >>> rec.activations["blocks.0"]  # [B, D]
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[str], pool: Callable = _pool):
+        modules = dict(model.named_modules())
+        layers = list(layers)
+        missing = [n for n in layers if n not in modules]
+        if missing:
+            raise ValueError(f"layers: {missing} are not submodules of the model")
+        self.activations: dict[str, torch.Tensor] = {}
+        self._chunks: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+        self._handles = [
+            modules[n].register_forward_hook(self._make_hook(n, pool)) for n in layers
+        ]
+
+    def _make_hook(self, name: str, pool: Callable):
+        def hook(_module, _inputs, output):
+            self._chunks[name].append(pool(output))
+            self.activations[name] = torch.cat(self._chunks[name])
+
+        return hook
+
+    @property
+    def num_hooks(self) -> int:
+        return len(self._handles)
+
+    def eject(self) -> None:
+        """Remove every hook this recorder added."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> "ActivationRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.eject()
+
+
+def _pca(t: torch.Tensor, dims: int) -> torch.Tensor:
+    t = t.double() - t.double().mean(0)
+    dims = min(dims, t.shape[0] - 1, t.shape[1])
+    _, _, v = torch.linalg.svd(t, full_matrices=False)
+    return t @ v[:dims].T
+
+
+def noisy_gaussian_information(t: torch.Tensor, *, noise: float = 0.1, dims: int = 32) -> torch.Tensor:
+    """Gaussian upper bound on I(X; T + eps) in nats for activations t [n, D] (see module doc)."""
+    if t.dim() != 2 or t.shape[0] < 3:
+        raise ValueError("t: expected activations [n, D] with n >= 3")
+    if noise <= 0:
+        raise ValueError(f"noise: expected a positive relative noise level, got {noise}")
+    z = _pca(t, dims)
+    rms = t.double().sub(t.double().mean(0)).pow(2).mean().sqrt()
+    if rms == 0:
+        return torch.zeros((), dtype=torch.float64)
+    sigma2 = (noise * rms) ** 2
+    cov = z.T @ z / (z.shape[0] - 1)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    return 0.5 * torch.linalg.slogdet(eye + cov / sigma2)[1]
+
+
+def probe_information(
+    t: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    dims: int = 32,
+    steps: int = 300,
+    weight_decay: float = 1e-3,
+    holdout: float = 0.3,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Lower bound on I(T; Y) in nats: H(Y) - held-out cross-entropy of a linear probe.
+
+    t [n, D] activations, y [n] integer labels. Clipped below at 0 only in the sense that a
+    probe that does worse than the prior is replaced by the prior (a valid bound: 0).
+    """
+    from arr_coc.info import discrete_entropy
+
+    if y.dim() != 1 or y.shape[0] != t.shape[0]:
+        raise ValueError("y: expected integer labels [n] matching t")
+    n = t.shape[0]
+    z = _pca(t, dims).float()
+    z = z / z.std(0).clamp_min(1e-8)
+    perm = torch.randperm(n, generator=generator)
+    n_test = max(1, int(round(holdout * n)))
+    test, train = perm[:n_test], perm[n_test:]
+    classes = int(y.max()) + 1
+    probe = nn.Linear(z.shape[1], classes)
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(probe(z[train]), y[train]) + weight_decay * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        ce = nn.functional.cross_entropy(probe(z[test]), y[test]).double()
+    h_y = discrete_entropy(y[test])
+    return torch.clamp(h_y - ce, min=0.0)
+
+
+@dataclass
+class LayerInformation:
+    layer: str
+    i_input: float  # I(X; T_k) Gaussian noisy-channel bound, nats
+    i_label: float  # I(T_k; Y) probe lower bound, nats
+    dim: int
+
+
+def information_plane(
+    activations: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    noise: float = 0.1,
+    dims: int = 32,
+    generator: torch.Generator | None = None,
+) -> list[LayerInformation]:
+    """Both coordinates for every recorded layer, in the order given."""
+    rows = []
+    for name, t in activations.items():
+        rows.append(
+            LayerInformation(
+                layer=name,
+                i_input=float(noisy_gaussian_information(t, noise=noise, dims=dims)),
+                i_label=float(probe_information(t, labels, dims=dims, generator=generator)),
+                dim=int(t.shape[1]),
+            )
+        )
+    return rows
