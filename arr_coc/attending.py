@@ -76,13 +76,13 @@ def _prepare(
     cand = cand.to(dtype)
     query = query.to(dtype) if query is not None else None
     if kernel == "cosine":
-        cn = cand.norm(dim=-1, keepdim=True)
-        c = torch.where(cn > 0, cand / cn.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(cand))
+        tiny = torch.finfo(dtype).tiny
+        cn = torch.linalg.vector_norm(cand, dim=-1, keepdim=True)
+        c = cand / cn.clamp_min(tiny)  # a zero vector stays zero
         diag = (cn.squeeze(-1) > 0).to(dtype)
         q = None
         if query is not None:
-            qn = query.norm(dim=-1, keepdim=True)
-            q = torch.where(qn > 0, query / qn.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(query))
+            q = query / torch.linalg.vector_norm(query, dim=-1, keepdim=True).clamp_min(tiny)
         return c, q, diag, None, None
     # rbf: bandwidth^2 = mean squared distance of the candidates to their mean (per example)
     if bandwidth is None:
@@ -133,11 +133,11 @@ def kernel_matrix(
 
 
 # ---------------------------------------------------------------------- validation
-def _validate(cand, query, query_mask, budget, alpha, price, kernel, jitter, var_floor, distortion):
+def _validate(cand, query, query_mask, budget, alpha, price, kernel, jitter, var_floor, distortion, check_finite=True):
     if not isinstance(cand, torch.Tensor) or cand.dim() != 3:
         raise ValueError(f"cand_emb: expected a [B, M, R] tensor, got {getattr(cand, 'shape', type(cand))}")
     b, m, r = cand.shape
-    if not torch.isfinite(cand).all():
+    if check_finite and not torch.isfinite(cand).all():
         raise ValueError("cand_emb: expected finite values, found NaN or Inf")
     if query is not None:
         if not isinstance(query, torch.Tensor) or query.dim() != 3 or query.shape[0] != b or query.shape[2] != r:
@@ -177,6 +177,8 @@ def _validate(cand, query, query_mask, budget, alpha, price, kernel, jitter, var
     for name, v in (("jitter", jitter), ("var_floor", var_floor), ("distortion", distortion)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"{name}: expected a finite float > 0, got {v!r}")
+    if distortion < var_floor:
+        raise ValueError(f"distortion: expected >= var_floor={var_floor} (below the numerical floor it means nothing), got {distortion}")
     return budget.to(device=cand.device, dtype=torch.long), alpha, price
 
 
@@ -196,6 +198,8 @@ def greedy_conditional_mi(
     distortion: float = 1e-2,
     bandwidth: float | None = None,
     dtype: torch.dtype | None = None,
+    precompute_kernel: bool | None = None,
+    check_finite: bool = True,
 ) -> GreedyResult:
     """Exact greedy conditional-MI selection (see the module docstring for the model).
 
@@ -214,11 +218,15 @@ def greedy_conditional_mi(
     var_floor:  conditional variances at or below it count as zero (redundant).
     distortion: D of the coverage term.
     dtype:      compute dtype; default float64 for float64 input, else float32.
+    precompute_kernel: compute the [B, M, M] kernel once (O(M^2 R) compute-bound time,
+                O(M^2) memory) instead of one kernel column per step (O(M K R) time,
+                memory-bound, O(M K) memory). None: on CPU when B M^2 <= 2^26, else columns.
+    check_finite: validate that the embeddings are finite (callers that already did may skip it).
 
     Returns a :class:`GreedyResult`.
     """
     budget, alpha, price = _validate(
-        cand_emb, query_emb, query_mask, budget, alpha, price, kernel, jitter, var_floor, distortion
+        cand_emb, query_emb, query_mask, budget, alpha, price, kernel, jitter, var_floor, distortion, check_finite
     )
     b, m, _ = cand_emb.shape
     device = cand_emb.device
@@ -230,32 +238,38 @@ def greedy_conditional_mi(
     budget = budget.clamp(max=m)
 
     c, q, diag, c_sq, _ = _prepare(cand_emb, query_emb, kernel, bandwidth, dtype)
-    var_a = diag + jitter  # [B, M] Var(j | S)
-    ar_b = torch.arange(b, device=device)
+    if precompute_kernel is None:  # CPU: one compute-bound Gram beats K memory-bound passes over [M, R]
+        precompute_kernel = device.type == "cpu" and b * m * m <= 2**26
+    if precompute_kernel:
+        gram = c @ c.transpose(1, 2)  # [B, M, M]
+        if kernel == "rbf":
+            gram = torch.exp(-0.5 * (c_sq[:, :, None] + c_sq[:, None, :] - 2 * gram).clamp_min(0))
+        ct = None
+    else:
+        gram = None
+        ct = c.transpose(1, 2).contiguous()  # [B, R, M]: a row vector times it is a kernel column
+    var0 = diag + jitter  # [B, M] Var(j)
 
-    # chain B starts conditioned on the real query tokens: an eigen-factor of K_QQ + jitter I
-    # (padded tokens are zeroed out; eigenvalues at or below the floor are dropped).
-    use_query = q is not None and q.shape[1] > 0
+    # Two chains stacked on the batch axis (rows :B chain A, B: chain B), one factor
+    # l [2B, T + K, M] in pivot-major layout. Chain B's first T rows are an eigen-factor of
+    # the real query tokens (K_QQ + jitter I; padded tokens zeroed out, eigenvalues at or
+    # below the floor dropped); chain A's are zero, which conditions on nothing.
+    t = q.shape[1] if q is not None else 0
+    use_query = t > 0 and bool((alpha > 0).any())
+    chains = 2 if use_query else 1
+    l = torch.zeros(chains * b, t + k_max, m, dtype=dtype, device=device)
+    var = var0.repeat(chains, 1)
     if use_query:
-        t = q.shape[1]
         qm = torch.ones(b, t, dtype=torch.bool, device=device) if query_mask is None else query_mask.to(device).bool()
         qmf = qm.to(dtype)
         k_qq = _cross(kernel, q, q) * qmf[:, :, None] * qmf[:, None, :]
         k_qq = k_qq + torch.diag_embed(qmf * jitter)
-        k_cq = _cross(kernel, c, q) * qmf[:, None, :]  # [B, M, T]
+        k_qc = _cross(kernel, q, c) * qmf[:, :, None]  # [B, T, M]
         evals, evecs = torch.linalg.eigh(k_qq)
-        keep = evals > var_floor
-        inv_sqrt = torch.where(keep, evals.clamp_min(var_floor).rsqrt(), torch.zeros_like(evals))
-        l_q = (k_cq @ evecs) * inv_sqrt[:, None, :]  # [B, M, T]
-        l_b = torch.zeros(b, t + k_max, m, dtype=dtype, device=device)
-        l_b[:, :t] = l_q.transpose(1, 2)
-        var_b = (var_a - l_q.pow(2).sum(-1)).clamp_min(0)
-        use_query = bool((alpha > 0).any())
-    else:
-        t = 0
-        var_b = var_a
-        l_b = None
-    l_a = torch.zeros(b, k_max, m, dtype=dtype, device=device)
+        inv_sqrt = torch.where(evals > var_floor, evals.clamp_min(var_floor).rsqrt(), torch.zeros_like(evals))
+        l_q = (evecs.transpose(1, 2) @ k_qc) * inv_sqrt[:, :, None]  # [B, T, M]
+        l[b:, :t] = l_q
+        var[b:] = (var0 - l_q.pow(2).sum(1)).clamp_min(0)
 
     idx_out = torch.full((b, k_max), -1, dtype=torch.long, device=device)
     g_out = torch.zeros(b, k_max, dtype=dtype, device=device)
@@ -263,48 +277,48 @@ def greedy_conditional_mi(
     gx_out = torch.zeros_like(g_out)
     picked = torch.zeros(b, m, dtype=torch.bool, device=device)
     done = budget <= 0
-    neg_inf = torch.tensor(-math.inf, dtype=dtype, device=device)
+    alpha_c = alpha[:, None]
     half_log_d = 0.5 * math.log(distortion)
-    log_floor = math.log(var_floor)
     check_every = 1 if bool((price > 0).any()) or bool((budget != k_max).any()) else k_max + 1
+    rows = torch.arange(chains * b, device=device)
+    del c
 
     for k in range(k_max):
-        live = var_a > var_floor  # not redundant
+        var_a = var[:b]
+        # var_floor <= distortion, so a redundant candidate (Var(j|S) <= floor) gets 0 from both terms
         log_va = var_a.clamp_min(var_floor).log()
         cov_gain = (0.5 * log_va - half_log_d).clamp_min(0)
         if use_query:
-            q_gain = (0.5 * (log_va - var_b.clamp_min(var_floor).log().clamp_min(log_floor))).clamp_min(0)
+            q_gain = (0.5 * (log_va - var[b:].clamp_min(var_floor).log())).clamp_min(0)
+            gain = torch.lerp(cov_gain, q_gain, alpha_c)
         else:
             q_gain = torch.zeros_like(cov_gain)
-        gain = alpha[:, None] * q_gain + (1 - alpha[:, None]) * cov_gain
-        gain = torch.where(live, gain, torch.zeros_like(gain))
+            gain = (1 - alpha_c) * cov_gain
         # positive gains first; among zero gains, the largest residual variance
-        score = torch.where(gain > 0, gain, var_a.clamp(0, 1) - 2)
-        score = torch.where(picked, neg_inf, score)
+        score = torch.where(gain > 0, gain, var_a.clamp(0, 1) - 2).masked_fill_(picked, -math.inf)
         s = score.argmax(dim=1)  # [B]
-        g = gain[ar_b, s]
-        cont = ~done & (k < budget) & (g >= price) & torch.isfinite(score[ar_b, s])
+        s1 = s[:, None]
+        g = gain.gather(1, s1)[:, 0]
+        cont = ~done & (k < budget) & (g >= price)
         idx_out[:, k] = torch.where(cont, s, -1)
         g_out[:, k] = torch.where(cont, g, 0)
-        gq_out[:, k] = torch.where(cont & live[ar_b, s], q_gain[ar_b, s], 0)
-        gx_out[:, k] = torch.where(cont & live[ar_b, s], cov_gain[ar_b, s], 0)
+        gq_out[:, k] = torch.where(cont, q_gain.gather(1, s1)[:, 0], 0)
+        gx_out[:, k] = torch.where(cont, cov_gain.gather(1, s1)[:, 0], 0)
         done = done | ~cont
         if k == k_max - 1 or ((k + 1) % check_every == 0 and bool(done.all())):
             break
-        picked[ar_b, s] = True
-        # kernel column of the pick, then one Cholesky column per chain
-        cs = c[ar_b, s]  # [B, R]
-        kcol = torch.einsum("bmr,br->bm", c, cs)
-        if kernel == "rbf":
-            kcol = torch.exp(-0.5 * (c_sq + c_sq[ar_b, s][:, None] - 2 * kcol).clamp_min(0))
+        picked.scatter_(1, s1, True)
+        # kernel column of the pick (one row-vector product), then one Cholesky column per chain
+        if gram is not None:
+            kcol = gram.gather(1, s[:, None, None].expand(-1, 1, m))[:, 0]  # row s = column s
         else:
-            kcol = kcol * diag  # a zero vector has zero covariance with everything
-        kcol[ar_b, s] += jitter
-        var_a, l_a = _cholesky_step(l_a, var_a, kcol, s, k, var_floor)
-        if use_query:
-            var_b, l_b = _cholesky_step(l_b, var_b, kcol, s, t + k, var_floor)
-        else:
-            var_b = var_a
+            cs = ct.gather(2, s[:, None, None].expand(-1, ct.shape[1], 1))  # [B, R, 1]
+            kcol = torch.bmm(cs.transpose(1, 2), ct)[:, 0]  # [B, M]
+            if kernel == "rbf":
+                kcol = torch.exp(-0.5 * (c_sq + c_sq.gather(1, s1) - 2 * kcol).clamp_min(0))
+        kcol = kcol.scatter_add(1, s1, torch.full_like(g[:, None], jitter))
+        ss = s.repeat(chains)
+        _cholesky_step(l, var, kcol.repeat(chains, 1), ss, t + k, var_floor, rows)
 
     total = gq_out.sum(1)
     counts = (idx_out >= 0).sum(1)
@@ -312,28 +326,27 @@ def greedy_conditional_mi(
 
 
 def _cholesky_step(
-    l: torch.Tensor, var: torch.Tensor, kcol: torch.Tensor, s: torch.Tensor, k: int, var_floor: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Condition one chain on pivot s [B]: write column k of l [B, K, M], update var [B, M].
+    l: torch.Tensor, var: torch.Tensor, kcol: torch.Tensor, s: torch.Tensor, k: int, var_floor: float, rows: torch.Tensor
+) -> None:
+    """Condition every chain on its pivot s [C]: write row k of l [C, T + K, M], update var [C, M] in place.
 
-    cov(j, s | previous pivots) = k(j, s) - sum_i l[i, j] l[i, s]; the new factor column is
+    cov(j, s | previous pivots) = k(j, s) - sum_i l[i, j] l[i, s]; the new factor row is
     cov / sqrt(Var(s | previous)); a pivot at or below the floor is already determined and
     conditioning on it is a no-op.
     """
-    ar_b = torch.arange(l.shape[0], device=l.device)
+    s1 = s[:, None]
     if k > 0:
-        prev = l[:, :k]  # [B, k, M]
-        ls = prev[ar_b, :, s]  # [B, k]
-        cov = kcol - torch.einsum("bkm,bk->bm", prev, ls)
+        prev = l[:, :k]  # [C, k, M]
+        ls = prev.gather(2, s[:, None, None].expand(-1, k, 1))  # [C, k, 1]
+        cov = kcol - torch.bmm(ls.transpose(1, 2), prev)[:, 0]
     else:
         cov = kcol
-    vs = var[ar_b, s]
-    ok = vs > var_floor
-    col = cov * torch.where(ok, vs.clamp_min(var_floor).rsqrt(), torch.zeros_like(vs))[:, None]
+    vs = var.gather(1, s1)  # [C, 1]
+    inv = torch.where(vs > var_floor, vs.clamp_min(var_floor).rsqrt(), torch.zeros_like(vs))
+    col = cov * inv
     l[:, k] = col
-    var = (var - col.pow(2)).clamp_min(0)
-    var[ar_b, s] = 0  # a pick is known exactly
-    return var, l
+    var.sub_(col * col).clamp_(min=0)
+    var.scatter_(1, s1, 0.0)  # a pick is known exactly
 
 
 # ---------------------------------------------------------------------- closed form

@@ -127,6 +127,7 @@ class ArrCocAllocator(Allocator):
             var_floor=self.var_floor,
             distortion=self.distortion,
             bandwidth=self.bandwidth,
+            check_finite=False,  # the tokens were validated; the scorer keeps them finite
         )
         keep_prob = torch.sigmoid(out.pmi / self.st_temperature)
         extras = dict(

@@ -72,7 +72,16 @@ def test_gains_equal_brute_force_logdet(kernel, t):
     torch.testing.assert_close(closed, res.total, atol=1e-6, rtol=0)
 
 
-def test_total_matches_info_gaussian_mi_if_available():
+def _samples_with_covariance(sig, n):
+    """n samples whose sample covariance is exactly sig (centred orthonormal columns times a Cholesky factor)."""
+    d = sig.shape[0]
+    a = torch.randn(n, d, dtype=torch.float64)
+    q, _ = torch.linalg.qr(a - a.mean(0))
+    return math.sqrt(n - 1) * q @ torch.linalg.cholesky(sig).T
+
+
+def test_total_matches_arr_coc_info_gaussian_mi():
+    """Oracle: arr_coc.info.gaussian_mi on samples whose covariance is exactly the model's."""
     info = pytest.importorskip("arr_coc.info")
     gm = getattr(info, "gaussian_mi", None)
     if gm is None:
@@ -80,16 +89,14 @@ def test_total_matches_info_gaussian_mi_if_available():
     b, m, r, t, k = 2, 8, 12, 2, 4
     c = torch.randn(b, m, r, dtype=torch.float64)
     q = torch.randn(b, t, r, dtype=torch.float64)
-    res = greedy_conditional_mi(c, q, None, k, alpha=1.0, jitter=1e-3, var_floor=1e-12)
-    for i in range(b):
-        sig = _sigma(c[i], q[i], "cosine", 1e-3)
-        s = res.indices[i].tolist()
-        joint = sig[s + list(range(m, m + t))][:, s + list(range(m, m + t))]
-        try:
-            ref = gm(joint, [list(range(k)), list(range(k, k + t))])
-        except TypeError:
-            pytest.skip("arr_coc.info.gaussian_mi has a different signature")
-        assert float(ref) == pytest.approx(res.total[i].item(), abs=1e-6)
+    for kernel in ("cosine", "rbf"):
+        res = greedy_conditional_mi(c, q, None, k, alpha=1.0, kernel=kernel, jitter=1e-3, var_floor=1e-12)
+        for i in range(b):
+            sig = _sigma(c[i], q[i], kernel, 1e-3)
+            sel = res.indices[i].tolist() + list(range(m, m + t))
+            x = _samples_with_covariance(sig[sel][:, sel], 64)
+            ref = gm(x[:, :k], x[:, k:])
+            assert float(ref) == pytest.approx(res.total[i].item(), abs=1e-6)
 
 
 def test_coverage_gain_is_rate_distortion_of_residual():
@@ -178,8 +185,8 @@ def test_price_stops_early_and_easy_query_spends_less():
 
 def test_per_example_budgets_and_padding():
     b, m, r, t = 3, 30, 8, 4
-    c = torch.randn(b, m, r)
-    q = torch.randn(b, t, r)
+    c = torch.randn(b, m, r, dtype=torch.float64)
+    q = torch.randn(b, t, r, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     res = greedy_conditional_mi(c, q, mask, torch.tensor([5, 0, 40]), alpha=0.8)
     assert res.indices.shape == (3, 30)
@@ -252,3 +259,13 @@ def test_unit_vectors_make_cosine_and_linear_agree():
     # sanity of the kernel helper: cosine of unit vectors is their inner product
     x = F.normalize(torch.randn(1, 5, 6, dtype=torch.float64), dim=-1)
     torch.testing.assert_close(kernel_matrix(x), x @ x.transpose(1, 2))
+
+
+@pytest.mark.parametrize("kernel", ["cosine", "rbf"])
+def test_precomputed_kernel_and_kernel_columns_agree(kernel):
+    c = torch.randn(3, 40, 16, dtype=torch.float64)
+    q = torch.randn(3, 4, 16, dtype=torch.float64)
+    a = greedy_conditional_mi(c, q, None, 12, alpha=0.6, kernel=kernel, precompute_kernel=True)
+    b = greedy_conditional_mi(c, q, None, 12, alpha=0.6, kernel=kernel, precompute_kernel=False)
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.gains, b.gains)
