@@ -26,6 +26,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from arr_coc.info import discrete_entropy
+
 __all__ = ["ActivationRecorder", "LayerInformation", "information_plane", "probe_information", "noisy_gaussian_information"]
 
 
@@ -127,8 +129,6 @@ def probe_information(
     t [n, D] activations, y [n] integer labels. Clipped below at 0 only in the sense that a
     probe that does worse than the prior is replaced by the prior (a valid bound: 0).
     """
-    from arr_coc.info import discrete_entropy
-
     if y.dim() != 1 or y.shape[0] != t.shape[0]:
         raise ValueError("y: expected integer labels [n] matching t")
     n = t.shape[0]

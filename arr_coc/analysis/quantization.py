@@ -32,6 +32,8 @@ from typing import Literal
 
 import torch
 
+from arr_coc.info import discrete_entropy, gaussian_mi, ksg_mi
+
 __all__ = ["QuantizationReport", "SCHEMES", "dequantize", "quantization_report", "quantize"]
 
 Granularity = Literal["tensor", "channel"]
@@ -106,8 +108,6 @@ class QuantizationReport:
 
 def _channel_code_entropy(codes: torch.Tensor) -> torch.Tensor:
     """Plug-in entropy (nats) of each column's codes: codes [n, C] -> [C]."""
-    from arr_coc.info import discrete_entropy
-
     as_int = codes.view(torch.uint8).long() if codes.element_size() == 1 else codes.long()
     return torch.stack([discrete_entropy(as_int[:, c]) for c in range(as_int.shape[1])])
 
@@ -127,8 +127,6 @@ def quantization_report(
     KSG runs on ``ksg_samples`` rows and ``ksg_channels`` evenly spaced channels to bound
     its cost; the other measures use everything.
     """
-    from arr_coc.info import gaussian_mi, ksg_mi
-
     if not isinstance(features, torch.Tensor) or features.dim() != 2 or min(features.shape) < 2:
         raise ValueError("features: expected a [n, C] tensor with n >= 2 and C >= 2")
     x = features.float()

@@ -31,6 +31,10 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
+from arr_coc.info.continuous import ksg_cmi, ksg_mi
+from arr_coc.info.discrete import discrete_cmi, discrete_mi
+from arr_coc.info.tables import entropy
+
 __all__ = [
     "CITestResult",
     "DiscreteSCM",
@@ -40,12 +44,6 @@ __all__ = [
 ]
 
 Protocol = Literal["uniform", "observational"] | torch.Tensor
-
-
-def _log(base: float) -> float:
-    if base <= 0 or base == 1:
-        raise ValueError(f"base: expected a positive number other than 1, got {base}")
-    return math.log(base)
 
 
 class DiscreteSCM:
@@ -171,8 +169,6 @@ class DiscreteSCM:
 
 
 def _entropy_table(p: torch.Tensor, base: float) -> torch.Tensor:
-    from arr_coc.info import entropy
-
     return entropy(p, base=base)
 
 
@@ -289,8 +285,6 @@ def ci_test(
     permuted locally among the ``k_perm`` nearest neighbours in Z (Runge 2018).
     Inputs: x, y, z as [n] or [n, d] tensors (integers for ``discrete``).
     """
-    from arr_coc.info import discrete_cmi, discrete_mi, ksg_cmi, ksg_mi
-
     if n_permutations < 1:
         raise ValueError(f"n_permutations: expected a positive count, got {n_permutations}")
     if kind not in ("discrete", "continuous"):
