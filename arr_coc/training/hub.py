@@ -49,6 +49,16 @@ class AllocatorBundle(
     def forward(self, *args, **kwargs):
         return self.allocator(*args, **kwargs)
 
+    @classmethod
+    def _load_as_safetensor(cls, model, model_file: str, map_location: str, strict: bool):
+        # through load_state_dict, so that lazy (shape-inferred) parameters are materialised
+        # with the stored shapes (safetensors' load_model reads every parameter's storage first)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(model_file, device=map_location), strict=strict)
+        model.eval()
+        return model
+
 
 def save_allocator(
     allocator: Allocator, folder: str | Path, *, name: str, config: dict[str, Any] | None = None
@@ -56,18 +66,16 @@ def save_allocator(
     """Write ``allocator`` (built as ``create_allocator(name, **config)``) to ``folder``.
 
     Raises ``ValueError`` when ``name``/``config`` do not rebuild a module with the same
-    parameter names and shapes (the saved folder would not load).
+    parameter names and shapes (the saved folder would not load). Lazy (shape-inferred)
+    parameters are fine: loading materialises them with the stored shapes.
     """
     bundle = AllocatorBundle(name, config)  # positional: allocator_config
-    expected = {k: tuple(v.shape) for k, v in bundle.allocator.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in allocator.state_dict().items()}
-    if expected != got:
-        diff = sorted(set(expected.items()) ^ set(got.items()))[:6]
+    try:  # strict: same names and shapes (lazy parameters take the trained shapes)
+        bundle.allocator.load_state_dict(allocator.state_dict(), strict=True)
+    except RuntimeError as err:
         raise ValueError(
-            f"config: create_allocator({name!r}, **config) does not rebuild this allocator's "
-            f"parameters (first differences: {diff})"
-        )
-    bundle.allocator.load_state_dict(allocator.state_dict())
+            f"config: create_allocator({name!r}, **config) does not rebuild this allocator's parameters: {err}"
+        ) from err
     folder = Path(folder)
     bundle.save_pretrained(folder)
     return folder

@@ -148,20 +148,72 @@ def module_fingerprint(module: nn.Module) -> list[float]:
     return [float(len(tensors)), float(s), float(q)]
 
 
-def allocator_loss_terms(out: AllocationOutput) -> dict[str, torch.Tensor]:
-    """The training terms an allocator reports in ``out.extras`` (scalars, nats).
+def allocator_loss_terms(
+    allocator: nn.Module,
+    out: AllocationOutput,
+    *,
+    tokens: torch.Tensor | None = None,
+    query: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 0,
+    budget: int = 0,
+    rate: str = "kl",
+    rate_prior: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """The IB rate and InfoNCE critic terms of an allocator's output (scalars, nats).
 
-    ``rate``: the information-bottleneck rate penalty (e.g. expected tokens x price, or a
-    KL to a prior); ``critic``: the InfoNCE critic loss of the adapter / scorer. Both are
-    optional; a [B] tensor is averaged over the batch.
+    In order of precedence:
+
+    - ``out.extras["losses"]`` ``{"rate": ..., "critic": ...}`` (or ``rate_loss`` /
+      ``critic_loss``): terms the allocator computes itself ([B] tensors are averaged);
+    - rate from ``out.extras["keep_prob"]`` [B, M] (the relaxed keep probabilities of
+      ``arr_coc`` / ``arr_coc_adapter``): ``rate="kl"`` is the variational IB bound
+      sum_j KL(Bernoulli(p_j) || Bernoulli(r)) with the prior keep rate r = ``rate_prior``
+      or budget / M; ``rate="tokens"`` the expected number of kept tokens;
+    - critic from an allocator with a ``scorer`` and an ``adapter`` (``arr_coc_adapter``):
+      the adapter's critic matrix between images and queries of the batch, whose InfoNCE
+      loss is returned as ``critic`` and ``log B - loss`` (a lower bound on I(image; query))
+      as ``mi_infonce``. This needs ``tokens`` [B, P+N, D], ``query``, ``grid``.
     """
-    terms = {}
-    losses = out.extras.get("losses", {}) if isinstance(out.extras, Mapping) else {}
+    from arr_coc.balancing import bernoulli_rate, expected_tokens
+
+    if rate not in ("kl", "tokens"):
+        raise ValueError(f"rate: expected 'kl' or 'tokens', got {rate!r}")
+    extras = out.extras if isinstance(out.extras, Mapping) else {}
+    terms: dict[str, torch.Tensor] = {}
+    given = extras.get("losses", {}) or {}
     for key in ("rate", "critic"):
-        val = losses.get(key, out.extras.get(f"{key}_loss"))
+        val = given.get(key, extras.get(f"{key}_loss"))
         if val is not None:
             val = torch.as_tensor(val)
             terms[key] = val.mean() if val.dim() else val
+    keep = extras.get("keep_prob")
+    if "rate" not in terms and isinstance(keep, torch.Tensor) and keep.dim() == 2:
+        if rate == "tokens":
+            terms["rate"] = expected_tokens(keep.float()).mean()
+        else:
+            m = keep.shape[1]
+            prior = rate_prior if rate_prior is not None else min(max(budget / m, 1e-3), 1 - 1e-3)
+            terms["rate"] = bernoulli_rate(keep.float(), prior).mean()
+    scorer, adapter = getattr(allocator, "scorer", None), getattr(allocator, "adapter", None)
+    if (
+        "critic" not in terms
+        and scorer is not None
+        and hasattr(adapter, "critic_matrix")
+        and tokens is not None
+        and query is not None
+        and grid is not None
+        and tokens.shape[0] > 1
+    ):
+        from arr_coc.adapter import infonce_bound
+
+        pyr = build_pyramid(tokens[:, num_prefix_tokens:], grid, tuple(getattr(allocator, "pyramid_levels", ())))
+        so = scorer(pyr.candidates, query, query_mask)
+        critic = adapter.critic_matrix(so.candidate_emb, so.query_summary, pyr.positions[:, 2])
+        loss, bound = infonce_bound(critic)
+        terms["critic"] = loss
+        terms["mi_infonce"] = bound.detach()
     return terms
 
 
@@ -220,6 +272,7 @@ class ARRCOCModule(L.LightningModule):
         allocate_after_projection: allocate among the projected tokens [B, P+N, Dl] (the
             LLM's space, where the query lives; pooled tokens are means of projected
             tokens), else among the ViT tokens [B, P+N, Dv] and project the kept ones.
+        rate / rate_prior: the IB rate term (see :func:`allocator_loss_terms`).
         backbones: what rebuilds the frozen VLM (names, paths); stored in checkpoints.
         question_types: names of the question types, to log per-type accuracy.
     """
@@ -237,6 +290,8 @@ class ARRCOCModule(L.LightningModule):
         use_positions: bool = True,
         allocate_after_projection: bool = True,
         repool_in_vision_space: bool = True,
+        rate: str = "kl",
+        rate_prior: float | None = None,
         backbones: Mapping[str, Any] | None = None,
         question_types: Iterable[str] | None = None,
     ):
@@ -252,7 +307,9 @@ class ARRCOCModule(L.LightningModule):
             if float(v) < 0:
                 raise ValueError(f"loss_weights: {k} must be >= 0, got {v}")
             weights[k] = float(v)
-        self.save_hyperparameters(logger=False, ignore=["vlm", "allocator"])
+        # plain values only in the checkpoint's hyper-parameters (weights_only loading)
+        self.save_hyperparameters(logger=False, ignore=["vlm", "allocator", "optimizer", "scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.vlm = vlm
         self.vlm.requires_grad_(False)
         self.vlm.eval()
@@ -263,6 +320,11 @@ class ARRCOCModule(L.LightningModule):
         self.use_positions = use_positions
         self.allocate_after_projection = allocate_after_projection
         self.repool_in_vision_space = repool_in_vision_space
+        if rate not in ("kl", "tokens"):
+            raise ValueError(f"rate: expected 'kl' or 'tokens', got {rate!r}")
+        if rate_prior is not None and not 0.0 < rate_prior < 1.0:
+            raise ValueError(f"rate_prior: expected a keep rate in (0, 1) or None, got {rate_prior!r}")
+        self.rate_kind, self.rate_prior = rate, rate_prior
         self.backbones = dict(backbones or {})
         self.question_types = list(question_types or [])
         self._vlm_fingerprint: list[float] | None = None
@@ -270,6 +332,27 @@ class ARRCOCModule(L.LightningModule):
         self.val_type_acc = nn.ModuleDict({t: MeanMetric() for t in self.question_types})
         self._val_examples = 0
         self._val_seconds = 0.0
+        self._materialize_lazy_parameters()
+
+    def _materialize_lazy_parameters(self) -> None:
+        """Run the allocator once on random inputs of the right shapes if it has lazy
+        (uninitialised) parameters, so that the optimizer and DDP see real ones."""
+        from torch.nn.parameter import is_lazy
+
+        if not any(is_lazy(p) for p in self.allocator.parameters()):
+            return
+        gen = torch.Generator().manual_seed(0)
+        p, (h, w) = int(self.vlm.num_prefix_tokens), self.grid
+        dim = self.vlm.llm_dim if self.allocate_after_projection else self.vlm.vision_dim
+        x = torch.randn(2, p + h * w, dim, generator=gen)
+        q = torch.randn(2, 3, self.vlm.llm_dim, generator=gen)
+        was_training = self.allocator.training
+        self.allocator.train()
+        with torch.enable_grad():
+            self.allocator(x, query=q, budget=min(4, h * w), grid=(h, w), num_prefix_tokens=p)
+        self.allocator.train(was_training)
+        if any(is_lazy(q) for q in self.allocator.parameters()):
+            raise ValueError("allocator: lazy parameters stay uninitialised after a dry run; pass its dims explicitly")
 
     # ------------------------------------------------------------------ structure
     def train(self, mode: bool = True) -> ARRCOCModule:
@@ -320,13 +403,26 @@ class ARRCOCModule(L.LightningModule):
         logits = self.vlm.answer_logits(
             visual, out.mask, out.positions if self.use_positions else None, q_ids, q_mask
         )  # [B, vocab]
-        return {"logits": logits, "out": out}
+        return {"logits": logits, "out": out, "tokens": tokens, "query": query}
 
     def _loss(self, batch: Mapping[str, torch.Tensor], budget: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         res = self(batch, budget)
         terms = {"ce": F.cross_entropy(res["logits"].float(), batch["answer"])}
-        terms.update(allocator_loss_terms(res["out"]))
-        total = sum(self.loss_weights[k] * v for k, v in terms.items())
+        terms.update(
+            allocator_loss_terms(
+                self.allocator,
+                res["out"],
+                tokens=res["tokens"],
+                query=res["query"],
+                query_mask=batch["question_mask"],
+                grid=self.grid,
+                num_prefix_tokens=int(self.vlm.num_prefix_tokens),
+                budget=int(budget),
+                rate=self.rate_kind,
+                rate_prior=self.rate_prior,
+            )
+        )
+        total = sum(self.loss_weights[k] * v for k, v in terms.items() if k in self.loss_weights)
         return total, terms, res
 
     # ------------------------------------------------------------------ steps
@@ -364,7 +460,7 @@ class ARRCOCModule(L.LightningModule):
             if ok.any():
                 self.log(f"{stage}/recall", rec[ok].mean(), batch_size=int(ok.sum()), sync_dist=True)
         if out.gain is not None:
-            self.log(f"{stage}/mi_selected_query", out.gain.float().mean(), batch_size=b, sync_dist=True)
+            self.log(f"{stage}/mi_selected_query", out.gain.detach().float().mean(), batch_size=b, sync_dist=True)
         if "question_type" in batch and self.question_types:
             for i, name in enumerate(self.question_types):
                 sel = batch["question_type"] == i
@@ -388,10 +484,10 @@ class ARRCOCModule(L.LightningModule):
         params = self.trainable_parameters()
         if not params:
             return None
-        opt = self.hparams.optimizer(params=params)
-        if self.hparams.scheduler is None:
+        opt = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.hparams.scheduler(optimizer=opt), "interval": "epoch"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt), "interval": "epoch"}}
 
     # ------------------------------------------------------------------ checkpoints
     def _frozen_fingerprint(self) -> list[float]:

@@ -155,10 +155,41 @@ def test_loss_terms_read_from_the_allocator_output():
 
     z = torch.zeros(2, 1)
     out = AllocationOutput(z.long(), z[..., None], z.bool(), z.long()[..., None].expand(-1, -1, 3))
-    assert allocator_loss_terms(out) == {}
+    assert allocator_loss_terms(None, out) == {}
     out.extras = {"losses": {"rate": torch.tensor([1.0, 3.0])}, "critic_loss": torch.tensor(0.5)}
-    terms = allocator_loss_terms(out)
+    terms = allocator_loss_terms(None, out)
     assert terms["rate"].item() == 2.0 and terms["critic"].item() == 0.5
+    # the rate from keep probabilities: the Bernoulli KL to the budget's keep rate, by hand
+    p = torch.tensor([[0.5, 0.25, 1.0, 0.0]])
+    out.extras = {"keep_prob": p}
+    r = 2 / 4
+    kl = lambda a: (a * torch.log(a / r) if a > 0 else 0.0) + ((1 - a) * torch.log((1 - a) / (1 - r)) if a < 1 else 0.0)  # noqa: E731
+    want = sum(float(kl(a)) for a in p[0])
+    assert allocator_loss_terms(None, out, budget=2)["rate"].item() == pytest.approx(want, rel=1e-6)
+    assert allocator_loss_terms(None, out, rate="tokens")["rate"].item() == pytest.approx(1.75)
+
+
+@pytest.mark.parametrize("name", ["arr_coc", "arr_coc_adapter"])
+def test_arr_coc_allocators_train_their_modules(vlm, batch, name):
+    alloc = create_allocator(name)
+    module = _module(vlm, alloc, budget=8, loss_weights={"ce": 1.0, "rate": 0.1, "critic": 0.1})
+    params = module.trainable_parameters()
+    assert params, "lazy parameters are materialised at construction"
+    opt = module.configure_optimizers()
+    module.train()
+    total, terms, res = module._loss(batch, 8)
+    assert "rate" in terms and torch.isfinite(terms["rate"])
+    if name == "arr_coc_adapter":
+        b = batch["answer"].shape[0]
+        assert 0 < terms["critic"].item() and terms["mi_infonce"].item() <= torch.log(torch.tensor(float(b))).item() + 1e-6
+    opt.zero_grad()
+    total.backward()
+    scorer_grads = [p.grad for p in alloc.scorer.parameters() if p.grad is not None]
+    assert scorer_grads and any(g.abs().sum() > 0 for g in scorer_grads)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+    assert res["out"].gain is not None and res["out"].mask.sum(1).max().item() <= 8
 
 
 def test_bad_arguments_are_named(vlm):

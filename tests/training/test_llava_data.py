@@ -1,0 +1,124 @@
+"""LLaVA conversation format: export the embedded task, read it back, and batch it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from arr_coc.training.datamodule import EmbeddedVQADataModule, LlavaDataModule, VQACollator
+from arr_coc.training.llava_data import IMAGE_TOKEN, LlavaDataset, export_llava, read_llava_json
+from arr_coc.training.task import VQATask
+from arr_coc.training.tokenizer import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def task():
+    return VQATask(seed=5)
+
+
+def test_round_trip_through_the_datamodule(task, tmp_path):
+    dm_ref = EmbeddedVQADataModule(task, train_size=12, val_size=0, batch_size=4)
+    examples = [dm_ref.split("train")[i] for i in range(12)]
+    json_path = export_llava(examples, tmp_path / "llava")
+    records = json.loads(json_path.read_text())
+    assert len(records) == 12
+    first = records[0]["conversations"]
+    assert first[0]["from"] == "human" and first[0]["value"].startswith(IMAGE_TOKEN)
+    assert first[1] == {"from": "gpt", "value": examples[0]["answer"]}
+
+    ds = LlavaDataset(json_path, tmp_path / "llava")
+    assert len(ds) == 12
+    for ex, got in zip(examples, ds):
+        assert got["question"] == ex["question"] and got["answer"] == ex["answer"]
+        assert got["question_type"] == ex["question_type"]
+        assert torch.equal(got["relevance"], ex["relevance"])
+        # 8-bit PNG: every pixel within half a grey level
+        assert (got["image"] - ex["image"]).abs().max().item() <= 0.5 / 255 + 1e-6
+
+    tok = build_tokenizer(task)
+    dm = LlavaDataModule(json_path, tmp_path / "llava", tok, val_fraction=0.25, batch_size=4, image_size=64)
+    assert len(dm.split("train")) == 9 and len(dm.split("val")) == 3
+    assert [dm.split("val")[i]["question"] for i in range(3)] == [e["question"] for e in examples[9:]]
+    dm = LlavaDataModule(json_path, tmp_path / "llava", tok, val_fraction=0.0, batch_size=4, image_size=64)
+    ref_loader = dm_ref._loader(dm_ref.split("train"), train=False)
+    got_loader = dm._loader(dm.split("train"), train=False)
+    assert len(got_loader) == len(ref_loader) == 3
+    for ref, got in zip(ref_loader, got_loader):
+        assert set(got) == set(ref)
+        for key in ("question_ids", "question_mask", "answer", "relevance", "question_type"):
+            assert torch.equal(got[key], ref[key]), key
+        torch.testing.assert_close(got["pixels"], ref["pixels"], atol=0.5 / 255 + 1e-6, rtol=0)
+    # the training loader is a seeded shuffle of the same examples
+    ids = torch.cat([b["answer"] for b in dm.train_dataloader()])
+    assert sorted(ids.tolist()) == sorted(torch.cat([b["answer"] for b in got_loader]).tolist())
+
+
+def test_multi_turn_records_other_image_sizes_and_shared_images(task, tmp_path):
+    folder = tmp_path / "data"
+    (folder / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)).save(folder / "img" / "a.jpg")
+    records = [
+        {
+            "id": "a",
+            "image": "img/a.jpg",
+            "conversations": [
+                {"from": "human", "value": "what shape is the red object ?\n<image>"},
+                {"from": "gpt", "value": "circle"},
+                {"from": "human", "value": "how many squares are there ?"},
+                {"from": "gpt", "value": "two"},
+            ],
+        }
+    ]
+    (folder / "conv.json").write_text(json.dumps(records))
+    ds = LlavaDataset(folder / "conv.json", folder, image_size=64)
+    assert len(ds) == 2
+    assert ds[0]["question"] == "what shape is the red object ?" and ds[1]["answer"] == "two"
+    assert ds[0]["image"].shape == (3, 64, 64) and "relevance" not in ds[0]
+    assert len(LlavaDataset(folder / "conv.json", folder, first_turn_only=True)) == 1
+    assert LlavaDataset(folder / "conv.json", folder)[0]["image"].shape == (3, 40, 50)
+
+    # examples that share an image_id become turns of one record with one image file
+    ex = [dict(task.example(0).__dict__, question_type="shape", image_id="s0") for _ in range(2)]
+    ex[1]["question"] = "how many circles are there ?"
+    path = export_llava(ex, tmp_path / "shared")
+    recs = read_llava_json(path)
+    assert len(recs) == 1 and len(recs[0]["conversations"]) == 4
+    assert IMAGE_TOKEN not in recs[0]["conversations"][2]["value"]
+    assert [e["question"] for e in LlavaDataset(path, tmp_path / "shared")] == [e["question"] for e in ex]
+
+
+@pytest.mark.parametrize(
+    "records, match",
+    [
+        ({"image": "x.png"}, "JSON list"),
+        ([{"image": "x.png"}], "conversations"),
+        ([{"conversations": []}], "image"),
+        ([{"image": "x.png", "conversations": [{"from": "human", "value": "<image> q"}]}], "alternating"),
+        ([{"image": "x.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}], "<image>"),
+        ([{"image": "x.png", "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "a"}]}], "human turn"),
+    ],
+)
+def test_malformed_files_are_refused_with_a_reason(tmp_path, records, match):
+    (tmp_path / "c.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=match):
+        LlavaDataset(tmp_path / "c.json", tmp_path)
+
+
+def test_missing_files_and_unknown_answers(task, tmp_path):
+    with pytest.raises(ValueError, match="json_path"):
+        LlavaDataset(tmp_path / "nope.json", tmp_path)
+    rec = [{"image": "gone.png", "conversations": [{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "a"}]}]
+    (tmp_path / "c.json").write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="missing file"):
+        LlavaDataset(tmp_path / "c.json", tmp_path)[0]
+    collate = VQACollator(build_tokenizer(task))
+    item = {"image": torch.zeros(3, 8, 8), "question": "what shape is the red object ?", "answer": "dodecahedron"}
+    with pytest.raises(ValueError, match="dodecahedron"):
+        collate([item])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        export_llava([dict(item, answer="circle", image=torch.full((3, 8, 8), 2.0))], tmp_path / "bad")
