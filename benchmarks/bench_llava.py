@@ -18,7 +18,9 @@ Columns:
 - peak memory: a fresh subprocess per setting builds the model, resets the peak RSS
   (``echo 5 > /proc/self/clear_refs``), runs one prefill through the wrapper and reads
   ``VmHWM``; the column is that peak minus the RSS just before the prefill (weights
-  excluded). Times are medians.
+  excluded); measured for ``full`` and the main allocator's rows.
+Times are medians over ``--repeats`` rounds that visit every setting in turn (after one
+warm-up round), so that load changes on a shared machine hit every row alike.
 
 ``python -m benchmarks llava [--repeats=3] [--text=40] [--no-memory]``
 """
@@ -28,13 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from benchmarks._report import markdown_table, median_time, write_report
+from benchmarks._report import markdown_table, write_report
 
 BUDGETS = (144, 64, 32)
 
@@ -130,31 +134,45 @@ def main(argv: list[str]) -> None:
 
     from arr_coc.integrations import llava
 
+    load_start = os.getloadavg()[0]
     model = build_model()
     n_lm = sum(p.numel() for p in model.model.language_model.parameters())
     n_all = sum(p.numel() for p in model.parameters())
     inputs = make_inputs(args.text)
     rows_spec, note = settings()
+    primary = rows_spec[1][0]
+    vlms = [llava.wrap(model, make_allocator(name), budget=k) for name, k in rows_spec]
+    with torch.no_grad():
+        prepared = [vlm.prepare(**inputs) for vlm in vlms]
+    # round robin over the settings, so that a change in the machine's load hits all alike
+    times = [{"prep": [], "lm": [], "ttft": []} for _ in rows_spec]
+    for r in range(1 + args.repeats):  # the first round warms up
+        for vlm, s, t in zip(vlms, prepared, times):
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                vlm.prepare(**inputs)
+                t1 = time.perf_counter()
+                model(**s.model_kwargs(), logits_to_keep=1)
+                t2 = time.perf_counter()
+            vlm.generate(**inputs, max_new_tokens=1, do_sample=False)
+            t3 = time.perf_counter()
+            if r:
+                t["prep"].append(t1 - t0)
+                t["lm"].append(t2 - t1)
+                t["ttft"].append(t3 - t2)
+        print(f"round {r} done", flush=True)
     rows = []
-    for name, k in rows_spec:
-        vlm = llava.wrap(model, make_allocator(name), budget=k)
-        with torch.no_grad():
-            s = vlm.prepare(**inputs)
-            seq = s.inputs_embeds.shape[1]
-            t_prep = median_time(lambda: vlm.prepare(**inputs), repeats=args.repeats)
-            t_lm = median_time(lambda: model(**s.model_kwargs(), logits_to_keep=1), repeats=args.repeats)
-        t_ttft = median_time(
-            lambda: vlm.generate(**inputs, max_new_tokens=1, do_sample=False), repeats=args.repeats
-        )
-        mem = float("nan")
-        if not args.no_memory:
+    for (name, k), s, t in zip(rows_spec, prepared, times):
+        mem: object = "-"
+        if not args.no_memory and (name == "full" or name == primary):
             res = subprocess.run(
                 [sys.executable, "-m", "benchmarks.bench_llava", f"--child={name}:{k}", f"--text={args.text}"],
                 capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
             )
             m = json.loads(res.stdout.strip().splitlines()[-1])
             mem = (m["peak"] - m["base"]) / 2**20
-        rows.append([name, int(s.image_counts[0]), seq, t_prep * 1e3, t_lm * 1e3, t_ttft * 1e3, mem])
+        med = {key: statistics.median(v) * 1e3 for key, v in t.items()}
+        rows.append([name, int(s.image_counts[0]), s.inputs_embeds.shape[1], med["prep"], med["lm"], med["ttft"], mem])
         print(rows[-1], flush=True)
     full_lm, full_ttft = rows[0][4], rows[0][5]
     for r in rows:
@@ -168,12 +186,14 @@ def main(argv: list[str]) -> None:
     body = (
         f"LLaVA with a Qwen2-0.5B-shaped LM ({n_lm / 1e6:.0f}M parameters in the LM, {n_all / 1e6:.0f}M in all), "
         f"random weights, float32, batch 1, {args.text} text tokens + a 24x24 image grid, SDPA, "
-        f"median of {args.repeats}.\n{note}\n{table}\n\n"
+        f"median of {args.repeats}. Load average (1 min) {load_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores: the machine was shared, so absolute "
+        f"times are inflated and noisy; compare rows.\n{note}\n{table}\n\n"
         "vision+alloc = `vlm.prepare` (vision tower, projector, allocator, sequence rebuild); "
         "LM prefill = the model's forward on the shortened `inputs_embeds` with `logits_to_keep=1`; "
         "TTFT = `vlm.generate(max_new_tokens=1)` from pixels; peak prefill MiB = peak RSS (VmHWM, reset via "
         "`/proc/self/clear_refs`) during one wrapped prefill minus the RSS before it, in a fresh subprocess per "
-        "setting.\n"
+        f"setting (`full` and `{primary}` rows only).\n"
     )
     command = " ".join(["python -m benchmarks llava", *argv])
     write_report("llava", "LLaVA integration: prefill time and memory vs image tokens", command, body)

@@ -325,7 +325,8 @@ class LlavaAllocation:
         side = self.padding_side or infer_padding_side(attention_mask)
         plan = compaction_plan(keep, padding_side=side)
         pad_id = self._pad_token_id()
-        pad_embed = embed(torch.tensor(pad_id, device=device)) if pad_id < embed.num_embeddings else 0
+        n_emb = getattr(embed, "num_embeddings", None)
+        pad_embed = embed(torch.tensor(pad_id, device=device)) if n_emb is not None and 0 <= pad_id < n_emb else 0
         new_mask = plan.valid.to(attention_mask.dtype)
         return ShortenedInputs(
             inputs_embeds=gather_sequence(embeds, plan, fill=pad_embed),
