@@ -29,7 +29,7 @@ import torch
 __all__ = ["TILE_ELEMENTS", "brute_radius_counts", "grid_kth_2d", "strict_counts_sorted", "kth_1d_sorted"]
 
 TILE_ELEMENTS = 1 << 22  # entries per distance tile (32 MiB in float64)
-DENSE_CELLS = 1 << 24  # grid levels with at most this many cells (and <= 4 per point) use a dense offset table
+DENSE_CELLS = 1 << 26  # grid levels with at most this many cells (and <= 16 per point) use a dense offset table
 
 
 def _tile_rows(n: int, copies: int) -> int:
@@ -179,7 +179,7 @@ class _Levels:
         if key not in self._offsets:
             G = 1 << level
             keys = self._keys(level, axis)
-            if self.B * G * G <= min(DENSE_CELLS, max(1 << 16, 4 * self.B * self.n)):
+            if self.B * G * G <= min(DENSE_CELLS, max(1 << 16, 16 * self.B * self.n)):
                 cnt = torch.bincount(keys, minlength=self.B * G * G)
                 cum = torch.zeros(cnt.numel() + 1, dtype=torch.long, device=self.device)
                 torch.cumsum(cnt, 0, out=cum[1:])
@@ -315,7 +315,7 @@ def grid_kth_2d(x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor,
     count = block_count(level, allp)
     ok = count >= k + 1
     # finer while the finer block still holds k other points (only where the block is crowded)
-    active = allp[ok & (level < lv.lmax) & (count > 8 * (k + 1))]
+    active = allp[ok & (level < lv.lmax) & (count > 16 * (k + 1))]
     while active.numel():
         trial = level.clone()
         trial[active] += 1
@@ -361,7 +361,7 @@ def grid_kth_2d(x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor,
     short_axis = (ext[:, 1] < ext[:, 0]).long()  # columns across the short side
     short = ext.gather(1, short_axis[:, None]).squeeze(1).clamp(min=2)
     shift = torch.ceil(torch.log2(short.to(torch.float64) / 2)).long().clamp(0, lv.lmax)
-    lvl = lv.lmax - shift
+    lvl = (lv.lmax - shift).clamp(max=max(start, 1))  # never finer than the start level: fewer grids to build
     for axis in (0, 1):
         for L in torch.unique(lvl[short_axis == axis]).tolist():
             m = ((short_axis == axis) & (lvl == L)).nonzero().squeeze(1)
