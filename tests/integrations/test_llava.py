@@ -106,6 +106,7 @@ def hf_positions(mask: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- full == unwrapped
 @torch.no_grad()
 def test_full_matches_unwrapped_batch1(model):
+    assert model.model.language_model.config._attn_implementation == "sdpa"  # the default, no eager needed
     inputs = make_batch([3], [4])
     ref = model(**inputs).logits
     out = llava.wrap(model, "full")(**inputs).logits
