@@ -1,6 +1,6 @@
 """Prefill time and peak memory of a ~0.5B Qwen2-VL-class model at full vs 1/4, 1/9, 1/18 visual tokens.
 
-``python -m benchmarks qwen_vl [--repeats 3] [--allocator random] [--layers 24]``
+``python -m benchmarks qwen_vl [--repeats=3] [--allocator=random] [--layers=24] [--threads=1]``
 
 The model is built from a config with random weights (no download): a Qwen2-0.5B-shaped
 language model (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocabulary 151,936,
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import threading
 import time
 from fractions import Fraction
@@ -131,7 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--side", type=int, default=48, help="image side in patches (48 -> 576 merged tokens)")
     ap.add_argument("--allocator", default="random")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: CPU time is not inflated by idle OpenMP workers spinning on a busy machine)")
     args = ap.parse_args(argv or [])
+    torch.set_num_threads(args.threads)
     precise = args.device.startswith("cuda") or _precise_malloc()
 
     t0 = time.perf_counter()
@@ -149,57 +153,79 @@ def main(argv: list[str] | None = None) -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    vision_s = median_time(
-        lambda: (model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]),
-                 sync()),
-        repeats=args.repeats,
-    )
-    rows = []
-    fractions = [None, Fraction(1), Fraction(1, 4), Fraction(1, 9), Fraction(1, 18)]
-    for frac in fractions:
-        if frac is None:
-            label, k = "unwrapped model", n_img
+    configs = []  # (label, merged tokens given to the LM or None, callable)
 
-            def run():
-                model(**inputs, use_cache=True, logits_to_keep=1)
-                sync()
-        else:
-            k = max(1, round(float(frac) * n_img))
-            name = "full" if frac == 1 else args.allocator
-            vlm = wrap(model, name, budget=k)
-            label = f"{name}, {frac} ({k} tokens)" if frac != 1 else "full (wrapper)"
+    def vision():
+        model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+        sync()
 
-            def run(vlm=vlm):
-                out = vlm(**inputs, use_cache=True, logits_to_keep=1)
-                assert out.past_key_values.get_seq_length() == text_len + k
-                sync()
+    def plain():
+        model(**inputs, use_cache=True, logits_to_keep=1)
+        sync()
 
-        with torch.inference_mode():
-            seconds = median_time(run, repeats=args.repeats)
-            mem = peak_memory(run, args.device)
-        seq = text_len + k
-        rows.append([label, seq, seconds, mem / 2**20, seq * kv_per_token / 2**20])
-        print(rows[-1], flush=True)
-    base = rows[0][2]
-    table_rows = [r[:3] + [base / r[2], r[3], r[4]] for r in rows]
+    configs.append(("vision tower alone", None, vision))
+    configs.append(("unwrapped model", n_img, plain))
+    for frac in [Fraction(1), Fraction(1, 4), Fraction(1, 9), Fraction(1, 18)]:
+        k = max(1, round(float(frac) * n_img))
+        name = "full" if frac == 1 else args.allocator
+        vlm = wrap(model, name, budget=k)
+
+        def run(vlm=vlm, k=k):
+            out = vlm(**inputs, use_cache=True, logits_to_keep=1)
+            assert out.past_key_values.get_seq_length() == text_len + k
+            sync()
+
+        configs.append(("`full` (wrapper)" if frac == 1 else f"`{name}`, {frac} of the image ({k} tokens)", k, run))
+
+    wall = {c[0]: [] for c in configs}
+    cpu = {c[0]: [] for c in configs}
+    mem = {}
+    with torch.inference_mode():
+        for label, _, fn in configs:  # warm-up
+            fn()
+        for label, _, fn in configs:
+            mem[label] = peak_memory(fn, args.device)
+        # interleaved repeats: load from other processes drifts over minutes, hits every row alike
+        for rep in range(args.repeats):
+            for label, _, fn in configs:
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                wall[label].append(time.perf_counter() - w0)
+                cpu[label].append(time.process_time() - c0)
+            print(f"repeat {rep + 1}/{args.repeats}:", {k: round(v[-1], 2) for k, v in wall.items()}, flush=True)
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    base_wall, base_cpu = med(wall["unwrapped model"]), med(cpu["unwrapped model"])
+    table_rows = []
+    for label, k, _ in configs:
+        seq = "-" if k is None else text_len + k
+        kv = "-" if k is None else (text_len + k) * kv_per_token / 2**20
+        table_rows.append([label, seq, med(wall[label]), med(cpu[label]), base_cpu / med(cpu[label]),
+                           mem[label] / 2**20, kv])
     body = (
         f"Model: Qwen2-VL-class, random weights, {params / 1e6:.0f}M parameters ({lm_params / 1e6:.0f}M in the "
         f"language model: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, "
-        f"{cfg.num_key_value_heads} KV heads), vision tower 2 blocks of width 256, built in {build_s:.1f} s.  \n"
+        f"{cfg.num_key_value_heads} KV heads, tied embeddings), vision tower 2 blocks of width 256, "
+        f"built in {build_s:.1f} s.  \n"
+        f"Threads: {torch.get_num_threads()}.  \n"
         f"Input: batch 1, one image of {args.side} x {args.side} patches = {n_img} merged tokens, "
         f"{text_len} text tokens (incl. vision start/end). Device: {args.device}, fp32, SDPA.  \n"
-        f"Prefill = vision tower + allocation + language model with `use_cache=True`; the vision tower "
-        f"alone takes {vision_s:.3f} s. Allocator for the reduced rows: `{args.allocator}`. "
-        f"Time: median of {args.repeats} after 1 warm-up. Peak memory: peak RSS during the call minus RSS "
-        f"before it, sampled every ms, with glibc serving allocations of 64 KiB and more by mmap "
-        f"({'on' if precise else 'NOT available: figures include allocator reuse'}) so freed tensors leave "
-        f"the RSS; an estimate (a peak shorter than 1 ms can be missed). Logits of the last position only, "
-        f"as in `generate`'s prefill. "
-        f"KV cache: fp32 keys and values of the prefilled sequence.\n\n"
+        f"Prefill = vision tower + allocation + language model with `use_cache=True`, logits of the last "
+        f"position only (as in `generate`'s prefill). Allocator for the reduced rows: `{args.allocator}`.  \n"
+        f"Time: median of {args.repeats} repeats after a warm-up, configurations interleaved; wall seconds and "
+        f"CPU seconds of this process (all threads). The machine is shared, so wall time carries other "
+        f"processes' load; CPU time is the steadier figure and the speed-up is computed from it.  \n"
+        f"Peak memory: peak RSS during one call minus the RSS before it, sampled every ms, with glibc serving "
+        f"allocations of 64 KiB and more by mmap "
+        f"({'on' if precise else 'NOT available: figures include allocator reuse'}) so that freed tensors "
+        f"leave the RSS; an estimate (a peak shorter than 1 ms can be missed).  \n"
+        f"KV cache: fp32 keys and values of the prefilled sequence, "
+        f"{kv_per_token / 1024:.0f} KiB per token.\n\n"
         + markdown_table(
-            ["configuration", "LM sequence", "prefill s", "speed-up vs unwrapped", "peak extra MiB", "KV cache MiB"],
+            ["configuration", "LM sequence", "wall s", "CPU s", "speed-up (CPU) vs unwrapped", "peak extra MiB",
+             "KV cache MiB"],
             table_rows,
         )
+        + f"\n\nWall times per repeat: {{{', '.join(f'{k!r}: {[round(x, 2) for x in v]}' for k, v in wall.items())}}}\n"
     )
     command = "python -m benchmarks qwen_vl" + "".join(f" {a}" for a in (argv or []))
     write_report("qwen_vl", "Qwen2-VL-class prefill at reduced visual tokens", command, body)
