@@ -126,12 +126,17 @@ class Allocator(nn.Module):
     Class attributes a method may set:
     ``pyramid_levels`` - pooled levels added to the candidates (() = fine tokens only);
     ``requires_query`` - raise when no query is given;
-    ``fixed_budget``   - the method always spends exactly min(budget, N) tokens.
+    ``fixed_budget``   - the method always spends exactly min(budget, N) tokens;
+    ``ignores_budget`` - the method keeps every token whatever the budget (``full``);
+    ``permutation_equivariant`` - the choice looks only at token content, so permuting the
+                         patch tokens permutes the choice (not true of spatial methods).
     """
 
     pyramid_levels: tuple[int, ...] = ()
     requires_query: bool = False
     fixed_budget: bool = True
+    ignores_budget: bool = False
+    permutation_equivariant: bool = False
 
     def select(self, ctx: AllocationContext) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
