@@ -235,6 +235,10 @@ def test_clip_perfect_alignment_approaches_zero_loss_and_saturates():
     expected = -100 + math.log(math.exp(100) + 7)
     assert float(out["loss"].detach()) == pytest.approx(expected, abs=1e-12)
     assert bool(out["saturated"]) and float(out["mi_lower_bound"]) == pytest.approx(math.log(8), abs=1e-12)
+    # float32 at the cap: exp(100) overflows float32 (max ~ exp(88.7)); the loss must not.
+    out32 = ClipLoss(init_logit_scale=math.log(100.0))(e.float(), e.float())
+    assert float(out32["loss"].detach()) == pytest.approx(expected, abs=1e-5)
+    assert torch.isinf(torch.exp(torch.tensor(100.0)))  # what a direct softmax would hit
 
 
 # --------------------------------------------------------------------------- SigLIP
