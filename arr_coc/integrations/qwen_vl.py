@@ -373,6 +373,12 @@ class QwenVLAllocation:
             if ((grid_thw[:, 1:] % self.merge) != 0).any():
                 raise ValueError(f"image_grid_thw: h and w must be multiples of the merge size {self.merge}")
             runs, rows = self._image_runs(input_ids, attention_mask, grid_thw)
+            n_patches = int(grid_thw.prod(-1).sum())
+            if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 2 or pixel_values.shape[0] != n_patches:
+                raise ValueError(
+                    f"pixel_values: expected [{n_patches}, C * tp * p * p] patches for image_grid_thw "
+                    f"{grid_thw.tolist()}, got {tuple(getattr(pixel_values, 'shape', ()))}"
+                )
             vis = model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw, return_dict=True)
             feats = [f.to(embeds.dtype) for f in vis.pooler_output]  # I x [n_i, D]
             deep = getattr(vis, "deepstack_features", None) if self.family == "qwen3_vl" else None
@@ -540,6 +546,10 @@ class QwenVLAllocation:
     ):
         """``model.generate`` on the shortened prompt; returns ``input_ids`` + new tokens.
 
+        ``max_length`` counts the prompt as given (``input_ids``), like ``model.generate``; it
+        is turned into ``max_new_tokens``. Beam search and ``num_return_sequences`` work for
+        Qwen2-VL and Qwen2.5-VL (each prompt repeated in the result), not for Qwen3-VL.
+
         With ``return_dict_in_generate=True`` the output object is returned with its
         ``sequences`` prefixed by ``input_ids`` likewise (its ``past_key_values`` hold the
         shortened sequence).
@@ -555,13 +565,22 @@ class QwenVLAllocation:
             "attention_mask": prep.attention_mask,
             "position_ids": pos4,
         }
+        if "max_new_tokens" not in generation_kwargs:
+            # max_length counts the prompt as the caller sent it, not the shortened one
+            cfg = generation_kwargs.get("generation_config") or self.model.generation_config
+            max_length = generation_kwargs.pop("max_length", None)
+            if max_length is not None or cfg.max_new_tokens is None:
+                max_length = cfg.max_length if max_length is None else max_length
+                generation_kwargs["max_new_tokens"] = max(1, int(max_length) - input_ids.shape[1])
         if prep.deepstack is not None and bool(prep.visual_mask.any()):
             gen_inputs["past_key_values"] = self._prefill_deepstack(prep, generation_kwargs)
         out = self.model.generate(**gen_inputs, **generation_kwargs)
+        seq = out if isinstance(out, torch.Tensor) else out.sequences
+        prompt = input_ids.repeat_interleave(seq.shape[0] // input_ids.shape[0], dim=0)
+        seq = torch.cat([prompt, seq.to(input_ids.device)], dim=1)
         if isinstance(out, torch.Tensor):
-            return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
-        seq = out.sequences
-        out.sequences = torch.cat([input_ids.repeat_interleave(seq.shape[0] // input_ids.shape[0], 0), seq], dim=1)
+            return seq
+        out.sequences = seq
         return out
 
     def _prefill_deepstack(self, prep: QwenVLPrepared, generation_kwargs: dict[str, Any]):

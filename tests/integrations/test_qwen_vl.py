@@ -222,24 +222,44 @@ def test_budget_kept_counts_and_original_positions(family):
     assert torch.equal(out.rope_deltas[:, 0], real_pos + 1 - mask.shape[1])
 
 
-def test_budget_equals_plain_model_with_dropped_positions_masked(family):
-    """Oracle: keys dropped from the sequence == keys masked out, positions passed explicitly."""
-    model = _model(family)
-    inputs = _batch()
-    vlm = wrap(model, create_allocator("random", seed=5), budget=torch.tensor([3, 4]))
+def _assert_matches_masked_plain(model, vlm, inputs):
+    """Oracle: keys dropped from the sequence == keys masked out, full positions passed explicitly."""
     with torch.no_grad():
         out = vlm(**inputs)
         prep = out.prepared
         kept_mask = torch.zeros_like(inputs["attention_mask"])
-        for b in range(2):
+        for b in range(kept_mask.shape[0]):
             real = prep.attention_mask[b].bool()
             kept_mask[b, prep.source[b][real]] = 1
-        full_pos, _ = model.model.get_rope_index(input_ids=inputs["input_ids"], image_grid_thw=GRIDS,
+        full_pos, _ = model.model.get_rope_index(input_ids=inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"],
                                                  attention_mask=inputs["attention_mask"])
         ref = model(**dict(inputs, attention_mask=kept_mask), position_ids=full_pos).logits
-    for b in range(2):
+    for b in range(kept_mask.shape[0]):
         real = prep.attention_mask[b].bool()
         torch.testing.assert_close(out.logits[b][real], ref[b][prep.source[b][real]], rtol=1e-4, atol=1e-5)
+    return prep
+
+
+def test_budget_equals_plain_model_with_dropped_positions_masked(family):
+    model = _model(family)
+    vlm = wrap(model, create_allocator("random", seed=5), budget=torch.tensor([3, 4]))
+    prep = _assert_matches_masked_plain(model, vlm, _batch())
+    assert prep.kept.tolist() == [3, 4]
+
+
+def test_two_images_in_one_prompt_and_a_prompt_without_image():
+    """Images are assigned to prompts in reading order; DeepStack offsets follow."""
+    model = _model("qwen3_vl")
+    n = [h * w for h, w in MERGED]
+    seqs = [[5, VS] + [IMG] * n[0] + [VE, 6, VS] + [IMG] * n[1] + [VE, 7, 8], [9, 10, 11, 12]]
+    length = max(map(len, seqs))
+    ids = torch.tensor([[PAD] * (length - len(s)) + s for s in seqs])
+    inputs = dict(input_ids=ids, attention_mask=(ids != PAD).long(), image_grid_thw=GRIDS.clone(),
+                  pixel_values=torch.randn(int(GRIDS.prod(-1).sum()), 24, generator=torch.Generator().manual_seed(4)))
+    vlm = wrap(model, create_allocator("random", seed=1), budget=[4, 3])
+    prep = _assert_matches_masked_plain(model, vlm, inputs)
+    assert prep.image_rows.tolist() == [0, 0]
+    assert prep.visual_mask.sum(1).tolist() == [7, 0]
 
 
 def test_generate_with_budget_continues_positions_and_caches_the_short_sequence(family):
@@ -265,6 +285,19 @@ def test_generate_with_budget_continues_positions_and_caches_the_short_sequence(
         pos = call["position_ids"]
         assert pos.shape[0] == 4  # the text row for the mask, then (t, h, w), as model.generate builds them
         assert torch.equal(pos[1:, :, 0], (start + 1 + i)[None].expand(3, -1))
+
+
+def test_generate_max_length_and_beams_match_plain_qwen2():
+    """max_length counts the caller's prompt; beam search expands embeds and 3-D positions alike."""
+    model = _model("qwen2_vl")
+    inputs = _batch()
+    vlm = wrap(model, "full")
+    with torch.no_grad():
+        for kw in (dict(max_length=20), dict(max_new_tokens=3, num_beams=2, num_return_sequences=2)):
+            model.model.rope_deltas = None
+            ours = vlm.generate(**inputs, do_sample=False, **kw)
+            ref = model.generate(**inputs, do_sample=False, **kw)
+            assert torch.equal(ours, ref)
 
 
 @pytest.mark.parametrize("name", list_allocators())
@@ -317,6 +350,8 @@ def test_bad_inputs_raise_clear_errors():
         vlm(**dict(inputs, image_grid_thw=torch.tensor([[2, 4, 6], [1, 8, 4]])))
     with pytest.raises(ValueError, match="pixel_values"):
         vlm(**dict(inputs, pixel_values=None))
+    with pytest.raises(ValueError, match="pixel_values"):
+        vlm(**dict(inputs, pixel_values=inputs["pixel_values"][:-4]))
     with pytest.raises(ValueError, match="mm_token_type_ids"):
         vlm(**inputs, mm_token_type_ids=torch.zeros_like(inputs["input_ids"]))
     with pytest.raises(ValueError, match="position_ids"):
