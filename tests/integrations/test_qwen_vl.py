@@ -414,3 +414,25 @@ def test_supported_models_cover_the_installed_classes():
         "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"}
     for name in BUILDERS:
         assert wrap(_model(name), "full").family == name
+
+
+def test_deepstack_region_features_match_the_candidate_pyramid():
+    """A pooled token's DeepStack feature is the area average the pyramid gives its candidate."""
+    from arr_coc.pyramid import build_pyramid, pyramid_positions
+
+    grid = (3, 5)
+    feat = torch.randn(15, 4)
+    pos, _ = pyramid_positions(grid, (1, 2))
+    ours = qwen_vl._pyramid_features(feat, grid, 2)[qwen_vl._candidate_index(pos, grid)]
+    torch.testing.assert_close(ours, build_pyramid(feat[None], grid, (1, 2)).candidates[0])
+
+
+def test_gradients_reach_the_vision_tower():
+    model = _model("qwen2_vl")
+    vlm = wrap(model, create_allocator("random", seed=0), budget=3)
+    try:
+        vlm(**_batch()).logits.sum().backward()
+        grads = [p.grad for p in model.model.visual.merger.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    finally:
+        model.zero_grad(set_to_none=True)
