@@ -45,7 +45,7 @@ from arr_coc.pyramid import build_pyramid, raster_key
 from arr_coc.training.backbones import LLMConfig, VisionConfig
 from arr_coc.training.base_vlm import BaseVLM, BaseVLMConfig, candidate_regions
 from arr_coc.training.task import QUESTION_TYPES, VQABatch, VQATask
-from arr_coc.training.tokenizer import build_tokenizer
+from arr_coc.training.tokenizer import build_tokenizer, load_tokenizer
 
 __all__ = ["evaluate", "main", "parse_args", "random_allocation", "train"]
 
@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-images", type=int, default=250)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine 2 threads ran 9x slower)")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--plot-only", action="store_true", help="only draw OUT/learning_curve.png from OUT/training_log.csv")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate the checkpoint in OUT on a held-out test set")
+    p.add_argument("--test-images", type=int, default=1000)
     args = p.parse_args(argv)
     for name in ("images_per_step", "questions_per_image", "max_steps", "eval_every", "val_images", "threads"):
         if getattr(args, name) < 1:
@@ -217,6 +220,49 @@ def evaluate(vlm: BaseVLM, tok, batch: VQABatch, *, chunk: int = 256) -> dict[st
     return out
 
 
+@torch.no_grad()
+def evaluate_budgets(
+    vlm: BaseVLM, tok, batch: VQABatch, *, seed: int = 0, chunk: int = 256
+) -> dict[str, dict[str, float]]:
+    """Accuracy per question type under simple allocations (sanity checks of the base model).
+
+    full: the N fine tokens; random_K: K fine tokens drawn uniformly per image (K = N/2,
+    N/4, N/8); pooled_2x2 / pooled_4x4: only the pooled tokens of one level.
+    """
+    vlm.eval()
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.cat([vlm.encode_image(batch.images[i : i + chunk]) for i in range(0, len(batch.images), chunk)])
+    pyr = build_pyramid(tokens[:, vlm.num_prefix_tokens :], vlm.grid)
+    n, m, i_count = pyr.num_fine, pyr.candidates.shape[1], tokens.shape[0]
+    levels = pyr.positions[:, 2]
+    settings: dict[str, torch.Tensor] = {"full": torch.arange(n).expand(i_count, -1)}
+    for k in (n // 2, n // 4, n // 8):
+        settings[f"random_{k}"] = torch.rand(i_count, n, generator=gen).argsort(1)[:, :k].sort(1).values
+    for lvl, name in ((1, "pooled_2x2"), (2, "pooled_4x4")):
+        settings[name] = torch.arange(m)[levels == lvl].expand(i_count, -1)
+    target = _answer_ids(tok, batch.answers)
+    types = np.array(batch.qtypes)
+    out: dict[str, dict[str, float]] = {}
+    for name, idx in settings.items():
+        mask = torch.ones_like(idx, dtype=torch.bool)
+        sel, pos = _gather(pyr.candidates, pyr.positions, idx, mask)
+        visual = vlm.project(sel)
+        preds = []
+        for i in range(0, len(batch.questions), chunk):
+            qi = batch.image_index[i : i + chunk]
+            enc = tok(batch.questions[i : i + chunk], padding=True, return_tensors="pt")
+            logits = vlm.answer_logits(visual[qi], mask[qi], pos[qi], enc["input_ids"], enc["attention_mask"])
+            preds.append(logits.argmax(-1))
+        correct = (torch.cat(preds) == target).float()
+        row = {"all": float(correct.mean()), "tokens": int(idx.shape[1])}
+        for t in QUESTION_TYPES:
+            sel_t = torch.from_numpy(types == t)
+            row[t] = float(correct[sel_t].mean()) if sel_t.any() else float("nan")
+        out[name] = row
+    vlm.train()
+    return out
+
+
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -327,8 +373,52 @@ def train(args) -> dict[str, float]:
     return best
 
 
+def plot_learning_curve(log_csv: str | Path, png: str | Path) -> Path:
+    """Validation accuracy per question type against questions seen (from a training log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(Path(log_csv).open()))
+    if not rows:
+        raise ValueError(f"log_csv: no rows in {log_csv}")
+    seen = [int(r["questions_seen"]) / 1000 for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(seen, [float(r["val_acc"]) for r in rows], "k-", lw=2, label="all")
+    for t in QUESTION_TYPES:
+        ax.plot(seen, [float(r[f"val_{t}"]) for r in rows], lw=1, label=t)
+    switch = [s for s, r0, r1 in zip(seen[1:], rows, rows[1:]) if r0["stage"] != r1["stage"]]
+    for s in switch:
+        ax.axvline(s, color="grey", ls=":", lw=1)
+    ax.set_xlabel("training questions seen (thousands)")
+    ax.set_ylabel("validation accuracy, full tokens")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return Path(png)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    if args.plot_only:
+        png = plot_learning_curve(Path(args.out) / "training_log.csv", Path(args.out) / "learning_curve.png")
+        print(f"wrote {png}")
+        return {}
+    if args.eval_only:
+        torch.set_num_threads(args.threads)
+        vlm = BaseVLM.from_pretrained(args.out)
+        tok = load_tokenizer(args.out)
+        test_task = VQATask(args.seed + 2_000_003, image_size=args.image_size, grid=args.grid, object_cells=args.object_cells)
+        test = test_task.fixed_batch(args.test_images, 4)
+        result = evaluate_budgets(vlm, tok, test, seed=args.seed)
+        result["_meta"] = {"test_questions": len(test.questions), "task_seed": test_task.seed, "stream": 7}
+        (Path(args.out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return result["full"]
     best = train(args)
     print("best", json.dumps(best), flush=True)
     return best

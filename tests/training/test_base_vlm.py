@@ -150,3 +150,9 @@ def test_training_smoke_run_writes_checkpoint_and_curve(tmp_path):
     model = BaseVLM.from_pretrained(out)
     assert model.grid == (4, 4)
     assert (out / "tokenizer.json").is_file() and (out / "training_log.csv").is_file()
+    # held-out evaluation of the written checkpoint at several allocations
+    full = main(["--out", str(out), "--eval-only", "--image-size", "32", "--grid", "4", "--test-images", "3"])
+    result = json.loads((out / "eval.json").read_text())
+    assert full == result["full"] and result["full"]["tokens"] == 16
+    assert result["random_4"]["tokens"] == 4 and result["pooled_2x2"]["tokens"] == 4 and result["pooled_4x4"]["tokens"] == 1
+    assert all(0.0 <= r["all"] <= 1.0 for k, r in result.items() if k != "_meta")
