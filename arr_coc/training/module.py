@@ -502,7 +502,10 @@ class ARRCOCModule(L.LightningModule):
         checkpoint["arr_coc"] = {
             "backbones": self.backbones,
             "vlm_fingerprint": self._frozen_fingerprint(),
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -523,4 +526,6 @@ class ARRCOCModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self._pending_rng is not None:
             torch.set_rng_state(self._pending_rng["torch"])
+            if self._pending_rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._pending_rng["cuda"])
             self._pending_rng = None

@@ -204,6 +204,8 @@ def test_fast_dev_run_stage2(tmp_path):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert 0.0 <= metrics["val/acc"] <= 1.0 and 0.0 <= metrics["val/recall"] <= 1.0
     assert metrics["val/tokens"] <= 16
+    per_type = [k for k in metrics if k.startswith("val/acc_")]
+    assert per_type and all(k[len("val/acc_") :] in ("shape", "colour", "side", "nearest", "count") for k in per_type)
     assert train_script.optimized_value(cfg, metrics) == metrics["val/acc"]
     with pytest.raises(ValueError, match="optimized_metric"):
         train_script.optimized_value(OmegaConf.create({"optimized_metric": "val/nope"}), metrics)
@@ -291,7 +293,21 @@ def test_multirun_over_allocator_and_budget(tmp_path):
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert len(runs) == 4, runs
     for name in ("allocator=arr_coc,budget=16", "allocator=visionzip,budget=64"):
-        assert any(r.endswith(name) for r in runs), runs
+        assert any(f"_{name}," in r for r in runs), runs
+    assert all((sweep / r / ".hydra" / "overrides.yaml").is_file() for r in runs)
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_a_sweep_in_parallel(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _script(
+        ["-m", "hydra/launcher=local", "allocator=random,visionzip", "budget=8", *SMALL, "debug=fast_dev_run",
+         f"hydra.sweep.dir={sweep}"],
+        tmp_path, 600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in proc.stderr + proc.stdout
+    assert len([p for p in sweep.iterdir() if p.is_dir()]) == 2
 
 
 @pytest.mark.slow

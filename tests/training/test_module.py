@@ -246,6 +246,18 @@ def test_save_and_load_pretrained_allocator(tmp_path, batch):
             save_allocator(alloc, tmp_path / "bad", name="_test_trainable", config={"dim": 32})
 
 
+def test_lazy_allocator_round_trips_through_the_hub(tmp_path):
+    alloc = create_allocator("arr_coc_adapter")  # dims inferred on the first training forward
+    x, q = torch.randn(2, 65, 32), torch.randn(2, 4, 24)
+    alloc.train()
+    alloc(x, query=q, budget=8, num_prefix_tokens=1)
+    alloc.eval()
+    loaded = load_allocator(save_allocator(alloc, tmp_path / "a", name="arr_coc_adapter"))
+    ref, got = alloc(x, query=q, budget=8, num_prefix_tokens=1), loaded(x, query=q, budget=8, num_prefix_tokens=1)
+    assert torch.equal(ref.indices, got.indices) and torch.equal(ref.gain, got.gain)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in alloc.parameters()) > 0
+
+
 def test_seeded_sampler_depends_on_seed_and_epoch_only():
     a, b = SeededRandomSampler(range(50), seed=3), SeededRandomSampler(range(50), seed=3)
     a.set_epoch(2)
