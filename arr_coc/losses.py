@@ -32,6 +32,10 @@ rank returns the loss of its own rows; the mean over ranks equals the one-proces
 the concatenated batch, and after DDP averages the parameter gradients over ranks they
 equal the one-process gradients. (The gradient each rank sees on its own embeddings is
 ``world_size`` times the one-process gradient of those rows; DDP's averaging undoes it.)
+Likewise each rank's ``mi_lower_bound`` is that of its own rows (``log_n`` counts all
+W * B candidates): average it over ranks. :class:`InfoNCELoss` and :class:`NegativeQueue`
+are single-process; under DDP gather the keys (``all_gather_with_grad`` in
+``arr_coc._distributed``) before passing them, as MoCo does before enqueueing.
 """
 
 from __future__ import annotations
