@@ -17,8 +17,10 @@ Preprocessing of the k-NN MI estimators (``ksg_mi``, ``ksg_cmi``, ``mi_features`
    between its distinct values (default 0.25): ties are broken, the order of distinct values
    is never changed, and the noise is always far above float64 resolution (scikit-learn's
    ``1e-10 * mean|x|`` noise is not - its issue 30772 - and its integer inputs were once
-   rounded by the scaling - issue 26696; here integers are converted to floats first). On
-   discrete data the estimate then approaches the plug-in discrete MI. Coordinates without
+   rounded by the scaling - issue 26696; here integers are converted to floats first).
+   Because the noise is narrower than half of every gap, the de-tied variable still
+   determines the original one, so the population MI is unchanged (data processing both
+   ways); on discrete data the estimate approaches the plug-in discrete MI. Coordinates without
    ties are left untouched, so continuous data give the exact KSG estimate. The noise is
    seeded by ``seed`` and by the variable's own values, so ``ksg_mi(x, y) == ksg_mi(y, x)``
    and ``mi_features(X, y)[j] == ksg_mi(X[:, j], y)``. ``jitter=0`` disables it.
