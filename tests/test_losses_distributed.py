@@ -1,6 +1,7 @@
 """Distributed ClipLoss / SigLipLoss on 2 CPU processes (gloo) equal one process on the
 concatenated batch: the loss, the MI bound, the embedding gradients and (after the
-averaging DDP does) the parameter gradients, in float64 to 1e-6.
+averaging DDP does) the parameter gradients, in float64 to 1e-6; and a real
+DistributedDataParallel step over two encoders gives the one-process parameter gradients.
 
 A negative control shows the check can fail: the same local CLIP loss gathered with plain
 ``dist.all_gather`` (no gradient through the other ranks' rows) gives wrong gradients.
@@ -61,6 +62,29 @@ def _run(loss_fn, img: torch.Tensor, txt: torch.Tensor) -> dict:
     }
 
 
+class _Encoders(torch.nn.Module):
+    """Two linear encoders and a loss: what a CLIP-style training step differentiates."""
+
+    def __init__(self, loss_fn: torch.nn.Module) -> None:
+        super().__init__()
+        torch.manual_seed(7)  # the same initial weights in every process
+        self.img, self.txt = torch.nn.Linear(D, 3, dtype=F64), torch.nn.Linear(D, 3, dtype=F64)
+        self.loss_fn = loss_fn.double()
+        if isinstance(loss_fn, SigLipLoss):
+            with torch.no_grad():
+                self.loss_fn.logit_bias.fill_(-1.5)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.img(img), self.txt(txt))["loss"]
+
+
+def _train_step_grads(loss_fn: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor, *, ddp: bool) -> dict:
+    model = _Encoders(loss_fn)
+    runner = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    runner(img, txt).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 def _plain_gather_clip_local(img: torch.Tensor, txt: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """The classic mistake: ``dist.all_gather`` carries no gradient to the other ranks."""
     img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
@@ -86,6 +110,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         img, txt = _data()
         rows = slice(rank * B, (rank + 1) * B)
         results = {name: _run(make(), img[rows], txt[rows]) for name, make in _cases(rank, WORLD).items()}
+        results["ddp"] = {name: _train_step_grads(make(), img[rows], txt[rows], ddp=True) for name, make in _cases(rank, WORLD).items()}
         results["plain_gather_img_grad"] = _plain_gather_clip_local(img[rows], txt[rows], rank, WORLD)
         # Ranks disagreeing on the batch size: a ValueError on every rank, not a hang.
         extra = 1 if rank == 1 else 0
@@ -139,6 +164,19 @@ def test_two_process_loss_and_gradients_equal_one_process(ranks, case):
     # ... so the parameter gradients DDP produces (mean over ranks) are the one-process ones.
     for pname, grad in single["params"].items():
         _close(sum(r["params"][pname] for r in got) / WORLD, grad)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case", list(_cases(0, 1)))
+def test_ddp_training_step_gradients_equal_one_process(ranks, case):
+    """Real DistributedDataParallel around two encoders and the loss: every parameter
+    gradient (encoders, scale, bias) equals one process's on the concatenated batch."""
+    img, txt = _data()
+    single = _train_step_grads(_cases(0, 1)[case](), img, txt, ddp=False)
+    for r in ranks:
+        assert set(r["ddp"][case]) == set(single)
+        for name, grad in single.items():
+            _close(r["ddp"][case][name], grad)
 
 
 @pytest.mark.timeout(180)
