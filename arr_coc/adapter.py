@@ -130,8 +130,8 @@ class QualityAdapter(nn.Module):
             raise ValueError(f"candidate_emb: expected [B, M, R], got {tuple(candidate_emb.shape)}")
         b, m, r = candidate_emb.shape
         dtype = torch.float64 if candidate_emb.dtype == torch.float64 else torch.float32
-        c = F.normalize(candidate_emb.to(dtype), dim=-1)
-        device = c.device
+        x = candidate_emb.to(dtype)
+        device = x.device
         if query_summary is None:
             q = torch.zeros(b, r, dtype=dtype, device=device)
             has_query = torch.zeros(b, dtype=torch.bool, device=device)
@@ -144,29 +144,29 @@ class QualityAdapter(nn.Module):
         pmi = torch.zeros(b, m, dtype=dtype, device=device) if pmi is None else pmi.to(dtype)
         alpha = (has_query.to(dtype) if alpha is None else alpha.to(dtype)).to(device)
         levels = torch.zeros(m, dtype=torch.long, device=device) if levels is None else levels.to(device)
+        inv, cos_m, cos_q = _geometry(x, q[:, None])
+        cos_q = cos_q * has_query[:, None, None].to(dtype)
+        base = self._base(cos_q[:, 0], cos_m, alpha)
         if not self.proj.materialized and not (self.training and torch.is_grad_enabled()):
             # untrained (the residual's last layer is still zero): the closed form alone, any width
-            cos_m = torch.einsum("bmr,br->bm", c, F.normalize(c.mean(1), dim=-1))
-            cos_q = torch.einsum("bmr,br->bm", c, q) * has_query[:, None].to(dtype)
-            base = self._base(cos_q, cos_m, alpha)
             return AdapterOutput(score=base, base=base)
         # the matched pair only: the critic's diagonal
-        feats, cos_q, cos_m = self._pair_features(c, q[:, None], pmi, levels, has_query)
+        feats = self._pair_features(x, inv, q[:, None], cos_q, cos_m, pmi, levels)
         resid = self.mlp(feats)[..., 0][:, 0]  # [B, M]
-        base = self._base(cos_q[:, 0], cos_m, alpha)
         return AdapterOutput(score=base + resid, base=base)
 
-    def _pair_features(self, c, q, pmi, levels, has_q):
-        """Features of every candidate of image b with query summary rows q[b, i] -> [B, Bq, M, F]."""
-        b, m, _ = c.shape
-        cm = F.normalize(c.mean(1), dim=-1)
-        cos_m = torch.einsum("bmr,br->bm", c, cm)
-        cos_q = torch.einsum("bmr,bir->bim", c, q) * has_q[:, None, None].to(c.dtype)
-        h = self.proj(c)  # [B, M, p]
+    def _pair_features(self, x, inv, q, cos_q, cos_m, pmi, levels):
+        """Features of every candidate of image b with query directions q[b, i] -> [B, Bq, M, F].
+
+        x [B, M, R] raw candidates, inv [B, M] their inverse norms (the projection is linear,
+        so P (x / |x|) = (P x) / |x| and no normalised copy of x is made).
+        """
+        b, m, _ = x.shape
+        h = self.proj(x) * inv[..., None]  # [B, M, p]
         g = self.proj(q)  # [B, Bq, p]
         bq = q.shape[1]
-        onehot = F.one_hot(levels.clamp(0, self.num_levels - 1), self.num_levels).to(c.dtype)
-        feats = torch.cat(
+        onehot = F.one_hot(levels.clamp(0, self.num_levels - 1), self.num_levels).to(x.dtype)
+        return torch.cat(
             [
                 h[:, None].expand(-1, bq, -1, -1),
                 h[:, None] * g[:, :, None],
@@ -177,7 +177,6 @@ class QualityAdapter(nn.Module):
             ],
             dim=-1,
         )
-        return feats, cos_q, cos_m
 
     def critic_matrix(
         self, candidate_emb: torch.Tensor, query_summary: torch.Tensor, levels: torch.Tensor | None = None
@@ -188,14 +187,26 @@ class QualityAdapter(nn.Module):
         """
         b, m, r = candidate_emb.shape
         dtype = torch.float64 if candidate_emb.dtype == torch.float64 else torch.float32
-        c = F.normalize(candidate_emb.to(dtype), dim=-1)
+        x = candidate_emb.to(dtype)
         q = F.normalize(query_summary.to(dtype), dim=-1)[None].expand(b, -1, -1)  # every image x every query
-        levels = torch.zeros(m, dtype=torch.long, device=c.device) if levels is None else levels
-        has_q = torch.ones(b, dtype=torch.bool, device=c.device)
-        pmi = torch.zeros(b, m, dtype=dtype, device=c.device)
-        feats, cos_q, cos_m = self._pair_features(c, q, pmi, levels, has_q)
-        score = self._base(cos_q, cos_m[:, None], torch.ones(b, b, dtype=dtype, device=c.device)) + self.mlp(feats)[..., 0]
+        levels = torch.zeros(m, dtype=torch.long, device=x.device) if levels is None else levels
+        pmi = torch.zeros(b, m, dtype=dtype, device=x.device)
+        inv, cos_m, cos_q = _geometry(x, q)
+        feats = self._pair_features(x, inv, q, cos_q, cos_m, pmi, levels)
+        score = self._base(cos_q, cos_m[:, None], torch.ones(b, b, dtype=dtype, device=x.device)) + self.mlp(feats)[..., 0]
         return torch.logsumexp(score, dim=-1) - math.log(m)
+
+
+def _geometry(x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, M, R] raw candidates, q [B, Bq, R] unit query directions ->
+    (inv [B, M] = 1 / |x_j| (0 for a zero vector), cos_m [B, M] = cos(x_j, mean direction),
+    cos_q [B, Bq, M] = cos(x_j, q_i)), reading x twice and never copying it."""
+    m = x.shape[1]
+    n = torch.linalg.vector_norm(x, dim=-1)
+    inv = torch.where(n > 0, 1.0 / n.clamp_min(torch.finfo(n.dtype).tiny), torch.zeros_like(n))
+    mean_dir = F.normalize(torch.bmm(inv[:, None, :], x)[:, 0] / m, dim=-1)  # mean of the unit vectors
+    dots = torch.bmm(torch.cat([mean_dir[:, None], q], 1), x.transpose(1, 2)) * inv[:, None, :]
+    return inv, dots[:, 0], dots[:, 1:]
 
 
 # ---------------------------------------------------------------------- training signals

@@ -107,6 +107,52 @@ def _cross(kernel: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.exp(-0.5 * sq.clamp_min(0))
 
 
+def _inv_norm(sq: torch.Tensor) -> torch.Tensor:
+    """1 / sqrt(sq), 0 where sq == 0 (a zero vector has zero covariance with everything)."""
+    return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).rsqrt(), torch.zeros_like(sq))
+
+
+def _rbf_from_dots(dots: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, ell2: torch.Tensor) -> torch.Tensor:
+    d2 = (sq_a[:, :, None] + sq_b[:, None, :] - 2 * dots).clamp_min(0)
+    return torch.exp(-0.5 * d2 / ell2[:, None, None])
+
+
+def _precomputed_kernels(
+    cand: torch.Tensor, query: torch.Tensor | None, kernel: str, bandwidth: float | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The whole kernel from one Gram of the raw embeddings (no normalised copy of [B, M, R]).
+
+    Returns gram [B, M, M], diag [B, M] = k(j, j), k_qq [B, T, T] | None, k_qc [B, T, M] | None.
+    """
+    x = cand.to(dtype)
+    g0 = x @ x.transpose(1, 2)
+    sq = g0.diagonal(dim1=1, dim2=2).clone()
+    qx = query.to(dtype) if query is not None else None
+    if kernel == "cosine":
+        inv = _inv_norm(sq)
+        gram = g0.mul_(inv[:, :, None]).mul_(inv[:, None, :])
+        diag = (sq > 0).to(dtype)
+        if qx is None:
+            return gram, diag, None, None
+        qinv = _inv_norm(qx.pow(2).sum(-1))
+        k_qq = (qx @ qx.transpose(1, 2)) * qinv[:, :, None] * qinv[:, None, :]
+        k_qc = (qx @ x.transpose(1, 2)) * qinv[:, :, None] * inv[:, None, :]
+        return gram, diag, k_qq, k_qc
+    if bandwidth is None:  # mean squared distance to the mean = mean |x|^2 - |mean x|^2
+        ell2 = sq.mean(1) - g0.mean(dim=(1, 2))
+        ell2 = torch.where(ell2 > 0, ell2, torch.ones_like(ell2))
+    else:
+        ell2 = torch.full(sq.shape[:1], float(bandwidth) ** 2, dtype=dtype, device=x.device)
+    gram = _rbf_from_dots(g0, sq, sq, ell2)
+    diag = torch.ones_like(sq)
+    if qx is None:
+        return gram, diag, None, None
+    qsq = qx.pow(2).sum(-1)
+    k_qq = _rbf_from_dots(qx @ qx.transpose(1, 2), qsq, qsq, ell2)
+    k_qc = _rbf_from_dots(qx @ x.transpose(1, 2), qsq, sq, ell2)
+    return gram, diag, k_qq, k_qc
+
+
 def kernel_matrix(
     x: torch.Tensor, y: torch.Tensor | None = None, *, kernel: str = "cosine", bandwidth: float | torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -237,24 +283,25 @@ def greedy_conditional_mi(
     k_max = int(budget.clamp(max=m).max().item()) if b else 0
     budget = budget.clamp(max=m)
 
-    c, q, diag, c_sq, _ = _prepare(cand_emb, query_emb, kernel, bandwidth, dtype)
     if precompute_kernel is None:  # CPU: one compute-bound Gram beats K memory-bound passes over [M, R]
         precompute_kernel = device.type == "cpu" and b * m * m <= 2**26
+    ct = c_sq = None
     if precompute_kernel:
-        gram = c @ c.transpose(1, 2)  # [B, M, M]
-        if kernel == "rbf":
-            gram = torch.exp(-0.5 * (c_sq[:, :, None] + c_sq[:, None, :] - 2 * gram).clamp_min(0))
-        ct = None
+        gram, diag, k_qq_raw, k_qc_raw = _precomputed_kernels(cand_emb, query_emb, kernel, bandwidth, dtype)
     else:
         gram = None
+        c, q, diag, c_sq, _ = _prepare(cand_emb, query_emb, kernel, bandwidth, dtype)
         ct = c.transpose(1, 2).contiguous()  # [B, R, M]: a row vector times it is a kernel column
+        k_qq_raw = _cross(kernel, q, q) if q is not None else None
+        k_qc_raw = _cross(kernel, q, c) if q is not None else None
+        del c
     var0 = diag + jitter  # [B, M] Var(j)
 
     # Two chains stacked on the batch axis (rows :B chain A, B: chain B), one factor
     # l [2B, T + K, M] in pivot-major layout. Chain B's first T rows are an eigen-factor of
     # the real query tokens (K_QQ + jitter I; padded tokens zeroed out, eigenvalues at or
     # below the floor dropped); chain A's are zero, which conditions on nothing.
-    t = q.shape[1] if q is not None else 0
+    t = query_emb.shape[1] if query_emb is not None else 0
     use_query = t > 0 and bool((alpha > 0).any())
     chains = 2 if use_query else 1
     l = torch.zeros(chains * b, t + k_max, m, dtype=dtype, device=device)
@@ -262,9 +309,9 @@ def greedy_conditional_mi(
     if use_query:
         qm = torch.ones(b, t, dtype=torch.bool, device=device) if query_mask is None else query_mask.to(device).bool()
         qmf = qm.to(dtype)
-        k_qq = _cross(kernel, q, q) * qmf[:, :, None] * qmf[:, None, :]
+        k_qq = k_qq_raw * qmf[:, :, None] * qmf[:, None, :]
         k_qq = k_qq + torch.diag_embed(qmf * jitter)
-        k_qc = _cross(kernel, q, c) * qmf[:, :, None]  # [B, T, M]
+        k_qc = k_qc_raw * qmf[:, :, None]  # [B, T, M]
         evals, evecs = torch.linalg.eigh(k_qq)
         inv_sqrt = torch.where(evals > var_floor, evals.clamp_min(var_floor).rsqrt(), torch.zeros_like(evals))
         l_q = (evecs.transpose(1, 2) @ k_qc) * inv_sqrt[:, :, None]  # [B, T, M]
@@ -281,7 +328,6 @@ def greedy_conditional_mi(
     half_log_d = 0.5 * math.log(distortion)
     check_every = 1 if bool((price > 0).any()) or bool((budget != k_max).any()) else k_max + 1
     rows = torch.arange(chains * b, device=device)
-    del c
 
     for k in range(k_max):
         var_a = var[:b]
@@ -373,11 +419,19 @@ def gaussian_set_mi(
     if kernel not in _KERNELS:
         raise ValueError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
     dtype = torch.float64 if cand_emb.dtype == torch.float64 else torch.float32
-    c, q, _, _, _ = _prepare(cand_emb, query_emb, kernel, bandwidth, dtype)
+    if kernel == "rbf" and bandwidth is None:  # the bandwidth comes from every candidate
+        x = cand_emb.to(dtype)
+        ell2 = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(dim=1)
+        bandwidth = torch.where(ell2 > 0, ell2, torch.ones_like(ell2)).sqrt()
+    sel = cand_emb.gather(1, indices.clamp_min(0)[..., None].expand(-1, -1, cand_emb.shape[-1]))
+    if kernel == "rbf":
+        scale = bandwidth.to(dtype)[:, None, None] if isinstance(bandwidth, torch.Tensor) else float(bandwidth)
+        cs, q = sel.to(dtype) / scale, query_emb.to(dtype) / scale
+    else:
+        cs, q, _, _, _ = _prepare(sel, query_emb, kernel, None, dtype)  # gather first: normalise K rows, not M
     b, t = q.shape[:2]
     valid = indices >= 0
-    cs = c.gather(1, indices.clamp_min(0)[..., None].expand(-1, -1, c.shape[-1]))
-    qm = torch.ones(b, t, dtype=torch.bool, device=c.device) if query_mask is None else query_mask.bool()
+    qm = torch.ones(b, t, dtype=torch.bool, device=cs.device) if query_mask is None else query_mask.bool()
     joint = torch.cat([cs, q], 1)
     present = torch.cat([valid, qm], 1).to(dtype)
     kj = _cross(kernel, joint, joint) * present[:, :, None] * present[:, None, :]

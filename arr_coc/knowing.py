@@ -187,6 +187,18 @@ class _QueryMap(_Lazy):
         return q @ self.weight.to(q.dtype).T
 
 
+def _head_dots(a: torch.Tensor, emb: torch.Tensor, heads: int, head: int | None = None) -> torch.Tensor:
+    """Dot products within one head (or each head) without copying emb.
+
+    head given: a [B, T, e] against emb[..., head slice] [B, M, e] -> [B, T, M].
+    head None:  a [B, H, e] (one vector per head) -> [B, H, M].
+    """
+    e = emb.shape[-1] // heads
+    if head is not None:
+        return torch.matmul(a, emb[..., head * e : (head + 1) * e].transpose(1, 2))
+    return torch.stack([torch.matmul(a[:, i : i + 1], emb[..., i * e : (i + 1) * e].transpose(1, 2))[:, 0] for i in range(heads)], 1)
+
+
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(h for h in range(1, min(n, at_most) + 1) if n % h == 0)
 
@@ -264,11 +276,12 @@ class ParticipatoryScorer(nn.Module):
         r = emb.shape[-1]
         h = self._heads(r)
         tau = self.log_temperature[:h].to(dtype).clamp(max=math.log(100.0)).exp()  # [H]
-        kh = F.normalize(rearrange(emb, "b m (h e) -> b h m e", h=h), dim=-1)
+        # per-head cosines without a normalised copy of [B, M, R]: dot products, then / |k_j^h|
+        inv_k = 1.0 / torch.linalg.vector_norm(emb.unflatten(-1, (h, r // h)), dim=-1).clamp_min(1e-12)  # [B, M, H]
         if self.prior_kind == "learned":
             prior_vec = self.candidate_map.prior_vector(r, dtype, emb.device)
-            p = F.normalize(rearrange(prior_vec, "(h e) -> h e", h=h), dim=-1)
-            prior_logits = torch.einsum("bhme,he->bhm", kh, p) * tau[None, :, None]
+            p = F.normalize(rearrange(prior_vec, "(h e) -> 1 h e", h=h), dim=-1).expand(b, -1, -1)
+            prior_logits = _head_dots(p, emb, h) * inv_k.transpose(1, 2) * tau[None, :, None]  # [B, H, M]
             log_prior = (prior_logits.log_softmax(-1).exp().mean(1)).log()  # [B, M]
         else:
             log_prior = torch.full((b, m), -math.log(m), dtype=dtype, device=emb.device)
@@ -289,8 +302,10 @@ class ParticipatoryScorer(nn.Module):
         if mask.shape != (b, t):
             raise ValueError(f"query_mask: expected shape {(b, t)}, got {tuple(mask.shape)}")
         qemb = self.query_map(query.to(dtype), out_dim=r, materialize=grow)  # [B, T, R]
-        qh = F.normalize(rearrange(qemb, "b t (h e) -> b h t e", h=h), dim=-1)
-        logits = torch.einsum("bhte,bhme->bhtm", qh, kh) * tau[None, :, None, None]
+        qh = F.normalize(rearrange(qemb, "b t (h e) -> b t h e", h=h), dim=-1).flatten(2)  # [B, T, R]
+        e = r // h
+        dots = torch.stack([_head_dots(qh[..., i * e : (i + 1) * e], emb, h, i) for i in range(h)], 1)
+        logits = dots * inv_k.transpose(1, 2)[:, :, None, :] * tau[None, :, None, None]  # [B, H, T, M]
         log_p = logits.log_softmax(-1)  # log p_{h,t}(j)
         log_p = log_p.masked_fill(~mask[:, None, :, None], -math.inf)
         count = mask.sum(1)  # [B]

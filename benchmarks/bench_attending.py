@@ -25,7 +25,7 @@ import torch
 from arr_coc.allocators import create_allocator, list_allocators
 from arr_coc.attending import greedy_conditional_mi
 from arr_coc.pyramid import build_pyramid
-from benchmarks._report import argv_command, markdown_table, median_time, write_report
+from benchmarks._report import markdown_table, median_time, write_report
 
 
 def _flag(argv: list[str], name: str, default: str) -> str:
@@ -241,4 +241,4 @@ def main(argv: list[str]) -> None:
         f"Median of {repeats} runs after one warm-up unless stated.\n\n" + "\n\n".join(sections)
     )
     write_report("attending" + ("_quick" if quick else ""), "Attending: exact greedy conditional MI, side by side",
-                 argv_command("bench_attending"), body)
+                 " ".join(["python -m benchmarks bench_attending", *argv]), body)
