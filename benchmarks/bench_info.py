@@ -1,0 +1,172 @@
+"""Information-measure benchmarks: arr_coc.info side by side with scikit-learn and dcor.
+
+``python -m benchmarks info [--quick] [--repeats=R]`` writes experiments/results/info.md:
+1. ``mi_features`` vs ``mutual_info_regression(n_jobs=-1)``, n = 10,000, F = 256 (time, max |diff|);
+2. 1-D ``ksg_mi`` vs scikit-learn at n = 10^5; 1-D ``ksg_mi`` at n = 10^6 (time, peak memory
+   of a fresh process);
+3. ``distance_correlation`` vs dcor: 1-D n = 10^5 (both O(n log n)) and 3-D n = 10^4
+   (dcor's O(n^2) path vs our tiles);
+4. the sklearn issue 30772 case: a rare binary feature independent of the label;
+5. KSG bias and spread over seeds on Gaussians and monotone transforms of them.
+Times are medians of ``--repeats`` runs after a warm-up; CPU times are reported too because
+the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from benchmarks._report import argv_command, markdown_table, write_report
+
+
+def _timed(fn, repeats: int) -> tuple[float, float, object]:
+    """(median wall s, median process CPU s, last result) after one warm-up."""
+    out = fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus), out
+
+
+def _gauss(n: int, rho: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n)
+    return x, rho * x + math.sqrt(1 - rho**2) * rng.standard_normal(n)
+
+
+_PEAK_SCRIPT = """
+import resource, sys, time, torch
+from arr_coc.info import ksg_mi
+n = int(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+x = torch.randn(n, generator=g, dtype=torch.float64)
+y = 0.6 * x + 0.8 * torch.randn(n, generator=g, dtype=torch.float64)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0, c0 = time.perf_counter(), time.process_time()
+v = ksg_mi(x, y).item()
+print(time.perf_counter() - t0, time.process_time() - c0, v, base / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+"""
+
+
+def main(argv: list[str]) -> None:
+    from sklearn.feature_selection import mutual_info_classif, mutual_info_regression
+
+    import dcor
+    from arr_coc.info import distance_correlation, ksg_mi, mi_features
+
+    quick = "--quick" in argv
+    repeats = next((int(a.split("=")[1]) for a in argv if a.startswith("--repeats=")), 1 if quick else 3)
+    scale = 10 if quick else 1
+    sections = []
+
+    # 1. mi_features vs mutual_info_regression
+    n, F = 10_000 // scale, 256 // (4 if quick else 1)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n, F))
+    y = X[:, :16] @ rng.standard_normal(16) * 0.3 + np.sin(2 * X[:, 16]) + rng.standard_normal(n)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    sk_w, _, sk = _timed(lambda: mutual_info_regression(X, y, n_neighbors=3, n_jobs=-1, random_state=0), repeats)
+    our_w, our_c, ours = _timed(lambda: mi_features(Xt, yt, 3, clip=True), repeats)
+    diff = float(np.abs(ours.numpy() - sk).max())
+    rows = [[f"mi_features vs mutual_info_regression(n_jobs=-1), n={n}, F={F}, k=3", sk_w, our_w, our_c, sk_w / our_w, f"{diff:.2e}"]]
+
+    # 2. 1-D KSG at 1e5 (and 1e6 in a fresh process for its peak memory)
+    n1 = 100_000 // scale
+    x1, y1 = _gauss(n1, 0.6, 1)
+    sk_w, _, sk1 = _timed(lambda: mutual_info_regression(x1[:, None], y1, n_neighbors=3, random_state=0)[0], repeats)
+    our_w, our_c, o1 = _timed(lambda: ksg_mi(torch.from_numpy(x1), torch.from_numpy(y1)).item(), repeats)
+    rows.append([f"1-D ksg_mi vs mutual_info_regression, n={n1}", sk_w, our_w, our_c, sk_w / our_w, f"{abs(o1 - sk1):.2e}"])
+    n6 = 1_000_000 // scale
+    res = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n6)], capture_output=True, text=True, check=True)
+    w6, c6, v6, base_mb, peak_mb = (float(t) for t in res.stdout.split())
+    truth6 = -0.5 * math.log(1 - 0.36)
+
+    # 3. distance correlation
+    nd = 100_000 // scale
+    xd, yd = _gauss(nd, 0.5, 2)
+    yd = yd**2 + xd
+    dc_w, _, dref = _timed(lambda: dcor.distance_correlation(xd, yd), repeats)
+    our_w, our_c, dours = _timed(lambda: distance_correlation(torch.from_numpy(xd), torch.from_numpy(yd)).item(), repeats)
+    rows.append([f"distance_correlation 1-D vs dcor (AVL/mergesort), n={nd}", dc_w, our_w, our_c, dc_w / our_w, f"{abs(dours - dref):.2e}"])
+    nm = 10_000 // scale
+    rng = np.random.default_rng(3)
+    Xm = rng.standard_normal((nm, 3))
+    Ym = np.stack([Xm[:, 0] * Xm[:, 1], Xm[:, 2] ** 2], 1) + 0.5 * rng.standard_normal((nm, 2))
+    dc_w, _, dref = _timed(lambda: dcor.distance_correlation(Xm, Ym), max(1, repeats - 2))
+    our_w, our_c, dours = _timed(lambda: distance_correlation(torch.from_numpy(Xm), torch.from_numpy(Ym)).item(), repeats)
+    rows.append([f"distance_correlation 3-D x 2-D vs dcor (O(n^2)), n={nm}", dc_w, our_w, our_c, dc_w / our_w, f"{abs(dours - dref):.2e}"])
+    sections.append(
+        "## Speed and agreement\n\n"
+        + markdown_table(["workload", "reference s", "arr_coc s", "arr_coc CPU s", "speed-up", "max abs diff"], rows)
+        + f"\n\n1-D `ksg_mi` at n = {n6:,} (fresh process, rho = 0.6, truth {truth6:.4f}): {w6:.2f} s wall, "
+        f"{c6:.2f} s CPU, estimate {v6:.4f}, peak RSS {peak_mb:.0f} MiB ({peak_mb - base_mb:.0f} MiB above the "
+        f"{base_mb:.0f} MiB after import).\n"
+    )
+
+    # 4. sklearn issue 30772: an independent rare binary feature
+    rows30772 = []
+    for nr in ([20_000, 200_000] if not quick else [20_000]):
+        rng = np.random.default_rng(4)
+        label = np.zeros(nr, dtype=np.int64)
+        label[rng.choice(nr, 100, replace=False)] = 1
+        feat = np.stack([rng.standard_normal(nr), np.zeros(nr)], 1)  # Gaussian noise and a constant
+        h = -sum(p * math.log(p) for p in (100 / nr, 1 - 100 / nr))
+        sk = mutual_info_classif(feat, label, n_neighbors=3, random_state=0)
+        ours = mi_features(torch.from_numpy(feat), torch.from_numpy(label), 3, discrete_target=True)
+        rows30772.append([nr, h, sk[0], float(ours[0]), sk[1], float(ours[1])])
+    sections.append(
+        "## Independent features vs a rare label (scikit-learn issue 30772): truth 0\n\n"
+        + markdown_table(["n", "H(label)", "sklearn noise feat.", "ours noise feat.", "sklearn constant feat.", "ours constant feat."], rows30772)
+    )
+
+    # 5. KSG bias and spread
+    seeds = 4 if quick else 10
+    brows = []
+    for n_b in ([1000] if quick else [1000, 10_000]):
+        for name, rho, tf in [
+            ("Gaussian", 0.3, None),
+            ("Gaussian", 0.6, None),
+            ("Gaussian", 0.9, None),
+            ("(exp x, y^3) of Gaussian", 0.6, "mono"),
+            ("2-D x 2-D Gaussian", None, "mv"),
+        ]:
+            ests = []
+            for s in range(seeds):
+                g = torch.Generator().manual_seed(1000 + s)
+                if tf == "mv":
+                    cov = torch.tensor([[1.0, 0.3, 0.5, 0.1], [0.3, 1.0, 0.2, 0.4], [0.5, 0.2, 1.0, 0.0], [0.1, 0.4, 0.0, 1.0]], dtype=torch.float64)
+                    truth = 0.5 * (torch.logdet(cov[:2, :2]) + torch.logdet(cov[2:, 2:]) - torch.logdet(cov)).item()
+                    z = torch.randn(n_b, 4, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+                    if n_b > 5000:
+                        break
+                    ests.append(ksg_mi(z[:, :2], z[:, 2:]).item())
+                else:
+                    truth = -0.5 * math.log(1 - rho**2)
+                    x = torch.randn(n_b, generator=g, dtype=torch.float64)
+                    yv = rho * x + math.sqrt(1 - rho**2) * torch.randn(n_b, generator=g, dtype=torch.float64)
+                    if tf == "mono":
+                        x, yv = torch.exp(x), yv**3
+                    ests.append(ksg_mi(x, yv).item())
+            if ests:
+                m = statistics.mean(ests)
+                brows.append([name, "" if rho is None else rho, n_b, truth, m, m - truth, statistics.stdev(ests)])
+    sections.append(
+        f"## KSG (k = 3) bias and spread over {seeds} seeds\n\n"
+        + markdown_table(["distribution", "rho", "n", "true MI (nats)", "mean estimate", "bias", "std"], brows)
+    )
+
+    write_report("info", "Information measures: arr_coc.info vs scikit-learn and dcor", argv_command("info"), "\n\n".join(sections))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
