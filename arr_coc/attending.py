@@ -118,14 +118,20 @@ def _rbf_from_dots(dots: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, e
 
 
 def _precomputed_kernels(
-    cand: torch.Tensor, query: torch.Tensor | None, kernel: str, bandwidth: float | None, dtype: torch.dtype
+    cand: torch.Tensor,
+    query: torch.Tensor | None,
+    kernel: str,
+    bandwidth: float | None,
+    dtype: torch.dtype,
+    cand_gram: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The whole kernel from one Gram of the raw embeddings (no normalised copy of [B, M, R]).
 
+    ``cand_gram`` [B, M, M]: the raw inner products, when the caller has them more cheaply.
     Returns gram [B, M, M], diag [B, M] = k(j, j), k_qq [B, T, T] | None, k_qc [B, T, M] | None.
     """
     x = cand.to(dtype)
-    g0 = x @ x.transpose(1, 2)
+    g0 = x @ x.transpose(1, 2) if cand_gram is None else cand_gram.to(dtype, copy=True)
     sq = g0.diagonal(dim1=1, dim2=2).clone()
     qx = query.to(dtype) if query is not None else None
     if kernel == "cosine":
@@ -246,6 +252,7 @@ def greedy_conditional_mi(
     dtype: torch.dtype | None = None,
     precompute_kernel: bool | None = None,
     check_finite: bool = True,
+    cand_gram: torch.Tensor | None = None,
 ) -> GreedyResult:
     """Exact greedy conditional-MI selection (see the module docstring for the model).
 
@@ -268,6 +275,8 @@ def greedy_conditional_mi(
                 O(M^2) memory) instead of one kernel column per step (O(M K R) time,
                 memory-bound, O(M K) memory). None: on CPU when B M^2 <= 2^26, else columns.
     check_finite: validate that the embeddings are finite (callers that already did may skip it).
+    cand_gram:  optional [B, M, M] raw inner products <c_i, c_j> (e.g. pooled from the fine
+                tokens' Gram, cheaper on a pyramid); implies ``precompute_kernel``.
 
     Returns a :class:`GreedyResult`.
     """
@@ -283,11 +292,15 @@ def greedy_conditional_mi(
     k_max = int(budget.clamp(max=m).max().item()) if b else 0
     budget = budget.clamp(max=m)
 
+    if cand_gram is not None:
+        if cand_gram.shape != (b, m, m):
+            raise ValueError(f"cand_gram: expected [B={b}, M={m}, M={m}], got {tuple(cand_gram.shape)}")
+        precompute_kernel = True
     if precompute_kernel is None:  # CPU: one compute-bound Gram beats K memory-bound passes over [M, R]
         precompute_kernel = device.type == "cpu" and b * m * m <= 2**26
     ct = c_sq = None
     if precompute_kernel:
-        gram, diag, k_qq_raw, k_qc_raw = _precomputed_kernels(cand_emb, query_emb, kernel, bandwidth, dtype)
+        gram, diag, k_qq_raw, k_qc_raw = _precomputed_kernels(cand_emb, query_emb, kernel, bandwidth, dtype, cand_gram)
     else:
         gram = None
         c, q, diag, c_sq, _ = _prepare(cand_emb, query_emb, kernel, bandwidth, dtype)

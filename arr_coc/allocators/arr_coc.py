@@ -36,6 +36,7 @@ from arr_coc.allocators.registry import register_allocator
 from arr_coc.attending import gaussian_set_mi, greedy_conditional_mi
 from arr_coc.balancing import Balancer
 from arr_coc.knowing import ParticipatoryScorer, ScorerOutput
+from arr_coc.pyramid import build_pyramid
 
 __all__ = ["ArrCocAdapterAllocator", "ArrCocAllocator"]
 
@@ -101,6 +102,26 @@ class ArrCocAllocator(Allocator):
         )
         return out, bal
 
+    def _pyramid_gram(self, ctx: AllocationContext, emb: torch.Tensor) -> torch.Tensor | None:
+        """Raw Gram [B, M, M] of the candidate embeddings from the fine tokens' Gram, pooled.
+
+        The scorer's candidate map is linear, so a pooled candidate's embedding is the mean of
+        its children's and its inner products are means of theirs: an N x N Gram plus pooling
+        instead of an M x M Gram (M = 756 vs N = 576 on a 24 x 24 grid: ~40% fewer flops).
+        Only on CPU, where the greedy precomputes its kernel anyway.
+        """
+        if not self.pyramid_levels or emb.device.type != "cpu" or not isinstance(self.scorer, ParticipatoryScorer):
+            return None
+        b, m = emb.shape[:2]
+        if b * m * m > 2**26:
+            return None
+        n = ctx.num_fine
+        dtype = torch.float64 if emb.dtype == torch.float64 else torch.float32
+        fine = emb[:, :n].to(dtype)
+        g_ff = fine @ fine.transpose(1, 2)  # [B, N, N]
+        g_mf = build_pyramid(g_ff, ctx.grid, self.pyramid_levels).candidates  # rows pooled: [B, M, N]
+        return build_pyramid(g_mf.transpose(1, 2), ctx.grid, self.pyramid_levels).candidates.transpose(1, 2)
+
     def _training(self) -> bool:
         return self.training and torch.is_grad_enabled()
 
@@ -128,6 +149,7 @@ class ArrCocAllocator(Allocator):
             distortion=self.distortion,
             bandwidth=self.bandwidth,
             check_finite=False,  # the tokens were validated; the scorer keeps them finite
+            cand_gram=self._pyramid_gram(ctx, out.candidate_emb.detach()),
         )
         keep_prob = torch.sigmoid(out.pmi / self.st_temperature)
         extras = dict(

@@ -269,3 +269,14 @@ def test_precomputed_kernel_and_kernel_columns_agree(kernel):
     b = greedy_conditional_mi(c, q, None, 12, alpha=0.6, kernel=kernel, precompute_kernel=False)
     assert torch.equal(a.indices, b.indices)
     torch.testing.assert_close(a.gains, b.gains)
+
+
+def test_given_gram_equals_computed_gram():
+    c = torch.randn(2, 30, 8, dtype=torch.float64)
+    q = torch.randn(2, 3, 8, dtype=torch.float64)
+    ref = greedy_conditional_mi(c, q, None, 10, alpha=0.7, kernel="rbf")
+    got = greedy_conditional_mi(c, q, None, 10, alpha=0.7, kernel="rbf", cand_gram=c @ c.transpose(1, 2))
+    assert torch.equal(ref.indices, got.indices)
+    torch.testing.assert_close(ref.gains, got.gains)
+    with pytest.raises(ValueError, match="cand_gram"):
+        greedy_conditional_mi(c, q, None, 10, cand_gram=torch.zeros(2, 30, 29, dtype=torch.float64))
