@@ -77,13 +77,17 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and optionally test) the allocator; returns the final metrics as floats.
 
+    An allocator without trainable parameters (the published baselines) is only
+    validated, as is any allocator with ``train=false``.
     With ``ckpt_path`` the run resumes from that checkpoint (optimizer, epoch, RNG state)
     and continues as if it had not stopped.
     """
     objs = build(cfg)
     trainer, module, dm = objs["trainer"], objs["module"], objs["datamodule"]
-    if cfg.get("train", True):
+    if cfg.get("train", True) and module.trainable_parameters():
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    else:  # nothing to train (a parameter-free baseline, or train=false): evaluate
+        trainer.validate(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test", False):
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
@@ -110,8 +114,7 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return optimized_value(cfg, metrics) if cfg.get("train", True) else None
+    return optimized_value(cfg, train(cfg))
 
 
 if __name__ == "__main__":

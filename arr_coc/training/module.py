@@ -18,6 +18,14 @@ and stores the backbone references (names / paths, as given in ``backbones``) an
 fingerprint; ``on_load_checkpoint`` puts the live VLM's weights back and refuses a
 checkpoint trained on another backbone. The global RNG state is saved and restored so that a
 resumed run continues exactly like an uninterrupted one.
+
+Validation (and test) metrics: ``val/acc`` (and ``val/acc_<question type>``), ``val/tokens``
+(kept tokens per example), ``val/recall`` (fraction of the ground-truth relevant patches
+covered by the kept tokens, a pooled token covering its whole region), ``val/recall_fine``
+(covered by fine tokens only), ``val/mi_selected_query`` (the allocator's own estimate of
+I(selected; query) in nats, where it defines one), ``val/mi_infonce`` (the adapter critic's
+InfoNCE lower bound on I(image; query)), ``val/throughput`` (examples per second through
+the whole pipeline), and the loss terms ``val/ce``, ``val/rate``, ``val/critic``.
 """
 
 from __future__ import annotations
@@ -459,6 +467,10 @@ class ARRCOCModule(L.LightningModule):
             ok = ~torch.isnan(rec)
             if ok.any():
                 self.log(f"{stage}/recall", rec[ok].mean(), batch_size=int(ok.sum()), sync_dist=True)
+                # the same, counting fine (level 0) tokens only: how much is seen at full detail
+                fine = out.mask & (out.positions[..., 2] == 0)
+                rec_fine = relevance_recall(out.positions, fine, batch["relevance"], self.grid)
+                self.log(f"{stage}/recall_fine", rec_fine[ok].mean(), batch_size=int(ok.sum()), sync_dist=True)
         if out.gain is not None:
             self.log(f"{stage}/mi_selected_query", out.gain.detach().float().mean(), batch_size=b, sync_dist=True)
         if "question_type" in batch and self.question_types:
