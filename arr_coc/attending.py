@@ -315,7 +315,7 @@ def greedy_conditional_mi(
     # the real query tokens (K_QQ + jitter I; padded tokens zeroed out, eigenvalues at or
     # below the floor dropped); chain A's are zero, which conditions on nothing.
     t = query_emb.shape[1] if query_emb is not None else 0
-    use_query = t > 0 and bool((alpha > 0).any())
+    use_query = t > 0  # even at alpha = 0 the total I(c_S ; Q) is reported
     chains = 2 if use_query else 1
     l = torch.zeros(chains * b, t + k_max, m, dtype=dtype, device=device)
     var = var0.repeat(chains, 1)

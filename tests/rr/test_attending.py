@@ -280,3 +280,13 @@ def test_given_gram_equals_computed_gram():
     torch.testing.assert_close(ref.gains, got.gains)
     with pytest.raises(ValueError, match="cand_gram"):
         greedy_conditional_mi(c, q, None, 10, cand_gram=torch.zeros(2, 30, 29, dtype=torch.float64))
+
+
+def test_total_is_reported_whatever_alpha():
+    c = torch.randn(2, 12, 16, dtype=torch.float64)
+    q = torch.randn(2, 2, 16, dtype=torch.float64)
+    for alpha in (0.0, 0.4):
+        res = greedy_conditional_mi(c, q, None, 5, alpha=alpha, jitter=1e-3, var_floor=1e-12)
+        closed = gaussian_set_mi(c, q, res.indices, jitter=1e-3)
+        torch.testing.assert_close(res.total, closed, atol=1e-6, rtol=0)
+        assert (res.total > 0).all()
