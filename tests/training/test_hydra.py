@@ -274,6 +274,40 @@ def test_llava_data_trains_through_the_same_entry_point(tmp_path):
     assert 0.0 <= metrics["val/recall"] <= 1.0 and metrics["val/tokens"] <= 16
 
 
+def test_pretrained_backbones_load_from_local_files_through_the_configs(tmp_path):
+    """The real-model path (timm file overlay, transformers from_pretrained on a folder)
+    driven by the same config keys as conf/model/vision/clip_b16.yaml and llm/*.yaml."""
+    from safetensors.torch import save_file
+
+    from arr_coc.training.backbones import LLMConfig, VisionConfig, build_causal_lm, build_vision_encoder
+    from arr_coc.training.task import VQATask
+    from arr_coc.training.tokenizer import build_tokenizer
+
+    torch.manual_seed(11)
+    vit = build_vision_encoder(VisionConfig(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2))
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    vocab = len(build_tokenizer(VQATask()))
+    lm = build_causal_lm(LLMConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), vocab_size=vocab)
+    lm.save_pretrained(tmp_path / "lm")
+    cfg = make_cfg(
+        tmp_path,
+        SMALL
+        + [
+            "debug=fast_dev_run",
+            "model.vision.pretrained=true",
+            f"model.vision.pretrained_file={tmp_path / 'vit.safetensors'}",
+            f"model.llm.name_or_path={tmp_path / 'lm'}",
+        ],
+    )
+    vlm = instantiate(cfg.model)
+    for k, v in vit.state_dict().items():
+        assert torch.equal(vlm.vision.state_dict()[k], v), k
+    for k, v in lm.state_dict().items():
+        assert torch.equal(vlm.llm.state_dict()[k], v), k
+    metrics = train_script.train(cfg)
+    assert math.isfinite(metrics["val/acc"])
+
+
 def _script(args: list[str], tmp_path: Path, timeout: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run(
