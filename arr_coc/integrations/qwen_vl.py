@@ -363,7 +363,6 @@ class QwenVLAllocation:
 
         embed = model.get_input_embeddings()
         embeds = embed(input_ids)  # [B, L, D]
-        d = embeds.shape[-1]
         if has_images:
             grid_thw = torch.as_tensor(image_grid_thw, device=device).long()
             if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
@@ -427,7 +426,7 @@ class QwenVLAllocation:
             b, k = int(rows[i]), kept_tokens[i].shape[0]
             if k > run.numel():
                 raise ValueError(f"allocator: returned {k} tokens for image {i} of {run.numel()} merged tokens")
-            h_i, w_i = grids[i]
+            w_i = grids[i][1]
             cell = run[0] + kept_pos[i][:, 0] * w_i + kept_pos[i][:, 1]  # source column of each kept token
             slots = run[:k]
             keep[b, run[k:]] = False
