@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks._report import argv_command, markdown_table, write_report
+from benchmarks._report import markdown_table, write_report
 
 
 def _timed(fn, repeats: int) -> tuple[float, float, object]:
@@ -48,13 +48,14 @@ _PEAK_SCRIPT = """
 import resource, sys, time, torch
 from arr_coc.info import ksg_mi
 n = int(sys.argv[1])
+torch.set_num_threads(int(sys.argv[2]))
 g = torch.Generator().manual_seed(0)
 x = torch.randn(n, generator=g, dtype=torch.float64)
 y = 0.6 * x + 0.8 * torch.randn(n, generator=g, dtype=torch.float64)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0, c0 = time.perf_counter(), time.process_time()
 v = ksg_mi(x, y).item()
-print(time.perf_counter() - t0, time.process_time() - c0, v, base / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+print(time.perf_counter() - t0, time.process_time() - c0, v, base / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB -> MiB
 """
 
 
@@ -65,8 +66,13 @@ def main(argv: list[str]) -> None:
     from arr_coc.info import distance_correlation, ksg_mi, mi_features
 
     quick = "--quick" in argv
+    load = " / ".join(f"{v:.1f}" for v in __import__("os").getloadavg())
     repeats = next((int(a.split("=")[1]) for a in argv if a.startswith("--repeats=")), 1 if quick else 3)
     scale = 10 if quick else 1
+    # torch threads for arr_coc (scikit-learn's n_jobs=-1 uses every core in processes). On a
+    # shared, overloaded machine 1 thread is far faster than 2 for these many small ops.
+    threads = next((int(a.split("=")[1]) for a in argv if a.startswith("--threads=")), 1)
+    torch.set_num_threads(threads)
     sections = []
 
     # 1. mi_features vs mutual_info_regression
@@ -87,7 +93,7 @@ def main(argv: list[str]) -> None:
     our_w, our_c, o1 = _timed(lambda: ksg_mi(torch.from_numpy(x1), torch.from_numpy(y1)).item(), repeats)
     rows.append([f"1-D ksg_mi vs mutual_info_regression, n={n1}", sk_w, our_w, our_c, sk_w / our_w, f"{abs(o1 - sk1):.2e}"])
     n6 = 1_000_000 // scale
-    res = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n6)], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n6), str(threads)], capture_output=True, text=True, check=True)
     w6, c6, v6, base_mb, peak_mb = (float(t) for t in res.stdout.split())
     truth6 = -0.5 * math.log(1 - 0.36)
 
@@ -165,7 +171,9 @@ def main(argv: list[str]) -> None:
         + markdown_table(["distribution", "rho", "n", "true MI (nats)", "mean estimate", "bias", "std"], brows)
     )
 
-    write_report("info", "Information measures: arr_coc.info vs scikit-learn and dcor", argv_command("info"), "\n\n".join(sections))
+    command = " ".join(["python -m benchmarks info", *argv])
+    sections.insert(0, f"arr_coc runs with {threads} torch thread(s); scikit-learn with n_jobs=-1 where noted; load average at start: {load}.")
+    write_report("info", "Information measures: arr_coc.info vs scikit-learn and dcor", command, "\n\n".join(sections))
 
 
 if __name__ == "__main__":
