@@ -6,14 +6,16 @@ k-th nearest other point - and the strict neighbour counts the KSG estimators ne
 - ``brute_radius_counts``: tiles of the full distance matrix (chunked so a tile holds at
   most ``TILE_ELEMENTS`` entries). O(n^2) work, any dimension; the right tool on a GPU or
   at small n.
-- ``grid_kth_2d``: the two-dimensional case ``(x, y)`` (both scalar) in O(n log n)-ish
-  work, batched over a leading dimension (the features of ``mi_features``). Points are
-  placed on a hierarchy of grids in rank space (cell ``rank >> shift``), so every cell is
-  adaptive to the marginal densities. For each point the finest level whose 3 x 3 block
-  of cells holds at least k other points is found; the block's points are the candidates;
-  a certificate - the k-th candidate distance is no larger than the distance from the point
-  to the nearest point outside the block, read off the sorted marginals - proves the answer
-  exact. Points without a certificate retry one level coarser (level 1 covers everything).
+- ``grid_kth_2d``: the two-dimensional case ``(x, y)`` (both scalar), batched over a
+  leading dimension (the features of ``mi_features``), in about O(n log n) work and O(n)
+  memory. Points sit on a hierarchy of grids in rank space (cell ``rank >> shift``), so the
+  cells adapt to the marginal densities. Phase 1: each point's finest 3 x 3 block of cells
+  holding k other points gives an upper bound ``ub`` on ``eps_i`` (a k-th smallest distance
+  over a subset); it is exact when a certificate holds (``ub`` is no larger than the
+  distance to the nearest point outside the block, read off the sorted marginals). Phase 2,
+  for the other points: every point within ``ub`` lies in a rank rectangle found by binary
+  search on the sorted marginals; the rectangle is enumerated as at most three column
+  ranges of cells across its short side, and the k-th distance over them is exact.
 
 ``strict_counts_sorted`` counts ``#{j : |v_j - v_i| < eps_i}`` with binary search on
 sorted marginals; the boundary is then corrected so that the count uses exactly the
