@@ -19,10 +19,13 @@ best gain falls below ``price`` (nats per token). By the chain rule the query te
 picks sum to ``I(c_S ; Q)``, reported as ``total``.
 
 Conditional variances are kept by incremental Cholesky (Gram-Schmidt on kernel columns):
-chain A conditions on the picks, chain B on the query tokens first and then the picks.
-Each step computes one kernel column (O(M R)) and one new Cholesky column per chain
-(O(M (T + k))): O(M K (R + T + K)) time and O(M (T + K)) memory, batched over B with no
-Python loop over the batch.
+chain A conditions on the picks, chain B on the query tokens first and then the picks (the
+two chains are stacked on the batch axis). Each step takes one kernel column and adds one
+Cholesky row per chain (O(M (T + k))): O(M K (T + K)) time and O(M (T + K)) memory for the
+chains, batched over B with no Python loop over the batch. The kernel columns come either
+from one product per step (O(M R) each, memory-bound: the choice on accelerators) or from
+the kernel precomputed in one compute-bound Gram (O(M^2 R) time, O(M^2) memory: faster on
+CPU, the default there while B M^2 <= 2^26).
 
 Tokens are deterministic, so the jitter is numerical only: a conditional variance at or
 below ``var_floor`` means "determined by what is already known". Such a candidate is
@@ -340,7 +343,6 @@ def greedy_conditional_mi(
     alpha_c = alpha[:, None]
     half_log_d = 0.5 * math.log(distortion)
     check_every = 1 if bool((price > 0).any()) or bool((budget != k_max).any()) else k_max + 1
-    rows = torch.arange(chains * b, device=device)
 
     for k in range(k_max):
         var_a = var[:b]
@@ -377,7 +379,7 @@ def greedy_conditional_mi(
                 kcol = torch.exp(-0.5 * (c_sq + c_sq.gather(1, s1) - 2 * kcol).clamp_min(0))
         kcol = kcol.scatter_add(1, s1, torch.full_like(g[:, None], jitter))
         ss = s.repeat(chains)
-        _cholesky_step(l, var, kcol.repeat(chains, 1), ss, t + k, var_floor, rows)
+        _cholesky_step(l, var, kcol.repeat(chains, 1), ss, t + k, var_floor)
 
     total = gq_out.sum(1)
     counts = (idx_out >= 0).sum(1)
@@ -385,7 +387,7 @@ def greedy_conditional_mi(
 
 
 def _cholesky_step(
-    l: torch.Tensor, var: torch.Tensor, kcol: torch.Tensor, s: torch.Tensor, k: int, var_floor: float, rows: torch.Tensor
+    l: torch.Tensor, var: torch.Tensor, kcol: torch.Tensor, s: torch.Tensor, k: int, var_floor: float
 ) -> None:
     """Condition every chain on its pivot s [C]: write row k of l [C, T + K, M], update var [C, M] in place.
 
