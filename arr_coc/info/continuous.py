@@ -60,9 +60,12 @@ def _standardize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns the scaled samples and ``[d]`` bool: which columns are constant.
     """
-    centred = v - v.mean(dim=0, keepdim=True)
-    std = centred.pow(2).mean(dim=0).sqrt()
     const = (v == v[:1]).all(dim=0)
+    centred = v - v.mean(dim=0, keepdim=True)
+    # divide by the largest magnitude first so that tiny or huge scales neither under- nor overflow
+    peak = centred.abs().amax(dim=0)
+    centred = centred / torch.where(peak > 0, peak, torch.ones_like(peak))
+    std = centred.pow(2).mean(dim=0).sqrt()
     safe = torch.where(const | (std == 0), torch.ones_like(std), std)
     return torch.where(const, torch.zeros_like(centred), centred / safe), const
 

@@ -137,6 +137,8 @@ def test_monotone_transforms_nearly_invariant():
     base = ksg_mi(x, y).item()
     assert ksg_mi(torch.exp(x), y**3).item() == pytest.approx(base, abs=0.05)
     assert ksg_mi(2 * x + 5, y).item() == pytest.approx(base, abs=1e-12)  # affine: exactly invariant (standardized)
+    for scale in (1e-200, 1e200):  # no under- or overflow in the scaling
+        assert ksg_mi(scale * x, y).item() == pytest.approx(base, abs=1e-12)
 
 
 def test_independent_is_near_zero_and_not_clipped():
