@@ -17,7 +17,9 @@ Training. The submodules are attributes (``scorer``, ``balancer``, ``adapter``) 
 training module can optimise and save them. In training mode with gradients on, the
 returned tokens carry a straight-through factor (value 1, gradient of a relaxed keep
 probability): ``sigmoid(pmi / st_temperature)`` for ``arr_coc`` (the greedy itself is
-discrete), the Gumbel top-k relaxation of the adapter scores for ``arr_coc_adapter``.
+discrete) times, per pick, the relaxed "gain >= price" ``sigmoid((gain(alpha) - price) /
+price_temperature)`` (the gain is linear in alpha, so a learned balancer gets gradients too),
+and the Gumbel top-k relaxation of the adapter scores for ``arr_coc_adapter``.
 ``arr_coc`` also returns a differentiable ``gain`` (the set's log-det MI). ``extras`` holds
 ``keep_prob`` [B, M] for the rate term of :class:`arr_coc.balancing.IBLoss`, ``pmi`` [B, M],
 ``alpha`` [B], ``price`` [B], and per method the pick order and per-step gains
@@ -34,7 +36,7 @@ from arr_coc.adapter import QualityAdapter, relaxed_topk
 from arr_coc.allocators.base import AllocationContext, Allocator, Selection, topk_indices
 from arr_coc.allocators.registry import register_allocator
 from arr_coc.attending import gaussian_set_mi, greedy_conditional_mi
-from arr_coc.balancing import Balancer
+from arr_coc.balancing import Balancer, soft_keep
 from arr_coc.knowing import ParticipatoryScorer, ScorerOutput
 from arr_coc.pyramid import build_pyramid
 
@@ -53,7 +55,9 @@ class ArrCocAllocator(Allocator):
         vision_dim, query_dim, relevance_dim, num_heads, rank, prior: the
             :class:`ParticipatoryScorer` (dims None = lazy, identity until trained).
         scorer, balancer: ready-made modules instead (shared with another allocator).
-        st_temperature: temperature of the straight-through keep probability.
+        st_temperature: temperature of the straight-through keep probability sigmoid(pmi / t).
+        price_temperature: temperature of the relaxed "gain >= price" of each pick (gives the
+            balancer its gradient in training).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class ArrCocAllocator(Allocator):
         scorer: ParticipatoryScorer | None = None,
         balancer: Balancer | None = None,
         st_temperature: float = 1.0,
+        price_temperature: float = 0.05,
     ):
         super().__init__()
         if any((not isinstance(lv, int)) or lv < 1 for lv in levels):
@@ -84,6 +89,9 @@ class ArrCocAllocator(Allocator):
             raise ValueError(f"kernel: expected 'cosine' or 'rbf', got {kernel!r}")
         if not st_temperature > 0:
             raise ValueError(f"st_temperature: expected > 0, got {st_temperature!r}")
+        if not price_temperature > 0:
+            raise ValueError(f"price_temperature: expected > 0, got {price_temperature!r}")
+        self.price_temperature = float(price_temperature)
         self.pyramid_levels = tuple(levels)
         self.kernel, self.jitter, self.var_floor = kernel, float(jitter), float(var_floor)
         self.distortion, self.bandwidth, self.st_temperature = float(distortion), bandwidth, float(st_temperature)
@@ -166,6 +174,16 @@ class ArrCocAllocator(Allocator):
         if self._training():
             st = keep_prob - keep_prob.detach() + 1.0  # value 1, gradient of keep_prob
             tokens = self._gather_tokens(ctx, res.indices, st)
+            # the balancer's gradient: each pick's gain is linear in alpha, and it is kept iff
+            # it is worth its price, relaxed as soft_keep (value 1 in the forward pass)
+            valid = res.indices >= 0
+            g_pick = torch.lerp(res.coverage_gains, res.query_gains, bal.alpha[:, None].to(res.gains.dtype))
+            pk = torch.where(valid, soft_keep(g_pick, bal.price.to(g_pick.dtype), self.price_temperature), 1.0)
+            tokens = tokens * (pk - pk.detach() + 1.0)[..., None].to(tokens.dtype)
+            idx = res.indices.clamp_min(0)
+            kept = keep_prob.gather(1, idx) * pk.to(keep_prob.dtype)
+            keep_prob = keep_prob.scatter(1, idx, torch.where(valid, kept, keep_prob.gather(1, idx)))
+            extras["keep_prob"] = keep_prob
             if qemb is not None:
                 gain = gaussian_set_mi(
                     out.candidate_emb, qemb, res.indices, ctx.query_mask,

@@ -162,3 +162,24 @@ def test_ragged_budgets_and_half_precision(name):
         assert out.mask.sum(1).tolist() == [7, 0, 36]
         assert torch.isfinite(out.tokens.float()).all() and torch.isfinite(out.gain.float()).all()
         assert out.tokens.dtype == dt
+
+
+def test_learned_balancer_gets_gradients_in_training_mode():
+    torch.manual_seed(6)
+    alloc = create_allocator("arr_coc", alpha=None, price=None).train()
+    assert not alloc.fixed_budget
+    tokens = torch.randn(2, 16, 8)
+    query = torch.randn(2, 3, 8)
+    out = alloc(tokens, query=query, budget=6, grid=(4, 4))
+    loss = out.tokens.pow(2).mean() + 0.01 * out.extras["keep_prob"].sum()
+    loss.backward()
+    grads = [p.grad for p in alloc.balancer.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    # the relaxed keep probability of each pick is below 1 and the forward tokens are unchanged
+    kp = out.extras["keep_prob"].gather(1, out.extras["pick_order"].clamp_min(0))
+    assert (kp < 1).all()
+    alloc.eval()
+    with torch.no_grad():
+        ev = alloc(tokens, query=query, budget=6, grid=(4, 4))
+    assert torch.equal(ev.indices, out.indices)
+    torch.testing.assert_close(ev.tokens, out.tokens.detach())
