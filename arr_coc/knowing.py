@@ -208,8 +208,10 @@ class ParticipatoryScorer(nn.Module):
     """Query-to-candidate cross-attention in a learned relevance space; pointwise MI in nats.
 
     Args:
-        vision_dim: D of the candidates (None: inferred on the first forward).
-        query_dim: Dq of the query tokens (None: inferred on the first forward with a query).
+        vision_dim: D of the candidates (None: lazy - the identity for any width until the
+            parameters are created by a training forward or :meth:`materialize`).
+        query_dim: Dq of the query tokens (None: lazy likewise; a query of another width than
+            R creates the query map at once, semi-orthogonal at init).
         relevance_dim: R of the relevance space (None: R = D).
         num_heads: attention heads (R must divide by it; with R inferred, the largest
             divisor of R not above it is used).
