@@ -78,5 +78,6 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def argv_command(module: str) -> str:
-    extra = " ".join(sys.argv[1:])
-    return f"python -m benchmarks {module}" + (f" {extra}" if extra else "")
+    """The command line that ran benchmark ``module`` (``python -m benchmarks <args>``)."""
+    args = sys.argv[1:] or [module]
+    return "python -m benchmarks " + " ".join(args)
