@@ -1,0 +1,137 @@
+"""End to end in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright).
+
+Starts the page on 127.0.0.1 on a free port (in this process, so the expected answer is
+computed by the same models), uploads an image, asks a question, waits for the result and
+checks the answer, the overlays, that every request the page made went to 127.0.0.1 (no
+fonts, scripts or analytics from the internet) and that bad uploads give a message, not a
+stack trace. Saves a screenshot to experiments/results/microscope.png.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOT = ROOT / "experiments" / "results" / "microscope.png"
+ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"),
+    pytest.mark.timeout(300),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    from arr_coc.microscope import core
+    from arr_coc.microscope.app import build_app, launch
+
+    models = core.load_models()
+    demo = build_app(models)
+    port = _free_port()
+    launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    yield models, f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def _open(browser, url):
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(url, wait_until="load", timeout=90_000)
+    page.wait_for_selector("#question textarea", timeout=60_000)
+    return page, requests
+
+
+def test_question_gives_answer_and_overlays(server, browser, tmp_path):
+    from arr_coc.microscope import core
+    from arr_coc.microscope.app import DEFAULT_ALLOCATORS
+
+    models, url = server
+    ex = models.task.example(5)
+    img = (ex.image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    path = tmp_path / "scene.png"
+    Image.fromarray(img).save(path)
+    expected = core.analyse(models, core.load_image(path, image_size=models.image_size), ex.question, ["arr_coc"], 16)
+    answer = expected.runs["arr_coc"].answer
+
+    page, requests = _open(browser, url)
+    page.set_input_files("#upload input[type=file]", str(path))
+    page.wait_for_selector("#preview img", timeout=60_000)
+    page.fill("#question textarea", ex.question)
+    page.press("#question textarea", "Enter")
+    n = len(DEFAULT_ALLOCATORS)
+    page.wait_for_function(f"document.querySelectorAll('#overlays img').length >= {n}", timeout=120_000)
+    page.wait_for_function("document.querySelectorAll('#maps img').length >= 3", timeout=60_000)
+    # the per-allocator table (Gradio 6 renders its cells as lines of text): name, weights, kept, levels, answer, ...
+    lines = [ln.strip() for ln in page.inner_text("#summary").splitlines() if ln.strip()]
+    for name in DEFAULT_ALLOCATORS:
+        assert name in lines, (name, lines)
+    i = lines.index("arr_coc")
+    assert lines[i + 2] == "16" and lines[i + 4] == answer, (answer, lines[i : i + 9])
+    # the overlay images really decoded (naturalWidth > 0) at the upscaled size
+    page.wait_for_function(
+        "[...document.querySelectorAll('#overlays img')].every(e => e.complete && e.naturalWidth > 0)", timeout=60_000
+    )
+    widths = page.eval_on_selector_all("#overlays img", "els => els.map(e => e.naturalWidth)")
+    assert len(widths) >= n and min(widths) == models.image_size * core.SCALE
+    # the chain-rule total is shown and equals the allocator's own gain
+    total = page.inner_text("#greedy_total")
+    assert f"{expected.greedy_total:.4f}" in total and f"{expected.greedy_gain:.4f}" in total
+    first = expected.greedy[0]
+    gains_text = page.inner_text("#gains")
+    assert "cumulative I (nats)" in gains_text and str(first["gain (nats)"]) in gains_text
+    page.wait_for_timeout(500)
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    # offline: every request the page made went to our server
+    hosts = {urlparse(u).hostname for u in requests if not u.startswith(("data:", "blob:"))}
+    assert hosts == {"127.0.0.1"}, sorted(u for u in requests if urlparse(u).hostname != "127.0.0.1")
+    page.close()
+
+
+@pytest.mark.parametrize("kind", ["text", "huge"])
+def test_bad_upload_gives_a_message(server, browser, tmp_path, kind):
+    models, url = server
+    if kind == "text":
+        path = tmp_path / "notes.png"
+        path.write_text("this is not an image\n")
+        want = "not an image"
+    else:
+        path = tmp_path / "huge.png"
+        Image.new("1", (6000, 6000)).save(path)  # 36 M pixels, a few kB on disk
+        want = "over the limit"
+    page, _ = _open(browser, url)
+    page.set_input_files("#upload input[type=file]", str(path))
+    page.wait_for_function(
+        f"document.querySelector('#message textarea').value.includes({want!r})", timeout=60_000
+    )
+    body = page.inner_text("body")
+    assert "Traceback" not in body and "Error" not in page.input_value("#message textarea")
+    page.close()
