@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
+from arr_coc.info.bounds import infonce_lower_bound
 from arr_coc.knowing import _Lazy
 
 __all__ = ["AdapterOutput", "QualityAdapter", "distillation_loss", "infonce_bound", "relaxed_topk"]
@@ -217,9 +218,8 @@ def infonce_bound(critic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if critic.dim() != 2 or critic.shape[0] != critic.shape[1]:
         raise ValueError(f"critic: expected a square [B, B] matrix, got {tuple(critic.shape)}")
-    n = critic.shape[0]
-    loss = F.cross_entropy(critic, torch.arange(n, device=critic.device))
-    return loss, math.log(n) - loss
+    bound = infonce_lower_bound(critic).to(critic.dtype)
+    return math.log(critic.shape[0]) - bound, bound
 
 
 def distillation_loss(
