@@ -26,9 +26,9 @@ import torch
 from benchmarks._report import markdown_table, write_report
 
 
-def _timed(fn, repeats: int) -> tuple[float, float, object]:
-    """(median wall s, median process CPU s, last result) after one warm-up."""
-    out = fn()
+def _timed(fn, repeats: int, warmup: bool = True) -> tuple[float, float, object]:
+    """(median wall s, median process CPU s, last result), after one warm-up run if asked."""
+    out = fn() if warmup else None
     walls, cpus = [], []
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
     X = rng.standard_normal((n, F))
     y = X[:, :16] @ rng.standard_normal(16) * 0.3 + np.sin(2 * X[:, 16]) + rng.standard_normal(n)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    sk_w, _, sk = _timed(lambda: mutual_info_regression(X, y, n_neighbors=3, n_jobs=-1, random_state=0), repeats)
+    sk_w, _, sk = _timed(lambda: mutual_info_regression(X, y, n_neighbors=3, n_jobs=-1, random_state=0), repeats, warmup=False)
     our_w, our_c, ours = _timed(lambda: mi_features(Xt, yt, 3, clip=True), repeats)
     diff = float(np.abs(ours.numpy() - sk).max())
     rows = [[f"mi_features vs mutual_info_regression(n_jobs=-1), n={n}, F={F}, k=3", sk_w, our_w, our_c, sk_w / our_w, f"{diff:.2e}"]]
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> None:
     rng = np.random.default_rng(3)
     Xm = rng.standard_normal((nm, 3))
     Ym = np.stack([Xm[:, 0] * Xm[:, 1], Xm[:, 2] ** 2], 1) + 0.5 * rng.standard_normal((nm, 2))
-    dc_w, _, dref = _timed(lambda: dcor.distance_correlation(Xm, Ym), max(1, repeats - 2))
+    dc_w, _, dref = _timed(lambda: dcor.distance_correlation(Xm, Ym), max(1, repeats - 2), warmup=False)
     our_w, our_c, dours = _timed(lambda: distance_correlation(torch.from_numpy(Xm), torch.from_numpy(Ym)).item(), repeats)
     rows.append([f"distance_correlation 3-D x 2-D vs dcor (O(n^2)), n={nm}", dc_w, our_w, our_c, dc_w / our_w, f"{abs(dours - dref):.2e}"])
     sections.append(

@@ -132,7 +132,8 @@ def _dcor_terms_1d(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
     bb = 2 * n * (y * y).sum() - 2 * y.sum() ** 2
 
     def v(cross, r1, r2):
-        return cross / n**2 - 2 * (r1 * r2).sum() / n**3 + r1.sum() * r2.sum() / n**4
+        nf = float(n)
+        return cross / nf**2 - 2 * (r1 * r2).sum() / nf**3 + r1.sum() * r2.sum() / nf**4
 
     return v(ab, a_row, b_row), v(aa, a_row, a_row), v(bb, b_row, b_row)
 
@@ -153,7 +154,8 @@ def _dcor_terms_tiled(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, t
         bb = bb + (b * b).sum()
 
     def v(cross, r1, r2):
-        return cross / n**2 - 2 * (r1 * r2).sum() / n**3 + r1.sum() * r2.sum() / n**4
+        nf = float(n)
+        return cross / nf**2 - 2 * (r1 * r2).sum() / nf**3 + r1.sum() * r2.sum() / nf**4
 
     return v(ab, a_row, b_row), v(aa, a_row, a_row), v(bb, b_row, b_row)
 

@@ -50,6 +50,13 @@ def test_distance_correlation_fast_1d_matches_dcor(seed):
     assert distance_correlation(xi, yi).item() == pytest.approx(dcor.distance_correlation(xi.numpy(), yi.numpy()), abs=1e-10)
 
 
+def test_distance_correlation_large_n_no_overflow():
+    import dcor
+
+    x, y = _data(60_000, 7)  # n**4 overflows int64 here
+    assert distance_correlation(x, y).item() == pytest.approx(dcor.distance_correlation(x.numpy(), y.numpy()), abs=1e-9)
+
+
 def test_distance_correlation_multivariate_matches_dcor():
     import dcor
 
