@@ -117,9 +117,15 @@ def kv_section(vlm, task, tok, cfg, out_dir: Path, model_desc: str) -> str:
         visual = vlm.project(encode(vlm, batch["pixels"]))
     q_ids, q_mask, answer = batch["question_ids"], batch["question_mask"], batch["answer"]
     w = int(c.window_size)
-    presses = {
-        "CMI (ours, per KV head)": lambda r: CMIPress(compression_ratio=r, window_size=w, alpha=float(c.alpha)),
-        "CMI (ours, head-averaged)": lambda r: CMIPress(compression_ratio=r, window_size=w, alpha=float(c.alpha), per_head=False),
+    alphas = [float(a) for a in c.cmi_alphas]
+    presses = {}
+    for i, a in enumerate(alphas):
+        presses[f"CMI (ours, per KV head, alpha {a:g})"] = lambda r, a=a: CMIPress(compression_ratio=r, window_size=w, alpha=a)
+        if i == 0:
+            presses[f"CMI (ours, head-averaged, alpha {a:g})"] = lambda r, a=a: CMIPress(
+                compression_ratio=r, window_size=w, alpha=a, per_head=False
+            )
+    presses |= {
         "SnapKV": lambda r: SnapKVPress(compression_ratio=r, window_size=w, kernel_size=int(c.snapkv_kernel)),
         "StreamingLLM": lambda r: StreamingLLMPress(compression_ratio=r, n_sink=int(c.n_sink)),
         "Knorm": lambda r: KnormPress(compression_ratio=r),
@@ -172,6 +178,8 @@ def kv_section(vlm, task, tok, cfg, out_dir: Path, model_desc: str) -> str:
         "(`arr_coc.inference.compressed_answer_logits`); positions as in `BaseVLM.answer_logits` "
         "(visual at RoPE 0, question 1..T, [READ] T+1), so ratio 0 reproduces `answer_logits` "
         f"(tested). Observation window: the last {w} positions for CMI and SnapKV (kept by both); "
+        "CMI's alpha weighs I(k; Q | S) against the coverage term R(k | S) of `arr_coc.attending` "
+        f"(alpha 1: query information only); {c.alpha_note} "
         f"StreamingLLM keeps {c.n_sink} sink positions (the first visual tokens) and the most recent ones. "
         "Every press keeps `max(1, int(L (1 - ratio)))` entries per head (kvpress's count), so the memory "
         "column is the same for all.\n\n"

