@@ -158,3 +158,37 @@ def test_bad_input(tiny_vlm):
         compressed_answer_logits(vlm, vis, None, batch["question_ids"][:2], press="snapkv")
     with pytest.raises(ValueError, match="question_mask"):
         compressed_answer_logits(vlm, vis, None, batch["question_ids"][:2], torch.tensor([[0, 1] + [1] * (batch["question_ids"].shape[1] - 2)] * 2))
+
+
+def test_runs_in_kvpress_pipeline():
+    import kvpress  # noqa: F401  (registers "kv-press-text-generation")
+    from transformers import pipeline
+
+    from arr_coc.training.task import VQATask
+    from arr_coc.training.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(VQATask(seed=0, image_size=32, grid=4))
+    tok.bos_token = tok.pad_token  # the pipeline prepends a BOS when there is no chat template
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
+    ctx = " ".join(["what shape is the red object ?"] * 4)
+    question = "how many circles are there ?"
+    seen = []
+
+    class Recording(CMIPress):
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            k, v = super().compress(module, hidden_states, keys, values, attentions, kwargs)
+            seen.append((keys.shape[2], k.shape[2]))
+            return k, v
+
+    plain = pipe(ctx, question=question, max_new_tokens=3)["answer"]
+    assert pipe(ctx, question=question, press=Recording(compression_ratio=0.0), max_new_tokens=3)["answer"] == plain
+    pipe(ctx, question=question, press=Recording(compression_ratio=0.5, window_size=4), max_new_tokens=3)
+    assert len(seen) == 4  # two calls x two layers, prefill only
+    length = seen[0][0]
+    assert seen[:2] == [(length, length)] * 2 and seen[2:] == [(length, compute_n_kept(length, 0.5))] * 2
