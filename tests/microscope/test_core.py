@@ -135,13 +135,14 @@ def test_analyse_contract(models, example):
     assert list(a.runs) == names
     n = models.num_fine
     for name, r in a.runs.items():
-        assert r.kept == (n if name == "full" else 12)
+        adaptive = r.price is not None and r.price > 0  # a priced balancer may stop early
+        assert r.kept == n if name == "full" else (r.kept <= 12 if adaptive else r.kept == 12)
         assert sum(r.level_counts.values()) == r.kept
         assert r.answer == r.top[0][0] and 1 >= r.top[0][1] >= r.top[1][1] >= r.top[2][1] >= 0
         assert r.overlay.size == (models.image_size * core.SCALE,) * 2 and r.seconds > 0
     # greedy: pick order = the allocator's picks, the chain rule gives its reported gain
     g = a.greedy
-    assert len(g) == 12 and [row["step"] for row in g] == list(range(1, 13))
+    assert len(g) == a.runs["arr_coc"].kept and [row["step"] for row in g] == list(range(1, len(g) + 1))
     assert a.greedy_total == pytest.approx(a.greedy_gain, rel=1e-4, abs=1e-6)
     assert g[-1]["cumulative I (nats)"] == pytest.approx(a.greedy_total, abs=1e-3)
     gains = [row["gain (nats)"] for row in g]
@@ -153,7 +154,12 @@ def test_analyse_contract(models, example):
     picked = {(row["row"], row["col"]) for row in g}
     kept = {(int(p[0]), int(p[1])) for p in a.runs["arr_coc"].positions}
     assert picked == kept
-    assert a.alpha == pytest.approx(0.9) and a.price == pytest.approx(0.0)
+    assert 0 <= a.alpha <= 1 and a.price >= 0
+    bal = models.allocators["arr_coc"].balancer
+    if bal.fixed_alpha is not None:  # fixed values are shown as set (the question has real tokens)
+        assert a.alpha == pytest.approx(bal.fixed_alpha)
+    if bal.fixed_price is not None:
+        assert a.price == pytest.approx(bal.fixed_price)
     # maps: fine grid; participatory pmi sums to <= 0 against a uniform prior over candidates
     gh, gw = models.grid
     assert set(a.maps) == {"participatory", "propositional", "perspectival"}
