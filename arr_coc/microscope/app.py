@@ -133,7 +133,10 @@ def build_app(models: core.Models, *, title: str = "ARR-COC microscope") -> gr.B
             (r.overlay, f"{name}: {r.answer} ({r.top[0][1]:.2f}) · {r.kept} tokens · {r.seconds * 1000:.0f} ms")
             for name, r in a.runs.items()
         ]
-        maps = [(a.map_images[k], core.MAP_TITLES[k]) for k in ("participatory", "propositional", "perspectival")]
+        maps = [
+            (a.map_images[k], f"{core.MAP_TITLES[source][k]} [{a.maps[k].min():.3g}, {a.maps[k].max():.3g}]")
+            for k in ("participatory", "propositional", "perspectival")
+        ]
         msg = "; ".join(a.notes)
         return (
             gallery,
@@ -169,12 +172,16 @@ def build_app(models: core.Models, *, title: str = "ARR-COC microscope") -> gr.B
                 overlays = gr.Gallery(label="kept tokens per allocator", columns=3, height="auto", elem_id="overlays", object_fit="contain")
                 summary = gr.Dataframe(headers=SUMMARY_COLUMNS, label="per allocator", elem_id="summary", interactive=False, wrap=True)
                 timing = gr.Markdown("", elem_id="timing")
-                gr.Markdown("**Relevance maps** of the three scorers (brighter = higher; range in each title)")
-                maps = gr.Gallery(label="scorers", columns=3, height="auto", elem_id="maps", object_fit="contain")
+                gr.Markdown("**Relevance maps** of the three scorers (brighter = higher; the range in each caption)")
+                maps = gr.Gallery(
+                    label="scorers", show_label=False, columns=3, rows=1, height=300, elem_id="maps", object_fit="contain"
+                )
                 balancer = gr.Markdown("", elem_id="balancer")
                 gr.Markdown("**Greedy gains of `arr_coc`** in pick order")
                 with gr.Row():
-                    gains_img = gr.Image(label="gains", interactive=False, type="pil", elem_id="gains_plot", height=220)
+                    gains_img = gr.Image(
+                        label="gains", show_label=False, interactive=False, type="pil", elem_id="gains_plot", height=220
+                    )
                     gains = gr.Dataframe(headers=GREEDY_COLUMNS, label="picks", elem_id="gains", interactive=False)
                 greedy_total = gr.Markdown("", elem_id="greedy_total")
 

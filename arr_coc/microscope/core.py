@@ -335,17 +335,20 @@ def _colormap(values: np.ndarray) -> np.ndarray:
 
 
 def render_heatmap(values: np.ndarray, image: np.ndarray, *, scale: int = SCALE, title: str = "") -> Image.Image:
-    """A [gh, gw] score map blended over the upscaled image, with its range written in."""
+    """A [gh, gw] score map (min-max normalised, viridis) blended over the upscaled image.
+
+    ``title`` writes a caption bar with the title and the value range on top.
+    """
     values = np.asarray(values, dtype=np.float64)
     lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
     norm = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
     base = _upscale(image, scale)
     heat = Image.fromarray(_colormap(norm), "RGB").resize(base.size, Image.Resampling.NEAREST)
     out = Image.blend(base.convert("L").convert("RGB"), heat, 0.65)
-    d = ImageDraw.Draw(out)
-    label = f"{title}  [{lo:.3g}, {hi:.3g}]" if title else f"[{lo:.3g}, {hi:.3g}]"
-    d.rectangle([0, 0, out.width, 14], fill=(0, 0, 0))
-    d.text((3, 2), label, fill=(255, 255, 255), font=_font())
+    if title:
+        d = ImageDraw.Draw(out)
+        d.rectangle([0, 0, out.width, 14], fill=(0, 0, 0))
+        d.text((3, 2), f"{title}  [{lo:.3g}, {hi:.3g}]", fill=(255, 255, 255), font=_font())
     return out
 
 
@@ -359,7 +362,7 @@ def render_gains(rows: list[dict[str, Any]], *, width: int = 384, height: int = 
     gains = np.array([r["gain (nats)"] for r in rows])
     query = np.array([r["I(c_j; Q | S) (nats)"] for r in rows])
     top = max(float(gains.max()), float(query.max()), 1e-9)
-    left, bottom, plot_h = 30, height - 16, height - 36
+    left, bottom, plot_h = 30, height - 16, height - 40
     bw = (width - left - 6) / len(rows)
     for i, (g, q) in enumerate(zip(gains, query)):
         x0 = left + i * bw
@@ -479,9 +482,16 @@ def relevance_maps(
 
 
 MAP_TITLES = {
-    "participatory": "participatory: PMI with the question (nats)",
-    "propositional": "propositional",
-    "perspectival": "perspectival",
+    "pixels": {
+        "participatory": "participatory: PMI with the question (nats)",
+        "propositional": "propositional: patch colour entropy (nats)",
+        "perspectival": "perspectival: salience",
+    },
+    "tokens": {
+        "participatory": "participatory: PMI with the question (nats)",
+        "propositional": "propositional: ViT token norm",
+        "perspectival": "perspectival: CLS attention",
+    },
 }
 
 
@@ -575,7 +585,7 @@ def analyse(
             if hit is None:
                 maps = relevance_maps(models, entry, ids, mask, source=source)
                 shown = entry["pixels"][0].permute(1, 2, 0).numpy()
-                hit = maps, {k: render_heatmap(v, shown, title=k) for k, v in maps.items()}
+                hit = maps, {k: render_heatmap(v, shown) for k, v in maps.items()}
                 models.map_cache[key] = hit
                 while len(models.map_cache) > models.cache_size:
                     models.map_cache.popitem(last=False)
