@@ -45,17 +45,23 @@ def _gauss(n: int, rho: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 _PEAK_SCRIPT = """
-import resource, sys, time, torch
+import sys, time, torch
 from arr_coc.info import ksg_mi
+
+def hwm():  # peak resident memory of this process in MiB (VmHWM: not inherited across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
 n = int(sys.argv[1])
 torch.set_num_threads(int(sys.argv[2]))
 g = torch.Generator().manual_seed(0)
 x = torch.randn(n, generator=g, dtype=torch.float64)
 y = 0.6 * x + 0.8 * torch.randn(n, generator=g, dtype=torch.float64)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 t0, c0 = time.perf_counter(), time.process_time()
 v = ksg_mi(x, y).item()
-print(time.perf_counter() - t0, time.process_time() - c0, v, base / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB -> MiB
+print(time.perf_counter() - t0, time.process_time() - c0, v, base, hwm())
 """
 
 
