@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-min", type=float, default=0.05, help="smallest kept fraction when dropping")
     p.add_argument("--aux-weight", type=float, default=0.5)
     p.add_argument("--attn-weight", type=float, default=0.5)
+    p.add_argument("--count-attn-weight", type=float, default=0.0,
+                   help="count questions at full tokens: push head 1 of the first layer's readout attention "
+                   "mass on the matching objects towards n / 8 (a count-encoding sink mixture)")
     p.add_argument("--curriculum-threshold", type=float, default=0.9)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--val-images", type=int, default=250)
@@ -187,6 +190,15 @@ def step_losses(vlm: BaseVLM, tok, batch: VQABatch, args, generator: torch.Gener
         if ok.any():
             mass = (att[layer][:, 0] * rel).sum(-1)
             attn_loss = attn_loss + (-torch.log(mass[ok] + 1e-6)).mean()
+    if getattr(args, "count_attn_weight", 0.0) > 0 and len(att[0].shape) == 3 and att[0].shape[1] > 1:
+        full_rows = (mask.sum(1) == pyr.num_fine) & (pos[..., 2].clamp(min=0).sum(1) == 0)
+        is_count = torch.tensor([t == "count" for t in batch.qtypes]) & full_rows[qi]
+        if is_count.any():
+            n = batch.target.flatten(1).sum(1).float() / float(getattr(args, "object_cells", 1) ** 2)
+            want = (n / 8.0).clamp(max=0.95)
+            mass = (att[0][:, 1] * target).sum(-1).clamp(1e-5, 1 - 1e-5)
+            bce = -(want * mass.log() + (1 - want) * (1 - mass).log())
+            attn_loss = attn_loss + args.count_attn_weight * bce[is_count].mean()
     losses["attn"] = attn_loss
     losses["total"] = losses["answer"] + args.aux_weight * losses["aux"] + args.attn_weight * attn_loss
     return losses
