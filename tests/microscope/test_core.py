@@ -240,3 +240,14 @@ def test_gains_chart_and_rows():
     out = core.greedy_rows(extras, pos)
     assert [(r["row"], r["col"], r["level"]) for r in out] == [(1, 1, "fine"), (0, 0, "fine")]
     assert out[-1]["cumulative I (nats)"] == pytest.approx(0.4)
+
+
+def test_cli_rejects_a_missing_checkpoint_and_bad_port(tmp_path, capsys):
+    from arr_coc.microscope.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path / "nope")])
+    assert e.value.code == 2 and "checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--port", "70000"])
+    assert e.value.code == 2 and "--port" in capsys.readouterr().err

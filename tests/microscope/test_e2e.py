@@ -38,17 +38,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1", None}
+SERVER_LOOKUPS: list[str] = []  # every host name the server process looked up or connected to
+
+
 @pytest.fixture(scope="module")
 def server():
+    """The app in this process; records the host of every DNS lookup / connect the process makes."""
     from arr_coc.microscope import core
     from arr_coc.microscope.app import build_app, launch
 
+    mp = pytest.MonkeyPatch()
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, *args, **kwargs):
+        SERVER_LOOKUPS.append(host if isinstance(host, str) or host is None else host.decode())
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def connect(self, address):
+        if isinstance(address, tuple):
+            SERVER_LOOKUPS.append(address[0])
+        return real_connect(self, address)
+
+    mp.setattr(socket, "getaddrinfo", getaddrinfo)
+    mp.setattr(socket.socket, "connect", connect)
     models = core.load_models()
     demo = build_app(models)
     port = _free_port()
     launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     yield models, f"http://127.0.0.1:{port}/"
     demo.close()
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +198,12 @@ def test_example_picker_and_budget_slider(server, browser):
     assert "cached" in page.inner_text("#timing")  # the image was not encoded again
     assert seconds < 5.0, seconds  # browser round trip; ~0.1-0.6 s measured (see the report)
     page.close()
+
+
+def test_server_made_no_outside_connection(server, browser):
+    """Runs last in this module: the server (Gradio, analytics, the models) looked up no outside host."""
+    models, url = server
+    page, _ = _open(browser, url)
+    page.close()
+    assert "127.0.0.1" in SERVER_LOOKUPS  # the recorder works: it saw Gradio's own start-up check
+    assert set(SERVER_LOOKUPS) <= LOOPBACK, sorted(set(SERVER_LOOKUPS) - LOOPBACK)
