@@ -1,0 +1,488 @@
+"""The main job (``make run``): train the ARR-COC modules on the frozen base VLM, then evaluate
+every registered allocator and the oracle at budgets of 1/4, 1/9 and 1/18 of the visual
+tokens, and write one table, plots and an allocation image grid under experiments/results/.
+
+```bash
+python experiments/main.py                                   # the headline run (1 seed)
+python experiments/main.py seeds=[0,1,2]                     # mean and spread over 3 seeds
+python experiments/main.py +experiment=ablation_alpha        # an ablation (conf/experiment/ablation_*.yaml)
+python experiments/main.py model_folder=experiments/runs/x/best train.steps=50
+```
+
+Steps (each with a progress bar):
+
+1. load the base VLM (``model_folder``: ``config.json`` + ``model.safetensors``);
+2. per seed, train the allocators named in ``train.allocators`` that have trainable
+   parameters (stage 2, :class:`arr_coc.training.module.ARRCOCModule`, ``train.steps``
+   steps) and save those of the first seed (``save_allocators``: label -> folder, loadable
+   with :func:`arr_coc.training.hub.load_allocator`);
+3. evaluate every allocator (and the oracle) at every budget on a fixed held-out set
+   (:func:`arr_coc.evaluation.evaluate_allocators`);
+4. write ``{name}.md`` (the table, by question type, the oracle's fit rate, command, commit),
+   ``{name}.csv`` (every metric per allocator x budget x seed), ``{name}_accuracy.png``,
+   ``{name}_recall.png`` and ``{name}_allocations.png`` under ``results_dir``.
+
+``run(cfg)`` is the testable function; ``main`` is the ``@hydra.main`` around it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(ROOT / "conf")
+log = logging.getLogger(__name__)
+
+# columns of the headline table: (row key, header)
+TABLE_COLUMNS = (
+    ("accuracy", "accuracy"),
+    ("retained_pct", "% of full"),
+    ("recall", "relevance recall"),
+    ("tokens", "tokens used"),
+    ("alloc_ms", "alloc ms / example"),
+)
+CATEGORY_COLUMNS = ("acc_single_object", "acc_relational", "acc_counting")
+
+
+def _container(node: Any) -> dict[str, Any]:
+    """A config node (or None / a plain dict) as a plain dict."""
+    if node is None:
+        return {}
+    if isinstance(node, DictConfig):
+        return dict(OmegaConf.to_container(node, resolve=True))
+    return dict(node)
+
+
+def _path(p: str | Path) -> Path:
+    p = Path(p)
+    return p if p.is_absolute() else ROOT / p
+
+
+# ---------------------------------------------------------------------------- allocators
+def allocator_specs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """label -> {"name": registry name, "kwargs": {...}} for every allocator to evaluate.
+
+    ``cfg.allocators``: null (every registered allocator with its defaults) or a list of
+    registry names; ``cfg.extra_allocators``: label -> {name, kwargs} (ablation variants).
+    """
+    from arr_coc.allocators import list_allocators
+
+    names = list_allocators() if cfg.get("allocators") is None else list(cfg.allocators)
+    known = set(list_allocators())
+    specs: dict[str, dict[str, Any]] = {}
+    for n in names:
+        if n not in known:
+            raise ValueError(f"allocators: unknown allocator {n!r}; known: {sorted(known)}")
+        specs[n] = {"name": n, "kwargs": {}}
+    for label, spec in _container(cfg.get("extra_allocators")).items():
+        if not isinstance(spec, dict) or spec.get("name") not in known:
+            raise ValueError(f"extra_allocators.{label}: expected {{name: <registered>, kwargs: {{...}}}}, got {spec!r}")
+        specs[label] = {"name": spec["name"], "kwargs": dict(spec.get("kwargs") or {}), "train": spec.get("train")}
+    return specs
+
+
+def build_allocator(spec: Mapping[str, Any], seed: int):
+    from arr_coc.allocators import create_allocator
+
+    kwargs = dict(spec.get("kwargs") or {})
+    if spec["name"] == "random":
+        kwargs.setdefault("seed", seed)
+    if "levels" in kwargs:
+        kwargs["levels"] = tuple(kwargs["levels"])
+    return create_allocator(spec["name"], **kwargs)
+
+
+def train_allocator(vlm, allocator, cfg: DictConfig, *, seed: int, overrides: Mapping[str, Any] | None = None):
+    """Stage 2: ``cfg.train.steps`` optimiser steps of :class:`ARRCOCModule` (allocator only).
+
+    ``overrides`` (per label, ``cfg.train.overrides``): steps, batch_size, budget, lr, loss_weights.
+
+    Returns the trained allocator (eval mode) and the last training loss, or None when the
+    allocator has no trainable parameters.
+    """
+    import lightning as L
+    from functools import partial
+
+    from arr_coc.training.datamodule import EmbeddedVQADataModule
+    from arr_coc.training.module import ARRCOCModule
+    from arr_coc.training.task import VQATask
+    from arr_coc.training.tokenizer import build_tokenizer
+
+    t = cfg.train
+    over = dict(overrides or {})
+    lr = float(over.get("lr", t.lr))
+    weights = _container(t.loss_weights)
+    weights.update(over.get("loss_weights", {}) or {})
+    L.seed_everything(seed, workers=True, verbose=False)
+    task = VQATask(seed=int(cfg.data.task_seed), image_size=int(cfg.data.image_size), grid=int(cfg.data.grid))
+    dm = EmbeddedVQADataModule(
+        task, build_tokenizer(task), train_size=int(t.train_size), val_size=0, test_size=0,
+        batch_size=int(over.get("batch_size", t.batch_size)), seed=seed,
+    )
+    module = ARRCOCModule(
+        vlm, allocator, optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.0),
+        budget=int(over.get("budget", t.budget)), loss_weights=weights, question_types=dm.question_types,
+    )
+    if not module.trainable_parameters():
+        return None
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=int(over.get("steps", t.steps)), max_epochs=-1, limit_val_batches=0,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=bool(cfg.progress), gradient_clip_val=1.0, default_root_dir=str(_path(cfg.work_dir)),
+    )
+    trainer.fit(module, datamodule=dm)
+    allocator.eval()
+    return float(trainer.callback_metrics.get("train/loss", float("nan")))
+
+
+# ---------------------------------------------------------------------------- aggregation
+def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of several seeds -> one row per (allocator, budget): mean of every metric and
+    ``<metric>_std`` (sample standard deviation over seeds; 0 with one seed), ``seeds``."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["allocator"], int(r["budget"])), []).append(r)
+    out = []
+    for (name, k), rs in groups.items():
+        row: dict[str, Any] = {"allocator": name, "budget": k, "seeds": len(rs)}
+        for key in rs[0]:
+            if key in ("allocator", "budget", "seed"):
+                continue
+            vals = torch.tensor([float(r[key]) for r in rs], dtype=torch.float64)
+            ok = ~torch.isnan(vals)
+            row[key] = float(vals[ok].mean()) if ok.any() else float("nan")
+            row[f"{key}_std"] = float(vals[ok].std()) if int(ok.sum()) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def _fmt(row: Mapping[str, Any], key: str, digits: int) -> str:
+    v = row.get(key, float("nan"))
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    s = f"{v:.{digits}f}"
+    std = row.get(f"{key}_std", 0.0)
+    if row.get("seeds", 1) > 1 and std and not math.isnan(std):
+        s += f" ± {std:.{digits}f}"
+    return s
+
+
+def headline_table(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], num_tokens: int) -> str:
+    from arr_coc.reporting import markdown_table
+
+    order = {k: i for i, k in enumerate(budgets)}
+    rows = sorted(agg, key=lambda r: (order.get(r["budget"], 99), -r["accuracy"]))
+    body = []
+    for r in rows:
+        body.append(
+            [r["allocator"], f"{r['budget']} (1/{num_tokens / max(r['budget'], 1):.0f})"]
+            + [_fmt(r, "accuracy", 3), _fmt(r, "retained_pct", 1), _fmt(r, "recall", 3), _fmt(r, "tokens", 1), _fmt(r, "alloc_ms", 3)]
+        )
+    return markdown_table(["allocator", "budget"] + [h for _, h in TABLE_COLUMNS], body)
+
+
+def type_table(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], question_types: Sequence[str]) -> str:
+    from arr_coc.reporting import markdown_table
+
+    order = {k: i for i, k in enumerate(budgets)}
+    rows = sorted(agg, key=lambda r: (order.get(r["budget"], 99), -r["accuracy"]))
+    keys = [f"acc_{t}" for t in question_types] + list(CATEGORY_COLUMNS)
+    body = [[r["allocator"], r["budget"]] + [_fmt(r, k, 3) for k in keys] for r in rows]
+    return markdown_table(["allocator", "budget"] + [k.removeprefix("acc_") for k in keys], body)
+
+
+def verdict(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], *, ours: str = "arr_coc") -> str:
+    """Plain sentences: at each budget, the best non-oracle row, and where ``ours`` stands."""
+    lines = []
+    for k in budgets:
+        at = [r for r in agg if r["budget"] == k and r["allocator"] not in ("oracle", "full")]
+        if not at:
+            continue
+        best = max(at, key=lambda r: r["accuracy"])
+        me = next((r for r in at if r["allocator"] == ours), None)
+        if me is None:
+            lines.append(f"- budget {k}: best row `{best['allocator']}` ({best['accuracy']:.3f}).")
+            continue
+        rank = 1 + sum(r["accuracy"] > me["accuracy"] for r in at)
+        lines.append(
+            f"- budget {k}: `{ours}` {me['accuracy']:.3f} ({me['retained_pct']:.1f}% of full), rank {rank} of {len(at)};"
+            f" best row `{best['allocator']}` {best['accuracy']:.3f} ({best['retained_pct']:.1f}%)."
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- outputs
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, *, command: str, commit: str) -> Path:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="") as f:
+        f.write(f"# command: {command}\n# commit: {commit}\n")
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return path
+
+
+def plot_vs_budget(
+    agg: Sequence[Mapping[str, Any]], key: str, ylabel: str, path: Path, *, num_tokens: int, caption: str
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    names = sorted({r["allocator"] for r in agg})
+    for name in names:
+        rs = sorted((r for r in agg if r["allocator"] == name), key=lambda r: r["budget"])
+        if name == "full":
+            ax.axhline(rs[0][key], color="black", ls="--", lw=1, label=f"full ({num_tokens} tokens)")
+            continue
+        xs = [r["budget"] for r in rs]
+        ys = [r[key] for r in rs]
+        es = [r.get(f"{key}_std", 0.0) for r in rs]
+        style = dict(lw=2.5, marker="o") if name.startswith("arr_coc") else dict(lw=1.2, marker=".")
+        if name == "oracle":
+            style = dict(lw=1.5, marker="s", color="grey", ls=":")
+        ax.errorbar(xs, ys, yerr=es if any(es) else None, label=name, capsize=2, **style)
+    ax.set_xscale("log", base=2)
+    budgets = sorted({r["budget"] for r in agg})
+    ax.set_xticks(budgets, [f"{k}\n(1/{num_tokens / k:.0f})" for k in budgets])
+    ax.set_xlabel("token budget (of %d visual tokens)" % num_tokens)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.text(0.01, 0.005, caption, fontsize=6, color="grey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def plot_allocations(
+    vlm, allocators: Mapping[str, Any], batch: Mapping[str, torch.Tensor], budget: int, path: Path,
+    *, num_examples: int, questions: Sequence[str], caption: str, seed: int = 0,
+) -> Path:
+    """An image grid: rows = examples, columns = allocators; kept tokens outlined by level
+    (fine = lime, 2x2 = orange, 4x4 and coarser = magenta), uncovered patches dimmed, the
+    ground-truth relevant patches outlined in red (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from arr_coc.evaluation import run_allocation
+    from arr_coc.training.module import coverage_mask
+
+    e = min(num_examples, batch["pixels"].shape[0])
+    sub = {k: v[:e] for k, v in batch.items()}
+    gh, gw = (vlm.grid, vlm.grid) if isinstance(vlm.grid, int) else vlm.grid
+    img_h, img_w = sub["pixels"].shape[-2:]
+    ph, pw = img_h / gh, img_w / gw
+    names = list(allocators)
+    colours = {0: "lime", 1: "orange"}
+    fig, axes = plt.subplots(e, len(names), figsize=(1.45 * len(names), 1.7 * e), squeeze=False)
+    gen = torch.Generator().manual_seed(seed)
+    for j, name in enumerate(names):
+        res = run_allocation(vlm, allocators[name], sub, budget, generator=gen)
+        cover = coverage_mask(res.positions, res.mask, (gh, gw))  # [E, gh, gw]
+        for i in range(e):
+            ax = axes[i, j]
+            img = sub["pixels"][i].permute(1, 2, 0).clamp(0, 1).clone()
+            dim = (~cover[i]).repeat_interleave(int(ph), 0).repeat_interleave(int(pw), 1)
+            img[dim] *= 0.35
+            ax.imshow(img.numpy(), interpolation="nearest")
+            for (r, c, lv), ok in zip(res.positions[i].tolist(), res.mask[i].tolist()):
+                if not ok:
+                    continue
+                s = 2**lv
+                hh, ww = min(s, gh - r) * ph, min(s, gw - c) * pw
+                ax.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), ww, hh, fill=False,
+                                       ec=colours.get(lv, "magenta"), lw=1.0 + 0.4 * lv))
+            rel = sub["relevance"][i]
+            for r, c in rel.nonzero().tolist():
+                ax.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, ec="red", lw=0.9, ls="--"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=7)
+            if j == 0:
+                q = questions[i]
+                ax.set_ylabel(q if len(q) < 34 else q[:32] + "...", fontsize=5.5)
+    fig.suptitle(
+        f"kept tokens at budget {budget}: fine = lime, 2x2 = orange, 4x4 = magenta; relevant patches red dashed",
+        fontsize=8,
+    )
+    fig.text(0.01, 0.003, caption, fontsize=6, color="grey")
+    fig.tight_layout(rect=(0, 0.02, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- the job
+def _command(cfg: DictConfig) -> str:
+    if cfg.get("command"):
+        return str(cfg.command)
+    return " ".join(["python experiments/main.py", *sys.argv[1:]])
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, evaluate, write the outputs; returns {"rows": per-seed rows, "table": aggregated
+    rows, "files": {kind: path}, "seconds": {step: wall seconds}}."""
+    from arr_coc.evaluation import ORACLE, build_eval_batches, evaluate_allocators
+    from arr_coc.reporting import commit, environment, write_report
+    from arr_coc.training.base_vlm import BaseVLM
+    from arr_coc.training.hub import save_allocator
+    from arr_coc.training.task import QUESTION_TYPES, VQATask
+    from arr_coc.training.tokenizer import build_tokenizer
+
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    budgets = [int(k) for k in cfg.budgets]
+    seeds = [int(s) for s in cfg.seeds]
+    if not seeds:
+        raise ValueError("seeds: expected at least one seed")
+    folder = _path(cfg.model_folder)
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        raise ValueError(f"model_folder: expected config.json and model.safetensors in {folder} (the base VLM)")
+    vlm = BaseVLM.from_pretrained(folder).eval()
+    vlm.requires_grad_(False)
+    num_tokens = int(vlm.num_patches)
+    task = VQATask(seed=int(cfg.data.task_seed), image_size=int(cfg.data.image_size), grid=int(cfg.data.grid))
+    tok = build_tokenizer(task)
+    ev = cfg.eval
+    batches = build_eval_batches(task, tok, start=int(ev.start), size=int(ev.size), batch_size=int(ev.batch_size))
+    specs = allocator_specs(cfg)
+    train_labels = set(cfg.train.allocators or []) if cfg.train.enabled else set()
+    train_labels |= {lab for lab, s in specs.items() if s.get("train") and cfg.train.enabled}
+    save_to = _container(cfg.get("save_allocators"))
+    seconds["load"] = time.perf_counter() - t_start
+
+    rows: list[dict[str, Any]] = []
+    train_losses: dict[str, list[float]] = {}
+    allocators: dict[str, Any] = {}
+    for si, seed in enumerate(seeds):
+        torch.manual_seed(seed)
+        allocators = {label: build_allocator(spec, seed) for label, spec in specs.items()}
+        t0 = time.perf_counter()
+        for label in [lab for lab in specs if lab in train_labels]:
+            overrides = _container(cfg.train.get("overrides")).get(label)
+            spec_train = specs[label].get("train")
+            if isinstance(spec_train, dict):
+                overrides = {**(overrides or {}), **spec_train}
+            log.info("seed %d: training %s (%s)", seed, label, overrides or "defaults")
+            loss = train_allocator(vlm, allocators[label], cfg, seed=seed, overrides=overrides)
+            if loss is not None:
+                train_losses.setdefault(label, []).append(loss)
+            if si == 0 and label in save_to and loss is not None:
+                spec = specs[label]
+                save_allocator(allocators[label], _path(save_to[label]), name=spec["name"], config=spec["kwargs"])
+        seconds["train"] = seconds.get("train", 0.0) + time.perf_counter() - t0
+        evaluated: dict[str, Any] = dict(allocators)
+        if cfg.include_oracle:
+            evaluated[ORACLE] = ORACLE
+        t0 = time.perf_counter()
+        for r in evaluate_allocators(vlm, evaluated, batches, budgets, seed=seed, progress=bool(cfg.progress)):
+            r["seed"] = seed
+            rows.append(r)
+        seconds["evaluate"] = seconds.get("evaluate", 0.0) + time.perf_counter() - t0
+    agg = aggregate(rows)
+
+    # ------------------------------------------------------------------ outputs
+    out_dir = _path(cfg.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = str(cfg.name)
+    command, sha = _command(cfg), commit()
+    caption = f"{command}  (commit {sha})"
+    files: dict[str, Path] = {}
+    t0 = time.perf_counter()
+    files["csv"] = write_csv(rows, out_dir / f"{name}.csv", command=command, commit=sha)
+    if cfg.plots:
+        files["accuracy_png"] = plot_vs_budget(
+            agg, "accuracy", "answer accuracy", out_dir / f"{name}_accuracy.png", num_tokens=num_tokens, caption=caption
+        )
+        files["recall_png"] = plot_vs_budget(
+            agg, "recall", "relevance recall", out_dir / f"{name}_recall.png", num_tokens=num_tokens, caption=caption
+        )
+        grid_allocs = dict(allocators)
+        if cfg.include_oracle:
+            grid_allocs[ORACLE] = ORACLE
+        grid_budget = int(cfg.grid_budget) if cfg.get("grid_budget") is not None else budgets[len(budgets) // 2]
+        ds_questions = [task.example(int(ev.start) + i).question for i in range(int(cfg.grid_examples))]
+        files["allocations_png"] = plot_allocations(
+            vlm, grid_allocs, batches[0], grid_budget, out_dir / f"{name}_allocations.png",
+            num_examples=int(cfg.grid_examples), questions=ds_questions, caption=caption, seed=seeds[0],
+        )
+    seconds["outputs"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+    full_acc = rows[0]["full_accuracy"]
+    oracle_fit = {r["budget"]: r["oracle_fit"] for r in agg if r["allocator"] == ORACLE}
+    base_note = ""
+    if (folder / "best.json").is_file():
+        import json
+
+        best = json.loads((folder / "best.json").read_text())
+        base_note = f" (stage-1 step {best.get('step')}, its own val accuracy {best.get('val_acc', float('nan')):.3f})"
+    parts = [
+        f"Base VLM: `{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}`{base_note}; "
+        f"evaluation set: {int(ev.size)} held-out questions of the embedded task (task seed {cfg.data.task_seed}, "
+        f"examples {int(ev.start)}..{int(ev.start) + int(ev.size) - 1}); {num_tokens} visual tokens; "
+        f"full-token accuracy {full_acc:.3f}.",
+        f"Seeds: {seeds} ({'mean ± sample std over seeds' if len(seeds) > 1 else 'one seed: no spread; `seeds=[0,1,2]` for 3'}). "
+        f"Trained (stage 2, {cfg.train.steps} steps at budget {cfg.train.budget}, batch {cfg.train.batch_size}"
+        f"; per-allocator overrides {_container(cfg.train.get('overrides')) or 'none'}): "
+        + (", ".join(f"`{k}` (final loss {sum(v) / len(v):.3f})" for k, v in train_losses.items()) or "none")
+        + ". Every other allocator is parameter-free and used as built.",
+        "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f" ({environment()}).",
+        "## Allocator x budget\n\n`alloc ms / example`: the allocator call alone (batch "
+        f"{int(ev.batch_size)}), not the ViT or the LLM. `% of full`: accuracy / full-token accuracy. "
+        "`relevance recall`: fraction of the ground-truth relevant patches covered by the kept tokens "
+        "(a pooled token covers its region). The oracle reads the ground-truth relevance mask "
+        "(relevant fine patches first, random fill): a reference, not an allocator.\n\n"
+        + headline_table(agg, budgets, num_tokens),
+        "## Where each allocator stands\n\n" + verdict(agg, budgets),
+    ]
+    if oracle_fit:
+        parts.append(
+            "## Oracle fit\n\nFraction of questions whose relevant patches all fit within the budget: "
+            + ", ".join(f"K = {k}: {v:.3f}" for k, v in sorted(oracle_fit.items(), reverse=True))
+            + "."
+        )
+    parts.append(
+        "## Accuracy by question type\n\nsingle_object = shape, colour, side; relational = nearest; "
+        "counting = count.\n\n" + type_table(agg, budgets, QUESTION_TYPES)
+    )
+    if cfg.plots:
+        parts.append(
+            "## Figures\n\n"
+            + "\n".join(f"![{k}]({p.name})" for k, p in files.items() if k.endswith("png"))
+        )
+    files["md"] = write_report(name, str(cfg.title), command, "\n\n".join(parts) + "\n", results_dir=out_dir)
+    return {"rows": rows, "table": agg, "files": files, "seconds": seconds}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="main")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
