@@ -67,8 +67,12 @@ def load_vlm(cfg: DictConfig):
     candidates = [folder] + sorted(ROOT.glob("experiments/runs/*/best"), key=lambda p: p.stat().st_mtime, reverse=True)
     for f in candidates:
         if (f / "config.json").is_file():
+            import hashlib
+
+            digest = hashlib.sha256((f / "model.safetensors").read_bytes()).hexdigest()[:12]
             vlm = BaseVLM.from_pretrained(f).eval()
-            return vlm, task, tok, f"trained checkpoint `{f.relative_to(ROOT) if f.is_relative_to(ROOT) else f}`"
+            where = f.relative_to(ROOT) if f.is_relative_to(ROOT) else f
+            return vlm, task, tok, f"trained checkpoint `{where}` (model.safetensors sha256 {digest}...)"
     log.warning("no base VLM checkpoint found: using an untrained one")
     torch.manual_seed(0)
     return BaseVLM(BaseVLMConfig.for_task(task, tok)).eval(), task, tok, "UNTRAINED base VLM (no checkpoint found)"
