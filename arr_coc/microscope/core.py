@@ -16,6 +16,12 @@ given the question's LLM embeddings, pooled picks are re-pooled in ViT space, an
 frozen LLM reads the kept tokens and answers with one word. A budget change re-runs only
 the allocators and the answer, never the image encoder.
 
+Latency (``python -m benchmarks microscope``, experiments/results/microscope.md): a budget
+change for the page's five default allocators costs 83 ms wall / 27 ms CPU on the 2-core
+machine shared with a training job (load average 10), 13-30 ms per allocator; a new image
+(ViT encoding + relevance maps) 116 ms. The browser round trip of a slider move measured
+by the end-to-end test is 0.1-0.6 s on the same loaded machine.
+
 Model files: the base VLM from ``checkpoints/base_vlm`` (else the newest
 ``experiments/runs/*/best``, else an untrained VLM), trained allocators from
 ``checkpoints/allocator`` (folders written by :func:`arr_coc.training.hub.save_allocator`),

@@ -9,7 +9,6 @@ stack trace. Saves a screenshot to experiments/results/microscope.png.
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -152,8 +151,9 @@ def test_bad_upload_gives_a_message(server, browser, tmp_path, kind):
     page.wait_for_function(
         f"document.querySelector('#message textarea').value.includes({want!r})", timeout=60_000
     )
+    page.get_by_text(want).first.wait_for(timeout=10_000)  # the gr.Warning toast says it too
     body = page.inner_text("body")
-    assert "Traceback" not in body and "Error" not in page.input_value("#message textarea")
+    assert "Warning" in body and "Traceback" not in body and "Error" not in page.input_value("#message textarea")
     page.close()
 
 
