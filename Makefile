@@ -1,13 +1,16 @@
 # The two commands of the README: `make run` and `make test`. Each installs into .venv
-# first when needed (and only then: the stamp file is newer than pyproject.toml).
+# first when needed, and only then (the stamp is newer than pyproject.toml and constraints.txt).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.arr_coc-installed
 PYTEST_ARGS ?=
+RUN_ARGS ?=
+BENCH_ARGS ?=
+MICROSCOPE_ARGS ?=
 
-.PHONY: install run test test-slow bench clean-venv
+.PHONY: install run test test-slow bench base-vlm analysis inference microscope clean-venv
 
 install: $(STAMP)
 
@@ -20,8 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
+# The main job on the embedded default, offline: train the ARR-COC modules on the shipped
+# base VLM, evaluate every allocator at 1/4, 1/9, 1/18 of the visual tokens.
 run: $(STAMP)
-	$(PY) -m arr_coc.info
+	$(PY) experiments/main.py $(RUN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -29,8 +34,23 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
+# Every benchmarks/bench_*.py (or `make bench BENCH_ARGS="losses info"`); tables land in
+# experiments/results/.
 bench: $(STAMP)
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# Stage 1: retrain the shipped base VLM (hours on 2 CPU cores; see experiments/results/base_vlm.md).
+base-vlm: $(STAMP)
+	$(PY) -m arr_coc.training.train_base --out checkpoints/base_vlm --run-dir experiments/runs/base_vlm
+
+analysis: $(STAMP)
+	$(PY) experiments/analysis.py
+
+inference: $(STAMP)
+	$(PY) experiments/inference.py
+
+microscope: $(STAMP)
+	$(PY) -m arr_coc.microscope $(MICROSCOPE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
