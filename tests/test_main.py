@@ -1,0 +1,97 @@
+"""experiments/main.py: a tiny run(cfg) writes the table, CSV, plots and the saved allocator."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import main as main_job  # noqa: E402
+
+from arr_coc.training.hub import load_allocator  # noqa: E402
+from tests.training._helpers import micro_vlm  # noqa: E402
+
+
+def _cfg(tmp_path, *extra):
+    vlm_dir = tmp_path / "vlm"
+    if not vlm_dir.exists():
+        micro_vlm(0).save_pretrained(vlm_dir)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            "main",
+            overrides=[
+                f"model_folder={vlm_dir}",
+                f"results_dir={tmp_path / 'results'}",
+                f"work_dir={tmp_path / 'work'}",
+                "name=tiny",
+                "command=pytest tiny run",
+                "allocators=[full,random,arr_coc]",
+                "budgets=[4,2]",
+                "eval.size=12",
+                "eval.batch_size=6",
+                "train.steps=2",
+                "train.batch_size=4",
+                "train.train_size=8",
+                "train.allocators=[arr_coc]",
+                f"save_allocators={{arr_coc: {tmp_path / 'alloc'}}}",
+                "grid_examples=2",
+                "progress=false",
+                *extra,
+            ],
+        )
+
+
+def test_tiny_run_writes_the_table_files(tmp_path):
+    out = main_job.run(_cfg(tmp_path))
+    files = out["files"]
+    for kind in ("md", "csv", "accuracy_png", "recall_png", "allocations_png"):
+        assert files[kind].is_file() and files[kind].stat().st_size > 0, kind
+    md = files["md"].read_text()
+    assert "pytest tiny run" in md and "Commit:" in md and "| allocator | budget | accuracy |" in md
+    for name in ("full", "random", "arr_coc", "oracle"):
+        assert f"| {name} |" in md
+    lines = files["csv"].read_text().splitlines()
+    assert lines[0] == "# command: pytest tiny run" and lines[1].startswith("# commit:")
+    rows = list(csv.DictReader(lines[2:]))
+    assert len(rows) == 4 * 2  # (3 allocators + oracle) x 2 budgets, one seed
+    by = {(r["allocator"], int(r["budget"])): r for r in rows}
+    assert float(by[("full", 4)]["tokens"]) == 64 and float(by[("random", 2)]["tokens"]) == 2
+    full_acc = float(by[("full", 2)]["full_accuracy"])
+    if full_acc > 0:
+        assert float(by[("full", 2)]["retained_pct"]) == pytest.approx(100.0, abs=1e-3)
+    # the trained allocator is saved and loads back
+    alloc = load_allocator(tmp_path / "alloc")
+    assert type(alloc).__name__ == "ArrCocAllocator"
+
+
+def test_seeds_aggregate_mean_and_spread():
+    rows = [
+        {"allocator": "a", "budget": 4, "seed": 0, "accuracy": 0.5, "oracle_fit": float("nan")},
+        {"allocator": "a", "budget": 4, "seed": 1, "accuracy": 0.7, "oracle_fit": float("nan")},
+        {"allocator": "a", "budget": 4, "seed": 2, "accuracy": 0.9, "oracle_fit": float("nan")},
+    ]
+    (agg,) = main_job.aggregate(rows)
+    assert agg["seeds"] == 3 and agg["accuracy"] == pytest.approx(0.7)
+    assert agg["accuracy_std"] == pytest.approx(0.2)  # sample std of .5, .7, .9
+    assert agg["oracle_fit"] != agg["oracle_fit"]  # NaN stays NaN
+
+
+def test_ablation_configs_compose_and_unknown_names_are_refused(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for exp in ("ablation_alpha", "ablation_price", "ablation_pyramid", "ablation_adapter"):
+            cfg = compose("main", overrides=[f"+experiment={exp}"])
+            specs = main_job.allocator_specs(cfg)
+            assert cfg.name == exp and len(specs) >= 4
+            for spec in specs.values():  # every variant builds
+                main_job.build_allocator(spec, 0)
+        cfg = compose("main", overrides=["allocators=[full,nonsense]"])
+    with pytest.raises(ValueError, match="allocators"):
+        main_job.allocator_specs(cfg)
+    with pytest.raises(ValueError, match="model_folder"):
+        main_job.run(_cfg(tmp_path, f"model_folder={tmp_path / 'missing'}"))
