@@ -17,6 +17,7 @@ res.outputs, res.full, res.batches
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -96,8 +97,6 @@ class MIRouter:
         self.max_batch_size = max_batch_size
 
     def __call__(self, batch: Mapping[str, torch.Tensor], scores: torch.Tensor) -> RoutedOutput:
-        import time
-
         scores = _check_scores(scores)
         r = scores.shape[0]
         if not isinstance(batch, Mapping) or not batch:
