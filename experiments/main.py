@@ -53,6 +53,8 @@ TABLE_COLUMNS = (
     ("alloc_ms", "alloc ms / example"),
 )
 CATEGORY_COLUMNS = ("acc_single_object", "acc_relational", "acc_counting")
+# the strongest published baselines the issue compares against (same harness)
+PUBLISHED_BASELINES = ("cdpruner", "divprune", "visionzip")
 
 
 def _container(node: Any) -> dict[str, Any]:
@@ -215,10 +217,15 @@ def verdict(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], *, ours: s
             lines.append(f"- budget {k}: best row `{best['allocator']}` ({best['accuracy']:.3f}).")
             continue
         rank = 1 + sum(r["accuracy"] > me["accuracy"] for r in at)
-        lines.append(
+        line = (
             f"- budget {k}: `{ours}` {me['accuracy']:.3f} ({me['retained_pct']:.1f}% of full), rank {rank} of {len(at)};"
-            f" best row `{best['allocator']}` {best['accuracy']:.3f} ({best['retained_pct']:.1f}%)."
+            f" best row `{best['allocator']}` {best['accuracy']:.3f} ({best['retained_pct']:.1f}%)"
         )
+        published = [r for r in at if r["allocator"] in PUBLISHED_BASELINES]
+        if published:
+            strong = max(published, key=lambda r: r["accuracy"])
+            line += f"; strongest published baseline `{strong['allocator']}` {strong['retained_pct']:.1f}%"
+        lines.append(line + ".")
     return "\n".join(lines)
 
 

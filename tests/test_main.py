@@ -95,3 +95,16 @@ def test_ablation_configs_compose_and_unknown_names_are_refused(tmp_path):
         main_job.allocator_specs(cfg)
     with pytest.raises(ValueError, match="model_folder"):
         main_job.run(_cfg(tmp_path, f"model_folder={tmp_path / 'missing'}"))
+
+
+def test_verdict_says_when_arr_coc_is_not_the_best_row():
+    agg = [
+        {"allocator": "arr_coc", "budget": 7, "accuracy": 0.6, "retained_pct": 90.0},
+        {"allocator": "divprune", "budget": 7, "accuracy": 0.65, "retained_pct": 97.5},
+        {"allocator": "random", "budget": 7, "accuracy": 0.4, "retained_pct": 60.0},
+        {"allocator": "oracle", "budget": 7, "accuracy": 0.9, "retained_pct": 135.0},  # not a competitor
+        {"allocator": "full", "budget": 7, "accuracy": 0.667, "retained_pct": 100.0},
+    ]
+    text = main_job.verdict(agg, [7])
+    assert "rank 2 of 3" in text and "best row `divprune` 0.650" in text
+    assert "strongest published baseline `divprune` 97.5%" in text
