@@ -9,8 +9,9 @@ PYTEST_ARGS ?=
 RUN_ARGS ?=
 BENCH_ARGS ?=
 MICROSCOPE_ARGS ?=
+ARGS ?=
 
-.PHONY: install run test test-slow bench base-vlm analysis inference microscope clean-venv
+.PHONY: install run test test-slow bench base-vlm train sweep smoke analysis inference microscope clean-venv
 
 install: $(STAMP)
 
@@ -42,6 +43,16 @@ bench: $(STAMP)
 # Stage 1: retrain the shipped base VLM (hours on 2 CPU cores; see experiments/results/base_vlm.md).
 base-vlm: $(STAMP)
 	$(PY) -m arr_coc.training.train_base --out checkpoints/base_vlm --run-dir experiments/runs/base_vlm
+
+# Stage 2 on its own (Hydra): `make train ARGS="allocator=visionzip budget=8"`.
+train: $(STAMP)
+	$(PY) experiments/train.py $(ARGS)
+
+sweep: $(STAMP)
+	$(PY) experiments/train.py -m experiment=budget_sweep allocator=arr_coc,arr_coc_adapter,cdpruner,visionzip,random budget=4,8,16
+
+smoke: $(STAMP)
+	$(PY) experiments/train.py model=micro debug=fast_dev_run
 
 analysis: $(STAMP)
 	$(PY) experiments/analysis.py
