@@ -82,6 +82,10 @@ class QualityAdapter(nn.Module):
         num_levels: pyramid levels encoded one-hot (levels above are clipped).
         distortion: D of the coverage term (as in :func:`arr_coc.attending.greedy_conditional_mi`).
         var_floor: floor on 1 - cos^2 (caps the information of a query twin).
+        max_residual: bound on the learned residual, in nats (``r tanh(mlp / r)``: the
+            identity near 0, so an untrained adapter is unchanged). It keeps training from
+            overriding the closed-form base wholesale (e.g. a learned level bias that ranks
+            every pooled token above every fine one); None: unbounded.
 
     forward(candidate_emb [B, M, R], query_summary [B, R] | None, pmi [B, M] | None,
             alpha [B] | None, levels [M] long | None, has_query [B] bool | None) -> :class:`AdapterOutput`.
@@ -96,10 +100,14 @@ class QualityAdapter(nn.Module):
         num_levels: int = 4,
         distortion: float = 1e-2,
         var_floor: float = 1e-4,
+        max_residual: float | None = None,
     ):
         super().__init__()
         if not (distortion > 0 and var_floor > 0):
             raise ValueError(f"distortion, var_floor: expected > 0, got {distortion!r}, {var_floor!r}")
+        if max_residual is not None and not max_residual > 0:
+            raise ValueError(f"max_residual: expected > 0 or None, got {max_residual!r}")
+        self.max_residual = None if max_residual is None else float(max_residual)
         self.num_levels, self.distortion, self.var_floor = num_levels, float(distortion), float(var_floor)
         self.proj = _LazyProjection(relevance_dim, proj_dim)
         n_in = 2 * proj_dim + 3 + num_levels
@@ -111,6 +119,13 @@ class QualityAdapter(nn.Module):
         """Create the projection for this width now (before building an optimizer)."""
         self.proj.initialize_parameters(relevance_dim)
         return self
+
+    def _residual(self, feats: torch.Tensor) -> torch.Tensor:
+        """The bounded residual [..] of features [.., F]."""
+        raw = self.mlp(feats)[..., 0]
+        if self.max_residual is None:
+            return raw
+        return self.max_residual * torch.tanh(raw / self.max_residual)
 
     def _base(self, cos_q: torch.Tensor, cos_m: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         iq = -0.5 * (1 - cos_q.pow(2)).clamp_min(self.var_floor).log()
@@ -153,7 +168,7 @@ class QualityAdapter(nn.Module):
             return AdapterOutput(score=base, base=base)
         # the matched pair only: the critic's diagonal
         feats = self._pair_features(x, inv, q[:, None], cos_q, cos_m, pmi, levels)
-        resid = self.mlp(feats)[..., 0][:, 0]  # [B, M]
+        resid = self._residual(feats)[:, 0]  # [B, M]
         return AdapterOutput(score=base + resid, base=base)
 
     def _pair_features(self, x, inv, q, cos_q, cos_m, pmi, levels):
@@ -194,7 +209,7 @@ class QualityAdapter(nn.Module):
         pmi = torch.zeros(b, m, dtype=dtype, device=x.device)
         inv, cos_m, cos_q = _geometry(x, q)
         feats = self._pair_features(x, inv, q, cos_q, cos_m, pmi, levels)
-        score = self._base(cos_q, cos_m[:, None], torch.ones(b, b, dtype=dtype, device=x.device)) + self.mlp(feats)[..., 0]
+        score = self._base(cos_q, cos_m[:, None], torch.ones(b, b, dtype=dtype, device=x.device)) + self._residual(feats)
         return torch.logsumexp(score, dim=-1) - math.log(m)
 
 
@@ -254,12 +269,20 @@ def relaxed_topk(
     temperature: float = 0.5,
     gumbel: bool = True,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_slots: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gumbel top-k with a straight-through relaxation.
 
     scores [B, M], budget [B] long -> (indices [B, K] -1 padded, keep [B, M]) where ``keep``
     equals the hard 0/1 selection in the forward pass and carries the gradient of the
     relaxed subset (k successive softmaxes, Xie and Ermon 2019) in the backward pass.
+
+    ``return_slots``: also return ``slots`` [B, K, M], the i-th successive softmax (the
+    relaxed i-th pick, a distribution over the candidates; zero rows past the budget), whose
+    hard counterpart is the one-hot of ``indices[:, i]`` (top-k lists picks in the same
+    order, best first). ``slots @ candidates`` is the relaxed token of each slot: its
+    straight-through gradient compares a pick with every alternative candidate (centred by
+    the softmax), unlike ``keep``, which only says whether a kept token should be scaled.
     """
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature!r}")
@@ -276,9 +299,14 @@ def relaxed_topk(
     hard = torch.zeros_like(s).scatter_add(1, idx.clamp_min(0), live.to(s.dtype))
     soft = torch.zeros_like(s)
     logits = s / temperature
+    slots = []
     for i in range(k):
         p = logits.softmax(dim=1)
-        soft = soft + p * live[:, i : i + 1].to(s.dtype)
+        p_live = p * live[:, i : i + 1].to(s.dtype)
+        slots.append(p_live)
+        soft = soft + p_live
         logits = logits + torch.log1p(-p.clamp(max=1 - 1e-6))
     keep = hard + soft - soft.detach()
+    if return_slots:
+        return idx, keep, (torch.stack(slots, 1) if slots else s.new_zeros(b, 0, m))
     return idx, keep

@@ -19,7 +19,10 @@ returned tokens carry a straight-through factor (value 1, gradient of a relaxed 
 probability): ``sigmoid(pmi / st_temperature)`` for ``arr_coc`` (the greedy itself is
 discrete) times, per pick, the relaxed "gain >= price" ``sigmoid((gain(alpha) - price) /
 price_temperature)`` (the gain is linear in alpha, so a learned balancer gets gradients too),
-and the Gumbel top-k relaxation of the adapter scores for ``arr_coc_adapter``.
+and, for ``arr_coc_adapter``, each kept token carries the gradient of its relaxed pick
+(the successive softmaxes of the Gumbel top-k of the adapter scores, times the candidates),
+and ``extras["losses"]["distill"]`` holds the distillation loss from the exact greedy run
+at the same budget (the anchor that keeps the answer loss from collapsing the adapter).
 ``arr_coc`` also returns a differentiable ``gain`` (the set's log-det MI). ``extras`` holds
 ``keep_prob`` [B, M] for the rate term of :class:`arr_coc.balancing.IBLoss`, ``pmi`` [B, M],
 ``alpha`` [B], ``price`` [B], and per method the pick order and per-step gains
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from arr_coc.adapter import QualityAdapter, relaxed_topk
+from arr_coc.adapter import QualityAdapter, distillation_loss, relaxed_topk
 from arr_coc.allocators.base import AllocationContext, Allocator, Selection, topk_indices
 from arr_coc.allocators.registry import register_allocator
 from arr_coc.attending import gaussian_set_mi, greedy_conditional_mi
@@ -197,9 +200,26 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
     """The fast path: one adapter forward over the candidates, then top-k (Gumbel top-k in training).
 
     Args: those of :class:`ArrCocAllocator` (``price`` is not used: the budget is spent),
-    plus ``adapter`` (a ready-made :class:`QualityAdapter`), ``proj_dim`` and ``hidden``
-    (its size), ``gumbel_temperature`` and ``gumbel`` (the training relaxation) and
-    ``report_gain`` (compute I(c_S ; Q) of the kept set, a small extra cost).
+    plus ``adapter`` (a ready-made :class:`QualityAdapter`), ``proj_dim``, ``hidden`` and
+    ``max_residual`` (its size and residual bound), ``gumbel_temperature`` and ``gumbel``
+    (the training relaxation), ``straight_through`` and ``report_gain`` (compute
+    I(c_S ; Q) of the kept set, a small extra cost), ``distill``.
+
+    Training signals (in training mode with gradients on):
+
+    - ``distill`` (default on): the exact greedy at the same budget, alpha and scorer is
+      run as a teacher (detached) and :func:`arr_coc.adapter.distillation_loss` of the
+      adapter scores against its pick order and gains is returned as
+      ``extras["losses"]["distill"]`` (weighted by ``loss_weights.distill`` in
+      :class:`arr_coc.training.module.ARRCOCModule`). The answer loss alone, through any
+      straight-through top-k, is a biased first-order signal: it drove the adapter to keep
+      pooled tokens only (fine-token recall -> 0); the teacher anchors it.
+    - ``straight_through="slot"`` (default): each kept token carries the gradient of its
+      relaxed pick, the successive softmax of :func:`relaxed_topk` times the candidates,
+      so the answer loss compares the pick with every alternative (centred);
+      ``"scale"``: the old estimator (the kept token times its relaxed keep probability:
+      its gradient only says whether scaling a kept token up helps, which is not a
+      selection signal and reaches no unselected candidate).
     """
 
     def __init__(
@@ -209,20 +229,51 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
         adapter: QualityAdapter | None = None,
         proj_dim: int = 16,
         hidden: int = 64,
+        max_residual: float | None = None,
         gumbel_temperature: float = 0.5,
         gumbel: bool = True,
+        straight_through: str = "slot",
         report_gain: bool = True,
+        distill: bool = True,
+        distill_mse_weight: float = 1.0,
         **kwargs,
     ):
         kwargs.setdefault("price", 0.0)
         super().__init__(alpha, **kwargs)
         if not gumbel_temperature > 0:
             raise ValueError(f"gumbel_temperature: expected > 0, got {gumbel_temperature!r}")
+        if straight_through not in ("slot", "scale"):
+            raise ValueError(f"straight_through: expected 'slot' or 'scale', got {straight_through!r}")
+        if not distill_mse_weight >= 0:
+            raise ValueError(f"distill_mse_weight: expected >= 0, got {distill_mse_weight!r}")
         self.adapter = adapter if adapter is not None else QualityAdapter(
-            proj_dim=proj_dim, hidden=hidden, distortion=self.distortion, var_floor=self.var_floor
+            proj_dim=proj_dim, hidden=hidden, distortion=self.distortion, var_floor=self.var_floor,
+            max_residual=max_residual,
         )
         self.gumbel_temperature, self.gumbel, self.report_gain = float(gumbel_temperature), bool(gumbel), bool(report_gain)
+        self.straight_through = straight_through
+        self.distill, self.distill_mse_weight = bool(distill), float(distill_mse_weight)
         self.fixed_budget = True
+
+    def _teacher(self, ctx: AllocationContext, out: ScorerOutput, alpha: torch.Tensor):
+        """The exact greedy at the same budget, alpha and scorer (no gradient, price 0)."""
+        qemb = out.query_emb
+        emb = out.candidate_emb.detach()
+        return greedy_conditional_mi(
+            emb,
+            qemb.detach() if qemb is not None else None,
+            ctx.query_mask if qemb is not None else None,
+            ctx.budget,
+            alpha.detach(),
+            0.0,
+            kernel=self.kernel,
+            jitter=self.jitter,
+            var_floor=self.var_floor,
+            distortion=self.distortion,
+            bandwidth=self.bandwidth,
+            check_finite=False,
+            cand_gram=self._pyramid_gram(ctx, emb),
+        )
 
     def select(self, ctx: AllocationContext) -> Selection:
         out, bal = self._front(ctx)
@@ -236,9 +287,23 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
         )
         scores = pred.score
         tokens = None
+        losses: dict[str, torch.Tensor] = {}
         if self._training():
-            idx, keep = relaxed_topk(scores, ctx.budget, temperature=self.gumbel_temperature, gumbel=self.gumbel)
-            tokens = self._gather_tokens(ctx, idx, keep)
+            idx, keep, slots = relaxed_topk(
+                scores, ctx.budget, temperature=self.gumbel_temperature, gumbel=self.gumbel, return_slots=True
+            )
+            if self.straight_through == "scale":
+                tokens = self._gather_tokens(ctx, idx, keep)
+            else:
+                cand = ctx.candidates
+                hard = cand.gather(1, idx.clamp_min(0)[..., None].expand(-1, -1, cand.shape[-1]))
+                soft = torch.einsum("bkm,bmd->bkd", slots.to(cand.dtype), cand)  # relaxed token per slot
+                tokens = hard + (soft - soft.detach())
+            if self.distill:
+                teacher = self._teacher(ctx, out, bal.alpha)
+                losses["distill"] = distillation_loss(
+                    scores, teacher.indices, teacher.gains.to(scores.dtype), mse_weight=self.distill_mse_weight
+                )
         else:
             idx = topk_indices(scores.detach(), ctx.budget)
             keep = torch.zeros_like(scores).scatter_add(1, idx.clamp_min(0), (idx >= 0).to(scores.dtype))
@@ -254,4 +319,6 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
             if not self._training():
                 gain = gain.detach()
         extras = dict(scores=scores, alpha=bal.alpha, price=bal.price, pmi=out.pmi, keep_prob=keep)
+        if losses:
+            extras["losses"] = losses
         return Selection(indices=idx, tokens=tokens, gain=gain, extras=extras)

@@ -9,9 +9,11 @@ kept tokens [B, K, Dl] ──vlm.answer_logits──> [B, vocab]   (frozen; the 
 
 Loss = ``ce`` * answer cross-entropy (an upper bound on H(answer | tokens, question), so
 minimising it maximises a lower bound on I(tokens; answer)) + ``rate`` * the IB rate term +
-``critic`` * the InfoNCE critic loss, the last two as the allocator reports them (see
-:func:`allocator_loss_terms`); an allocator that reports none trains on the answer alone, and
-one without trainable parameters is only evaluated.
+``critic`` * the InfoNCE critic loss + ``distill`` * the distillation loss from the exact
+greedy (``arr_coc_adapter`` reports it in training; the answer loss alone through its
+straight-through top-k collapses it to pooled tokens), the last three as the allocator
+reports them (see :func:`allocator_loss_terms`); an allocator that reports none trains on
+the answer alone, and one without trainable parameters is only evaluated.
 
 The frozen VLM is never written into a checkpoint: ``on_save_checkpoint`` drops its weights
 and stores the backbone references (names / paths, as given in ``backbones``) and a
@@ -53,7 +55,7 @@ __all__ = [
     "relevance_recall",
 ]
 
-_LOSS_KEYS = ("ce", "rate", "critic")
+_LOSS_KEYS = ("ce", "rate", "critic", "distill")
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -173,8 +175,9 @@ def allocator_loss_terms(
 
     In order of precedence:
 
-    - ``out.extras["losses"]`` ``{"rate": ..., "critic": ...}`` (or ``rate_loss`` /
-      ``critic_loss``): terms the allocator computes itself ([B] tensors are averaged);
+    - ``out.extras["losses"]`` ``{"rate": ..., "critic": ..., "distill": ...}`` (or
+      ``rate_loss`` / ``critic_loss`` / ``distill_loss``): terms the allocator computes
+      itself ([B] tensors are averaged);
     - rate from ``out.extras["keep_prob"]`` [B, M] (the relaxed keep probabilities of
       ``arr_coc`` / ``arr_coc_adapter``): ``rate="kl"`` is the variational IB bound
       sum_j KL(Bernoulli(p_j) || Bernoulli(r)) with the prior keep rate r = ``rate_prior``
@@ -191,7 +194,7 @@ def allocator_loss_terms(
     extras = out.extras if isinstance(out.extras, Mapping) else {}
     terms: dict[str, torch.Tensor] = {}
     given = extras.get("losses", {}) or {}
-    for key in ("rate", "critic"):
+    for key in ("rate", "critic", "distill"):
         val = given.get(key, extras.get(f"{key}_loss"))
         if val is not None:
             val = torch.as_tensor(val)
@@ -275,7 +278,8 @@ class ARRCOCModule(L.LightningModule):
         scheduler: optional partial LR scheduler (``optimizer`` left open).
         budget: token budget during training (int).
         val_budget: token budget during validation / test (default: ``budget``).
-        loss_weights: ``{"ce": 1.0, "rate": ..., "critic": ...}``.
+        loss_weights: ``{"ce": 1.0, "rate": ..., "critic": ..., "distill": ...}`` (unset terms:
+            ce 1, rate 0, critic 0, distill 1).
         use_positions: pass the kept tokens' (row, col, level) to the VLM.
         allocate_after_projection: allocate among the projected tokens [B, P+N, Dl] (the
             LLM's space, where the query lives; pooled tokens are means of projected
@@ -308,7 +312,8 @@ class ARRCOCModule(L.LightningModule):
             raise ValueError(f"budget: expected an int >= 0, got {budget!r}")
         if val_budget is not None and (not isinstance(val_budget, int) or val_budget < 0):
             raise ValueError(f"val_budget: expected an int >= 0 or None, got {val_budget!r}")
-        weights = {"ce": 1.0, "rate": 0.0, "critic": 0.0}
+        # distill is on by default: only an allocator that reports it (arr_coc_adapter) pays it
+        weights = {"ce": 1.0, "rate": 0.0, "critic": 0.0, "distill": 1.0}
         for k, v in dict(loss_weights or {}).items():
             if k not in weights:
                 raise ValueError(f"loss_weights: unknown term {k!r}; expected some of {list(weights)}")

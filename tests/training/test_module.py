@@ -159,6 +159,8 @@ def test_loss_terms_read_from_the_allocator_output():
     out.extras = {"losses": {"rate": torch.tensor([1.0, 3.0])}, "critic_loss": torch.tensor(0.5)}
     terms = allocator_loss_terms(None, out)
     assert terms["rate"].item() == 2.0 and terms["critic"].item() == 0.5
+    out.extras = {"losses": {"distill": torch.tensor([2.0, 4.0])}}
+    assert allocator_loss_terms(None, out)["distill"].item() == 3.0
     # the rate from keep probabilities: the Bernoulli KL to the budget's keep rate, by hand
     p = torch.tensor([[0.5, 0.25, 1.0, 0.0]])
     out.extras = {"keep_prob": p}
@@ -182,6 +184,12 @@ def test_arr_coc_allocators_train_their_modules(vlm, batch, name):
     if name == "arr_coc_adapter":
         b = batch["answer"].shape[0]
         assert 0 < terms["critic"].item() and terms["mi_infonce"].item() <= torch.log(torch.tensor(float(b))).item() + 1e-6
+        # distillation from the exact greedy is on by default (weight 1) and in the total
+        assert module.loss_weights["distill"] == 1.0 and terms["distill"].item() > 0
+        want = terms["ce"] + 0.1 * terms["rate"] + 0.1 * terms["critic"] + terms["distill"]
+        torch.testing.assert_close(total, want)
+    else:
+        assert "distill" not in terms
     opt.zero_grad()
     total.backward()
     scorer_grads = [p.grad for p in alloc.scorer.parameters() if p.grad is not None]
