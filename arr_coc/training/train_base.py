@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--max-steps", type=int, default=4000)
     p.add_argument("--max-minutes", type=float, default=90.0)
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop after this step without changing the schedule (which --max-steps sets)")
     p.add_argument("--full-prob", type=float, default=0.5, help="fraction of images at full tokens")
     p.add_argument("--keep-min", type=float, default=0.05, help="smallest kept fraction when dropping")
     p.add_argument("--aux-weight", type=float, default=0.5)
@@ -329,7 +331,8 @@ def train(args) -> dict[str, float]:
     start = time.time() - elapsed0 * 60.0
     running: dict[str, float] = {}
     vlm.train()
-    while step < args.max_steps and (time.time() - start) / 60.0 < args.max_minutes:
+    last = args.max_steps if args.stop_at_step is None else min(args.max_steps, args.stop_at_step)
+    while step < last and (time.time() - start) / 60.0 < args.max_minutes:
         for g in opt.param_groups:
             g["lr"] = args.lr * _lr_factor(step, args.warmup, args.max_steps)
         qtypes = SINGLE_OBJECT if stage == 0 else None
@@ -351,7 +354,7 @@ def train(args) -> dict[str, float]:
                 f"acc {running['acc']:.3f}",
                 flush=True,
             )
-        if step % args.eval_every == 0 or step == args.max_steps:
+        if step % args.eval_every == 0 or step == last:
             metrics = evaluate(vlm, tok, val)
             minutes = (time.time() - start) / 60.0
             row = {
