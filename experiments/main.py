@@ -371,6 +371,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
         raise ValueError(f"model_folder: expected config.json and model.safetensors in {folder} (the base VLM)")
     vlm = BaseVLM.from_pretrained(folder).eval()
+    base_note = ""  # which stage-1 state was loaded (the folder may be rewritten while this runs)
+    if (folder / "best.json").is_file():
+        import json
+
+        best = json.loads((folder / "best.json").read_text())
+        base_note = f" (stage-1 step {best.get('step')}, its own val accuracy {best.get('val_acc', float('nan')):.3f})"
     vlm.requires_grad_(False)
     num_tokens = int(vlm.num_patches)
     task = VQATask(seed=int(cfg.data.task_seed), image_size=int(cfg.data.image_size), grid=int(cfg.data.grid))
@@ -442,12 +448,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seconds["total"] = time.perf_counter() - t_start
     full_acc = rows[0]["full_accuracy"]
     oracle_fit = {r["budget"]: r["oracle_fit"] for r in agg if r["allocator"] == ORACLE}
-    base_note = ""
-    if (folder / "best.json").is_file():
-        import json
-
-        best = json.loads((folder / "best.json").read_text())
-        base_note = f" (stage-1 step {best.get('step')}, its own val accuracy {best.get('val_acc', float('nan')):.3f})"
     parts = [
         f"Base VLM: `{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}`{base_note}; "
         f"evaluation set: {int(ev.size)} held-out questions of the embedded task (task seed {cfg.data.task_seed}, "
