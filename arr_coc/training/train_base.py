@@ -5,6 +5,9 @@ python -m arr_coc.training.train_base --out checkpoints/base_vlm --run-dir exper
     --max-minutes 90
 ```
 
+The shipped checkpoint's exact phases (``--resume`` with ``--max-steps`` / ``--stop-at-step``)
+are in experiments/results/base_vlm.md.
+
 Writes, whenever validation accuracy improves, ``--out``: ``model.safetensors``,
 ``config.json`` (BaseVLM), the tokenizer, ``train_args.json`` and ``training_log.csv`` (the
 learning curve: one row per evaluation). ``--run-dir`` gets the same log and a resumable
@@ -17,7 +20,10 @@ The recipe (why each part is there: experiments/results/base_vlm.md):
 - attention supervision: the readout token's attention in head 0 of the first LLM layer
   is pushed onto the candidates covering the object the question names (the anchor), in
   head 0 of the last layer onto the object the answer is read from (the target); this
-  gives the routing a gradient before the answer does (counts are left unsupervised);
+  gives the routing a gradient before the answer does;
+- counts (``--count-attn-weight``): softmax attention alone cannot count, so head 1 of the
+  first layer is pushed to put n / 8 of its mass on the n matching objects (the rest on the
+  question tokens), a mixture from which the count can be read; full-token rows only;
 - a curriculum: single-object questions first, everything once their validation accuracy
   reaches ``--curriculum-threshold`` (0 disables);
 - random allocations half of the time: a random 5-100 % of the candidates (fine tokens plus
