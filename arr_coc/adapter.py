@@ -238,27 +238,43 @@ def infonce_bound(critic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def distillation_loss(
-    pred: torch.Tensor, indices: torch.Tensor, gains: torch.Tensor, *, mse_weight: float = 1.0
+    pred: torch.Tensor,
+    indices: torch.Tensor,
+    gains: torch.Tensor,
+    *,
+    mse_weight: float = 1.0,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Fit the adapter to the exact greedy: pred [B, M], greedy indices [B, K] (-1 padded, pick order), gains [B, K].
 
-    Plackett-Luce negative log-likelihood of the pick order (each pick is a softmax over the
-    candidates not yet picked) plus ``mse_weight`` times the squared error on the picked gains.
+    Plackett-Luce negative log-likelihood of the pick order under ``pred / temperature``
+    (each pick is a softmax over the candidates not yet picked) plus ``mse_weight`` times
+    the squared error on the picked gains.
+
+    Scores in nats are close together (a softmax over them is nearly flat), so with
+    ``temperature`` 1 the likelihood can only rise by inflating the scores; a small
+    temperature lets it rank without rescaling. The greedy's gains are conditional (a later
+    pick's gain is below its first-step gain), while the adapter scores each candidate on
+    its own: the squared error pulls the picked candidates below those left out, against
+    the ranking, so allocators distilling for top-k use ``mse_weight`` 0.
     """
     if pred.dim() != 2 or indices.shape != gains.shape or indices.shape[0] != pred.shape[0]:
         raise ValueError(
             f"pred, indices, gains: expected [B, M], [B, K], [B, K]; got {tuple(pred.shape)}, {tuple(indices.shape)}, {tuple(gains.shape)}"
         )
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
     valid = indices >= 0
     if not valid.any():
         return pred.sum() * 0
+    mse = (((pred.gather(1, indices.clamp_min(0)) - gains.to(pred.dtype)) ** 2) * valid).sum() / valid.sum()
+    pred = pred / temperature
     picked = pred.gather(1, indices.clamp_min(0))  # [B, K]
     top = pred.max(dim=1, keepdim=True).values.detach()
     total = (pred - top).exp().sum(1, keepdim=True)  # [B, 1]
     removed = torch.cumsum(((picked - top).exp() * valid), dim=1) - (picked - top).exp() * valid  # before step k
     log_denom = (total - removed).clamp_min(torch.finfo(pred.dtype).tiny).log() + top
     nll = -((picked - log_denom) * valid).sum() / valid.sum()
-    mse = (((picked - gains.to(pred.dtype)) ** 2) * valid).sum() / valid.sum()
     return nll + mse_weight * mse
 
 

@@ -235,7 +235,8 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
         straight_through: str = "slot",
         report_gain: bool = True,
         distill: bool = True,
-        distill_mse_weight: float = 1.0,
+        distill_mse_weight: float = 0.0,
+        distill_temperature: float = 0.1,
         **kwargs,
     ):
         kwargs.setdefault("price", 0.0)
@@ -246,6 +247,9 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
             raise ValueError(f"straight_through: expected 'slot' or 'scale', got {straight_through!r}")
         if not distill_mse_weight >= 0:
             raise ValueError(f"distill_mse_weight: expected >= 0, got {distill_mse_weight!r}")
+        if not distill_temperature > 0:
+            raise ValueError(f"distill_temperature: expected > 0, got {distill_temperature!r}")
+        self.distill_temperature = float(distill_temperature)
         self.adapter = adapter if adapter is not None else QualityAdapter(
             proj_dim=proj_dim, hidden=hidden, distortion=self.distortion, var_floor=self.var_floor,
             max_residual=max_residual,
@@ -302,7 +306,8 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
             if self.distill:
                 teacher = self._teacher(ctx, out, bal.alpha)
                 losses["distill"] = distillation_loss(
-                    scores, teacher.indices, teacher.gains.to(scores.dtype), mse_weight=self.distill_mse_weight
+                    scores, teacher.indices, teacher.gains.to(scores.dtype), mse_weight=self.distill_mse_weight,
+                    temperature=self.distill_temperature,
                 )
         else:
             idx = topk_indices(scores.detach(), ctx.budget)

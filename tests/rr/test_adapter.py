@@ -37,6 +37,19 @@ def test_plackett_luce_distillation_loss_closed_form():
     assert padded.item() == pytest.approx(nll + mse, abs=1e-12)
 
 
+def test_distillation_temperature_scales_the_ranking_term_only():
+    pred = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64)
+    idx, gains = torch.tensor([[2, 0]]), torch.tensor([[0.5, 0.25]], dtype=torch.float64)
+    t = 0.25
+    e = [math.exp(v / t) for v in (1.0, 0.0, -1.0)]
+    nll = -(math.log(e[2] / sum(e)) + math.log(e[0] / (e[0] + e[1]))) / 2
+    mse = ((-1.0 - 0.5) ** 2 + (1.0 - 0.25) ** 2) / 2  # on the scores in nats, not divided
+    got = distillation_loss(pred, idx, gains, temperature=t, mse_weight=0.5)
+    assert got.item() == pytest.approx(nll + 0.5 * mse, abs=1e-9)
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(pred, idx, gains, temperature=0.0)
+
+
 def test_distillation_teaches_the_adapter_the_greedy_choice():
     """Distillation from a query-focused greedy (alpha = 1) fixes an adapter told alpha = 0."""
     torch.manual_seed(0)
