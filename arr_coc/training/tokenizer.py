@@ -22,7 +22,17 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["PAD", "READ", "SPECIAL_TOKENS", "UNK", "build_tokenizer", "build_word_tokenizer", "load_tokenizer"]
+__all__ = [
+    "PAD",
+    "READ",
+    "SPECIAL_TOKENS",
+    "UNK",
+    "build_tokenizer",
+    "build_word_tokenizer",
+    "load_pretrained_tokenizer",
+    "load_tokenizer",
+    "readout_id",
+]
 
 PAD, UNK, READ = "[PAD]", "[UNK]", "[READ]"
 SPECIAL_TOKENS = (PAD, UNK, READ)
@@ -64,6 +74,26 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
+def load_pretrained_tokenizer(name_or_path: str | Path, **kwargs):
+    """A real LLM's tokenizer (``AutoTokenizer.from_pretrained``: a local folder, a GGUF file
+    via ``gguf_file=``, or a Hub name) made ready for batching: a tokenizer without a pad
+    token pads with its end-of-sequence token, as is usual for causal LMs."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ValueError(f"name_or_path: the tokenizer of {name_or_path} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def readout_id(tok: PreTrainedTokenizerFast) -> int:
-    """Id of the readout token."""
-    return int(tok.convert_tokens_to_ids(READ))
+    """Id of the readout token: ``[READ]`` in our word-level tokenizers; a real LLM's
+    tokenizer has none, so its end-of-sequence token takes the readout slot."""
+    rid = tok.convert_tokens_to_ids(READ)
+    if rid is None or (tok.unk_token_id is not None and rid == tok.unk_token_id):
+        if tok.eos_token_id is None:
+            raise ValueError("tok: no [READ] token and no eos token to read the answer at")
+        return int(tok.eos_token_id)
+    return int(rid)
