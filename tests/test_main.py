@@ -42,6 +42,7 @@ def _cfg(tmp_path, *extra):
                 f"save_allocators={{arr_coc: {tmp_path / 'alloc'}}}",
                 "grid_examples=2",
                 "progress=false",
+                "seeds=[0]",
                 *extra,
             ],
         )
