@@ -256,6 +256,7 @@ def greedy_conditional_mi(
     precompute_kernel: bool | None = None,
     check_finite: bool = True,
     cand_gram: torch.Tensor | None = None,
+    unary: torch.Tensor | None = None,
 ) -> GreedyResult:
     """Exact greedy conditional-MI selection (see the module docstring for the model).
 
@@ -280,6 +281,10 @@ def greedy_conditional_mi(
     check_finite: validate that the embeddings are finite (callers that already did may skip it).
     cand_gram:  optional [B, M, M] raw inner products <c_i, c_j> (e.g. pooled from the fine
                 tokens' Gram, cheaper on a pyramid); implies ``precompute_kernel``.
+    unary:      optional [B, M] nats >= 0 added to the objective of every non-redundant
+                candidate (a query-agnostic prior, e.g. fused propositional / perspectival
+                information). It changes which candidate is picked, never the reported
+                ``query_gains`` / ``total``: those stay the chain-rule I(c_S ; Q).
 
     Returns a :class:`GreedyResult`.
     """
@@ -292,6 +297,12 @@ def greedy_conditional_mi(
         dtype = torch.float64 if cand_emb.dtype == torch.float64 else torch.float32
     alpha = alpha.to(dtype)
     price = price.to(dtype)
+    if unary is not None:
+        if unary.shape != cand_emb.shape[:2]:
+            raise ValueError(f"unary: expected [B, M] = {tuple(cand_emb.shape[:2])}, got {tuple(unary.shape)}")
+        if not bool(torch.isfinite(unary).all()) or bool((unary < 0).any()):
+            raise ValueError("unary: expected finite values >= 0 (nats)")
+        unary = unary.to(device=device, dtype=dtype)
     k_max = int(budget.clamp(max=m).max().item()) if b else 0
     budget = budget.clamp(max=m)
 
@@ -355,6 +366,8 @@ def greedy_conditional_mi(
         else:
             q_gain = torch.zeros_like(cov_gain)
             gain = (1 - alpha_c) * cov_gain
+        if unary is not None:
+            gain = torch.where(gain > 0, gain + unary, gain)
         # positive gains first; among zero gains, the largest residual variance
         score = torch.where(gain > 0, gain, var_a.clamp(0, 1) - 2).masked_fill_(picked, -math.inf)
         s = score.argmax(dim=1)  # [B]

@@ -34,13 +34,14 @@ at the same budget (the anchor that keeps the answer loss from collapsing the ad
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from arr_coc.adapter import QualityAdapter, distillation_loss, relaxed_topk
 from arr_coc.allocators.base import AllocationContext, Allocator, Selection, topk_indices
 from arr_coc.allocators.registry import register_allocator
 from arr_coc.attending import gaussian_set_mi, greedy_conditional_mi
 from arr_coc.balancing import Balancer, soft_keep
-from arr_coc.knowing import ParticipatoryScorer, ScorerOutput
+from arr_coc.knowing import ParticipatoryScorer, PerspectivalScorer, PropositionalScorer, ScorerOutput, pyramid_scores
 from arr_coc.pyramid import build_pyramid
 
 __all__ = ["ArrCocAdapterAllocator", "ArrCocAllocator"]
@@ -61,6 +62,14 @@ class ArrCocAllocator(Allocator):
         st_temperature: temperature of the straight-through keep probability sigmoid(pmi / t).
         price_temperature: temperature of the relaxed "gain >= price" of each pick (gives the
             balancer its gradient in training).
+        fuse: query-agnostic scorers fused into the selection, any of "propositional"
+            (token norm) and "perspectival" (global-token attention); () = participatory only.
+            Each scorer's per-patch scores, standardised per image, become a salience
+            distribution p over the candidates (softmax); its information relative to uniform,
+            max(0, log(M p_j)) nats, times ``fuse_weight`` is added to every non-redundant
+            candidate's gain (``greedy_conditional_mi(unary=...)``). The reported
+            I(selected; query) is unchanged by it.
+        fuse_weight: weight of the fused term (nats per nat).
     """
 
     def __init__(
@@ -84,8 +93,23 @@ class ArrCocAllocator(Allocator):
         balancer: Balancer | None = None,
         st_temperature: float = 1.0,
         price_temperature: float = 0.05,
+        fuse: tuple[str, ...] = (),
+        fuse_weight: float = 0.1,
     ):
         super().__init__()
+        fuse = tuple(fuse)
+        unknown = [f for f in fuse if f not in ("propositional", "perspectival")]
+        if unknown:
+            raise ValueError(f"fuse: expected any of 'propositional', 'perspectival', got {unknown}")
+        if not fuse_weight >= 0:
+            raise ValueError(f"fuse_weight: expected >= 0, got {fuse_weight!r}")
+        self.fuse, self.fuse_weight = fuse, float(fuse_weight)
+        self.fused_scorers = nn.ModuleDict(
+            {
+                name: (PropositionalScorer() if name == "propositional" else PerspectivalScorer())
+                for name in fuse
+            }
+        )
         if any((not isinstance(lv, int)) or lv < 1 for lv in levels):
             raise ValueError(f"levels: expected positive ints (log2 pooling factors), got {levels!r}")
         if kernel not in ("cosine", "rbf"):
@@ -133,6 +157,21 @@ class ArrCocAllocator(Allocator):
         g_mf = build_pyramid(g_ff, ctx.grid, self.pyramid_levels).candidates  # rows pooled: [B, M, N]
         return build_pyramid(g_mf.transpose(1, 2), ctx.grid, self.pyramid_levels).candidates.transpose(1, 2)
 
+    def _fused_unary(self, ctx: AllocationContext) -> torch.Tensor | None:
+        """[B, M] nats: the fused query-agnostic information of each candidate (see ``fuse``)."""
+        if not self.fuse or self.fuse_weight == 0:
+            return None
+        total = None
+        m = ctx.num_candidates
+        for name, scorer in self.fused_scorers.items():
+            fine = ctx.fine.float()
+            s = scorer(fine) if name == "propositional" else scorer(fine, prefix=ctx.prefix.float())
+            z = (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True).clamp_min(1e-6)
+            p = torch.softmax(pyramid_scores(z, ctx.grid, self.pyramid_levels), dim=1)
+            u = (p * m).log().clamp_min(0) * self.fuse_weight
+            total = u if total is None else total + u
+        return total.detach()
+
     def _training(self) -> bool:
         return self.training and torch.is_grad_enabled()
 
@@ -161,6 +200,7 @@ class ArrCocAllocator(Allocator):
             bandwidth=self.bandwidth,
             check_finite=False,  # the tokens were validated; the scorer keeps them finite
             cand_gram=self._pyramid_gram(ctx, out.candidate_emb.detach()),
+            unary=self._fused_unary(ctx),
         )
         keep_prob = torch.sigmoid(out.pmi / self.st_temperature)
         extras = dict(

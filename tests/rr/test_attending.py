@@ -290,3 +290,45 @@ def test_total_is_reported_whatever_alpha():
         closed = gaussian_set_mi(c, q, res.indices, jitter=1e-3)
         torch.testing.assert_close(res.total, closed, atol=1e-6, rtol=0)
         assert (res.total > 0).all()
+
+
+def test_unary_prior_steers_the_picks_but_not_the_reported_information():
+    g = torch.Generator().manual_seed(3)
+    cand = torch.randn(2, 30, 8, generator=g, dtype=torch.float64)
+    query = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    budget = torch.tensor([6, 6])
+    base = greedy_conditional_mi(cand, query, None, budget, 0.5)
+    zero = greedy_conditional_mi(cand, query, None, budget, 0.5, unary=torch.zeros(2, 30, dtype=torch.float64))
+    assert torch.equal(base.indices, zero.indices) and torch.allclose(base.total, zero.total)
+    # a large bonus on one candidate that the plain greedy does not pick first: it goes first
+    target = next(j for j in range(30) if j not in base.indices[0, :1].tolist())
+    unary = torch.zeros(2, 30, dtype=torch.float64)
+    unary[0, target] = 100.0
+    steered = greedy_conditional_mi(cand, query, None, budget, 0.5, unary=unary)
+    assert steered.indices[0, 0].item() == target
+    assert torch.equal(steered.indices[1], base.indices[1])  # the other row is untouched
+    # the reported information is still the chain-rule I(c_S ; Q) of the chosen set
+    exact = gaussian_set_mi(cand, query, steered.indices)
+    assert torch.allclose(steered.total, exact, atol=1e-6)
+    assert torch.allclose(steered.query_gains.sum(1), steered.total)
+    with pytest.raises(ValueError, match="unary"):
+        greedy_conditional_mi(cand, query, None, budget, 0.5, unary=-unary)
+    with pytest.raises(ValueError, match="unary"):
+        greedy_conditional_mi(cand, query, None, budget, 0.5, unary=unary[:, :5])
+
+
+def test_fused_scorers_change_the_selection_and_check_their_names():
+    from arr_coc.allocators import create_allocator
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 1 + 64, 16, generator=g)
+    x[:, 1 + 10] *= 25.0  # one patch with a far larger norm (propositional) than the rest
+    q = torch.randn(2, 4, 16, generator=g)
+    plain = create_allocator("arr_coc").eval()(x, query=q, budget=5, grid=(8, 8), num_prefix_tokens=1)
+    fused = create_allocator("arr_coc", fuse=("propositional",), fuse_weight=10.0).eval()(
+        x, query=q, budget=5, grid=(8, 8), num_prefix_tokens=1
+    )
+    assert (fused.positions[..., :2] == torch.tensor([1, 2])).all(-1).any(-1).all()  # patch 10 = (1, 2)
+    assert not torch.equal(plain.indices, fused.indices)
+    with pytest.raises(ValueError, match="fuse"):
+        create_allocator("arr_coc", fuse=("semantic",))
