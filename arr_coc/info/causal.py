@@ -134,9 +134,7 @@ class DiscreteSCM:
         for name, value in values.items():
             card = self.cardinalities[name]
             if isinstance(value, torch.Tensor) and value.dim() == 1:
-                pmf = value.to(torch.float64)
-                if pmf.shape != (card,) or (pmf < 0).any() or not torch.isclose(pmf.sum(), torch.tensor(1.0, dtype=torch.float64)):
-                    raise ValueError(f"{name}: expected a probability vector of length {card}")
+                pmf = _check_pmf(name, value, card)
             else:
                 v = int(value)
                 if not 0 <= v < card:
@@ -168,17 +166,18 @@ class DiscreteSCM:
             raise ValueError(f"variables: unknown {unknown}; the model has {list(self.names)}")
 
 
-def _entropy_table(p: torch.Tensor, base: float) -> torch.Tensor:
-    return entropy(p, base=base)
+def _check_pmf(name: str, pmf: torch.Tensor, card: int) -> torch.Tensor:
+    """A probability vector of length ``card`` in float64, or a ValueError naming ``name``."""
+    pmf = pmf.to(torch.float64)
+    if pmf.shape != (card,) or (pmf < 0).any() or not torch.isclose(pmf.sum(), torch.tensor(1.0, dtype=torch.float64)):
+        raise ValueError(f"{name}: expected a probability vector of length {card}")
+    return pmf
 
 
 def _protocol_pmf(scm: DiscreteSCM, intervened: str, protocol: Protocol) -> torch.Tensor:
     card = scm.cardinalities[intervened]
     if isinstance(protocol, torch.Tensor):
-        pmf = protocol.to(torch.float64)
-        if pmf.shape != (card,) or (pmf < 0).any() or not torch.isclose(pmf.sum(), torch.tensor(1.0, dtype=torch.float64)):
-            raise ValueError(f"protocol: expected a probability vector of length {card}")
-        return pmf
+        return _check_pmf("protocol", protocol, card)
     if protocol == "uniform":
         return torch.full((card,), 1.0 / card, dtype=torch.float64)
     if protocol == "observational":
@@ -200,7 +199,7 @@ def causal_entropy(
         raise ValueError("target: must differ from the intervened variable")
     pmf = _protocol_pmf(scm, intervened, protocol)
     h = torch.stack(
-        [_entropy_table(scm.do(**{intervened: x}).marginal(target), base) for x in range(pmf.numel())]
+        [entropy(scm.do(**{intervened: x}).marginal(target), base=base) for x in range(pmf.numel())]
     )
     return (pmf * h).sum()
 
@@ -214,7 +213,7 @@ def causal_information_gain(
     base: float = math.e,
 ) -> torch.Tensor:
     """``I_c(Y | do(X ~ X')) = H(Y) - H_c(Y | do(X ~ X'))`` (may be negative; not clipped)."""
-    return _entropy_table(scm.marginal(target), base) - causal_entropy(scm, target, intervened, protocol, base=base)
+    return entropy(scm.marginal(target), base=base) - causal_entropy(scm, target, intervened, protocol, base=base)
 
 
 # ---------------------------------------------------------------------- CI tests
