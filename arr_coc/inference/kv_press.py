@@ -199,28 +199,16 @@ def compressed_answer_logits(
     (logits [B, V], kv_entries [B] long: cached (position, KV head) entries summed over
     layers after compression).
     """
-    if visual.ndim != 3 or visual.shape[-1] != vlm.llm_dim:
-        raise ValueError(f"visual: expected [B, K, {vlm.llm_dim}], got {tuple(visual.shape)}")
+    _, visual_positions, question_mask = vlm.check_answer_inputs(
+        visual, None, visual_positions, question_ids, question_mask
+    )
     b, k, _ = visual.shape
-    if question_ids.ndim != 2 or question_ids.shape[0] != b:
-        raise ValueError(f"question_ids: expected [{b}, T], got {tuple(question_ids.shape)}")
-    if question_mask is None:
-        question_mask = torch.ones_like(question_ids, dtype=torch.bool)
-    if question_mask.shape != question_ids.shape:
-        raise ValueError(f"question_mask: expected {tuple(question_ids.shape)}, got {tuple(question_mask.shape)}")
-    question_mask = question_mask.bool()
     lengths = question_mask.sum(1)
     if ((torch.cumsum(question_mask.long(), 1) * question_mask) != torch.arange(1, question_ids.shape[1] + 1, device=question_ids.device) * question_mask).any():
         raise ValueError("question_mask: expected right padding (real tokens first)")
     if press is not None and not isinstance(press, BasePress):
         raise ValueError(f"press: expected a kvpress BasePress or None, got {type(press).__name__}")
     device = visual.device
-    if visual_positions is None:
-        if k != vlm.num_patches:
-            raise ValueError(f"visual_positions: None means the {vlm.num_patches} fine tokens, got K={k}")
-        visual_positions = vlm.fine_positions(b, device)
-    if visual_positions.shape != (b, k, 3):
-        raise ValueError(f"visual_positions: expected [{b}, {k}, 3], got {tuple(visual_positions.shape)}")
     embed = vlm.llm.get_input_embeddings()
     vis = visual + vlm.position(visual_positions).to(visual.dtype)
     logits = torch.empty(b, vlm.llm.lm_head.out_features, dtype=visual.dtype, device=device)

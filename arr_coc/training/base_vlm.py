@@ -235,27 +235,24 @@ class BaseVLM(nn.Module):
         pos, _ = pyramid_positions(self.grid, (), device=device)
         return pos[None].expand(batch, -1, -1)
 
-    def answer_logits(
+    def check_answer_inputs(
         self,
         visual: torch.Tensor,
         visual_mask: torch.Tensor | None,
         visual_positions: torch.Tensor | None,
         question_ids: torch.Tensor,
         question_mask: torch.Tensor | None = None,
-        *,
-        return_attention: bool = False,
-    ):
-        """Logits [B, V] of the answer word (see the module docstring for the inputs).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validate :meth:`answer_logits`' inputs and fill the defaults.
 
-        With ``return_attention=True`` also returns the readout token's attention over the
-        visual tokens in every layer: a list of [B, heads, K] (needs eager attention).
+        Returns (visual_mask [B, K] bool, visual_positions [B, K, 3], question_mask [B, T] bool).
         """
         if visual.ndim != 3 or visual.shape[-1] != self.llm_dim:
             raise ValueError(f"visual: expected [B, K, {self.llm_dim}], got {tuple(visual.shape)}")
         b, k, _ = visual.shape
+        device = visual.device
         if question_ids.ndim != 2 or question_ids.shape[0] != b:
             raise ValueError(f"question_ids: expected [{b}, T], got {tuple(question_ids.shape)}")
-        device = visual.device
         if visual_mask is None:
             visual_mask = torch.ones(b, k, dtype=torch.bool, device=device)
         if visual_mask.shape != (b, k):
@@ -274,6 +271,28 @@ class BaseVLM(nn.Module):
         if question_mask.shape != question_ids.shape:
             raise ValueError(f"question_mask: expected {tuple(question_ids.shape)}, got {tuple(question_mask.shape)}")
         question_mask = question_mask.bool()
+        return visual_mask, visual_positions, question_mask
+
+    def answer_logits(
+        self,
+        visual: torch.Tensor,
+        visual_mask: torch.Tensor | None,
+        visual_positions: torch.Tensor | None,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor | None = None,
+        *,
+        return_attention: bool = False,
+    ):
+        """Logits [B, V] of the answer word (see the module docstring for the inputs).
+
+        With ``return_attention=True`` also returns the readout token's attention over the
+        visual tokens in every layer: a list of [B, heads, K] (needs eager attention).
+        """
+        visual_mask, visual_positions, question_mask = self.check_answer_inputs(
+            visual, visual_mask, visual_positions, question_ids, question_mask
+        )
+        b, k, _ = visual.shape
+        device = visual.device
         t = question_ids.shape[1]
 
         embed = self.llm.get_input_embeddings()
