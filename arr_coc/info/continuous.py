@@ -29,7 +29,6 @@ Preprocessing of the k-NN MI estimators (``ksg_mi``, ``ksg_cmi``, ``mi_features`
 from __future__ import annotations
 
 import math
-import struct
 
 import torch
 
@@ -44,7 +43,7 @@ from arr_coc.info._validate import (
 from arr_coc.info.knn import (
     TILE_ELEMENTS,
     brute_radius_counts,
-    grid_kth_2d,
+    ksg_counts_2d,
     kth_1d_sorted,
     strict_counts_sorted,
 )
@@ -70,12 +69,15 @@ def _standardize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(const, torch.zeros_like(centred), centred / safe), const
 
 
-def _fingerprint(v: torch.Tensor) -> int:
-    """A 63-bit integer summarising the values and their order (seeds the tie-breaking noise)."""
-    n = v.shape[0]
-    w = torch.cos(torch.arange(n, device=v.device, dtype=v.dtype) * 0.7390851332 + 0.5)
-    s = float((v * w.unsqueeze(1)).sum() + v.sum() * 1.6180339887)
-    return struct.unpack("<q", struct.pack("<d", s))[0] & ((1 << 63) - 1)
+def _fingerprint(order: torch.Tensor, ties: torch.Tensor) -> int:
+    """A 61-bit integer summarising a sample's order (its stable argsort, ``[n, d]``) and where
+    its ties are (``[n - 1, d]`` bool). Seeds the tie-breaking noise. Neither changes under a
+    monotone rounding of the values, so a column gets the same noise whether it was
+    standardized alone (``ksg_mi``) or beside others (``mi_features``)."""
+    P = (1 << 31) - 1
+    w = (torch.arange(order.numel(), device=order.device) % 65521 + 1).view(order.shape)
+    h = ((order + 1) * w % P).sum() + 7919 * (ties.long() * w[:-1] % P).sum()
+    return int(h) % (1 << 61)
 
 
 def _break_ties(v: torch.Tensor, jitter: float, seed: int, salt: int = 0) -> torch.Tensor:
@@ -83,7 +85,7 @@ def _break_ties(v: torch.Tensor, jitter: float, seed: int, salt: int = 0) -> tor
     columns of ``v [n, d]`` that hold repeated values (constant columns are left alone)."""
     if jitter == 0 or v.shape[0] < 2:
         return v
-    s = torch.sort(v, dim=0).values
+    s, order = torch.sort(v, dim=0, stable=True)
     gaps = s[1:] - s[:-1]
     tied = (gaps == 0).any(dim=0)
     pos = torch.where(gaps > 0, gaps, torch.full_like(gaps, math.inf)).amin(dim=0)
@@ -91,7 +93,7 @@ def _break_ties(v: torch.Tensor, jitter: float, seed: int, salt: int = 0) -> tor
     if not bool(need.any()):
         return v
     g = torch.Generator(device=v.device)
-    g.manual_seed((seed * 1_000_003 + _fingerprint(v) + salt) % (1 << 63))
+    g.manual_seed((seed * 1_000_003 + _fingerprint(order, gaps == 0) + salt) % (1 << 63))
     u = torch.rand(v.shape, generator=g, device=v.device, dtype=v.dtype) * 2 - 1
     amp = torch.where(need, jitter * pos, torch.zeros_like(pos))
     return v + u * amp
@@ -110,19 +112,21 @@ def _prepare_vars(named: dict[str, torch.Tensor], jitter: float, seed: int) -> t
         out.append(z)
         consts.append(const)
     if jitter:
-        seen: dict[int, int] = {}
-        res = []
-        for z in out:
-            fp = _fingerprint(z)
-            salt = seen.get(fp, 0)  # identical variables get independent noise
-            seen[fp] = salt + 1
-            res.append(_break_ties(z, jitter, seed, salt))
-        out = res
+        # identical variables get independent noise: the salt counts the identical ones before
+        out = [
+            _break_ties(z, jitter, seed, sum(p.shape == z.shape and torch.equal(p, z) for p in out[:i]))
+            for i, z in enumerate(out)
+        ]
     return out, consts
 
 
 def _digamma_mean(c: torch.Tensor) -> torch.Tensor:
-    return torch.special.digamma(c.to(torch.float64) + 1).mean(dim=-1)
+    """``mean(psi(c + 1))`` over the last dimension of integer counts (a table of psi: the
+    counts are small integers, and a lookup is far cheaper than psi on every entry)."""
+    if c.numel() == 0:
+        return torch.special.digamma(c.to(torch.float64) + 1).mean(dim=-1)
+    table = torch.special.digamma(torch.arange(1, int(c.max()) + 2, dtype=torch.float64, device=c.device))
+    return table.index_select(0, c.reshape(-1)).view(c.shape).mean(dim=-1)
 
 
 def _finish(value: torch.Tensor, zero: torch.Tensor, base: float, clip: bool) -> torch.Tensor:
@@ -172,7 +176,7 @@ def ksg_mi(
     if method == "grid" and not scalar:
         raise ValueError("method: 'grid' needs scalar x and y ([n] or [n, 1])")
     if method == "grid" or (method == "auto" and scalar):
-        nx, ny = _ksg_counts_grid(xz[:, 0][None], yz[:, 0][None], k)
+        nx, ny, _ = ksg_counts_2d(xz[:, 0][None], yz[:, 0], k)
         nx, ny = nx[0], ny[0]
     else:
         _, (nx, ny) = brute_radius_counts([xz, yz], k, [(0,), (1,)])
@@ -184,15 +188,6 @@ def ksg_mi(
 def _psi_n(n: int, device: torch.device) -> torch.Tensor:
     """digamma(n) as a float64 tensor on ``device``."""
     return torch.special.digamma(torch.tensor(float(n), dtype=torch.float64, device=device))
-
-
-def _ksg_counts_grid(x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Strict marginal counts (other points) for batched scalar pairs ``x, y [B, n]``."""
-    eps, xs, ys = grid_kth_2d(x, y, k)
-    self_in = (eps > 0).long()
-    nx = strict_counts_sorted(xs, x, eps) - self_in
-    ny = strict_counts_sorted(ys, y, eps) - self_in
-    return nx, ny
 
 
 def ksg_cmi(
@@ -341,9 +336,9 @@ def mi_features(
         raise ValueError(f"y: expected a [n] tensor, got {getattr(y, 'shape', type(y).__name__)}")
     check_k(k, n)
     Xz, const = _standardize(Xs)
-    if jitter:
-        Xz = torch.stack([_break_ties(Xz[:, j : j + 1], jitter, seed)[:, 0] for j in range(F)], dim=1) if _any_ties(Xz) else Xz
     if discrete_target:
+        if jitter and _any_ties(Xz):
+            Xz = torch.stack([_break_ties(Xz[:, j : j + 1], jitter, seed)[:, 0] for j in range(F)], dim=1)
         labels = check_integer_samples("y", y, n=n)[:, 0]
         value = _ross(Xz, labels, k)
         zero = const | (labels == labels[0]).all()
@@ -353,8 +348,11 @@ def mi_features(
         if jitter:
             yz = _break_ties(yz, jitter, seed)
         xb = Xz.T.contiguous()  # [F, n]
-        yb = yz[:, 0].expand(F, n).contiguous()
-        nx, ny = _ksg_counts_grid(xb, yb, k)
+        nx, ny, tied = ksg_counts_2d(xb, yz[:, 0], k)
+        if jitter and bool(tied.any()):  # the search sorts every column anyway: de-tie those with ties, count again
+            redo = tied.nonzero().squeeze(1).tolist()
+            xt = torch.stack([_break_ties(Xz[:, j : j + 1], jitter, seed)[:, 0] for j in redo])
+            nx[redo], ny[redo], _ = ksg_counts_2d(xt, yz[:, 0], k)
         value = _psi_n(k, Xz.device) + _psi_n(n, Xz.device)
         value = value - (_digamma_mean(nx) + _digamma_mean(ny))
         zero = const | cy.all()

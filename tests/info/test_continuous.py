@@ -58,6 +58,38 @@ def test_mi_features_matches_sklearn_and_ksg_columns():
         assert raw[j].item() == pytest.approx(ksg_mi(X[:, j], y).item(), abs=1e-12)
 
 
+@pytest.mark.parametrize("numba", ["1", "0"])  # the compiled CPU kernels and the torch engine
+def test_mi_features_detie_only_tied_columns(numba, monkeypatch):
+    # columns with repeated values are de-tied (and counted again) one by one; the others are
+    # untouched: every column still equals ksg_mi on that column alone
+    monkeypatch.setenv("ARR_COC_NUMBA", numba)
+    g = torch.Generator().manual_seed(5)
+    n = 600
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    X = torch.stack(
+        [
+            y + torch.randn(n, generator=g, dtype=torch.float64),
+            torch.round(2 * y + torch.randn(n, generator=g, dtype=torch.float64)),  # integer valued
+            torch.randn(n, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=g).double(),
+        ],
+        1,
+    )
+    got = mi_features(X, y)
+    for j in range(4):
+        assert got[j].item() == pytest.approx(ksg_mi(X[:, j], y).item(), abs=1e-12)
+    assert got[1].item() > 0.3 and abs(got[3].item()) < 0.05
+
+
+def test_mi_features_engines_agree(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(2000, 9, generator=g, dtype=torch.float64)
+    y = X[:, 0] * X[:, 1] + 0.3 * torch.randn(2000, generator=g, dtype=torch.float64)
+    compiled = mi_features(X, y)
+    monkeypatch.setenv("ARR_COC_NUMBA", "0")
+    assert torch.allclose(mi_features(X, y), compiled, rtol=0, atol=1e-12)
+
+
 def test_mi_features_discrete_target_matches_mutual_info_classif():
     from sklearn.feature_selection import mutual_info_classif
 

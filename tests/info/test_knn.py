@@ -1,49 +1,113 @@
-"""Exact k-NN engines: the rank-space grid must agree bit for bit with brute-force tiles."""
+"""Exact k-NN engines: the strip search (torch) and the grid search (numba) must agree bit for
+bit with brute-force tiles, ties, duplicates and outliers included."""
 
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from arr_coc.info.knn import brute_radius_counts, grid_kth_2d, kth_1d_sorted, strict_counts_sorted
+from arr_coc.info import knn
+from arr_coc.info.knn import brute_radius_counts, ksg_counts_2d, kth_1d_sorted, strict_counts_sorted, strip_kth_2d
+
+ENGINES = ["torch"] + (["numba"] if knn.numba_kernels() is not None else [])
 
 
 def _pairs():
     g = torch.Generator().manual_seed(0)
     out = []
-    for n, rho in [(40, 0.0), (500, 0.9), (800, 0.0), (600, 0.999)]:
+    for n, rho in [(5, 0.0), (40, 0.0), (500, 0.9), (800, 0.0), (600, 0.999), (3000, 0.5)]:
         x = torch.randn(n, generator=g, dtype=torch.float64)
         out.append((x, rho * x + math.sqrt(1 - rho**2) * torch.randn(n, generator=g, dtype=torch.float64)))
-    # heavy tails and a far cluster
+    # heavy tails, and far clusters in either variable
     c = torch.distributions.Cauchy(0.0, 1.0).sample((500,)).double()
     out.append((c, torch.randn(500, generator=g, dtype=torch.float64) + 0.01 * c))
     far = torch.cat([torch.randn(200, generator=g), 1e9 + torch.randn(200, generator=g)]).double()
     out.append((far, torch.randn(400, generator=g, dtype=torch.float64)))
-    # heavy ties (integer data) and exact duplicate points
+    out.append((torch.randn(400, generator=g, dtype=torch.float64), far))
+    # heavy ties (integer data), exact duplicate points, a constant variable
     out.append((torch.randint(0, 5, (500,), generator=g).double(), torch.randint(0, 3, (500,), generator=g).double()))
     d = torch.randn(200, generator=g, dtype=torch.float64)
     out.append((d.repeat(3), (2 * d).repeat(3)))
+    out.append((torch.zeros(300, dtype=torch.float64), torch.randn(300, generator=g, dtype=torch.float64)))
+    out.append((torch.randn(300, generator=g, dtype=torch.float64), torch.zeros(300, dtype=torch.float64)))
     return out
 
 
-@pytest.mark.parametrize("k", [1, 4])
-def test_grid_equals_brute(k):
+def _sorted(t):
+    return torch.sort(t.reshape(-1)).values
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 10])
+def test_strip_search_equals_brute(k):
     for x, y in _pairs():
-        eps, xs, ys = grid_kth_2d(x[None], y[None], k)
-        ref, (cx, cy) = brute_radius_counts([x[:, None], y[:, None]], k, [(0,), (1,)])
-        assert torch.equal(eps[0], ref)
-        self_in = (eps > 0).long()
-        assert torch.equal((strict_counts_sorted(xs, x[None], eps) - self_in)[0], cx)
-        assert torch.equal((strict_counts_sorted(ys, y[None], eps) - self_in)[0], cy)
+        if k >= x.numel():
+            continue
+        ref, _ = brute_radius_counts([x[:, None], y[:, None]], k, [])
+        assert torch.equal(strip_kth_2d(x[None], y, k)[0], ref)
 
 
-def test_grid_batched_rows_are_independent():
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_counts_equal_brute(engine, k):
+    for x, y in _pairs():
+        if k >= x.numel():
+            continue
+        _, (cx, cy) = brute_radius_counts([x[:, None], y[:, None]], k, [(0,), (1,)])
+        nx, ny, tied = ksg_counts_2d(x[None], y, k, engine=engine)
+        # the counts come in no particular point order: compare them as multisets
+        assert torch.equal(_sorted(nx), _sorted(cx)) and torch.equal(_sorted(ny), _sorted(cy))
+        assert bool(tied[0]) == bool((torch.sort(x).values.diff() == 0).any())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_batched_sets_share_y_and_are_independent(engine):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 400, generator=g, dtype=torch.float64)
-    y = x[0] * 0.5 + torch.randn(5, 400, generator=g, dtype=torch.float64)
-    eps, _, _ = grid_kth_2d(x, y, 3)
-    for b in range(5):
-        assert torch.equal(eps[b], grid_kth_2d(x[b : b + 1], y[b : b + 1], 3)[0][0])
+    x = torch.randn(7, 1000, generator=g, dtype=torch.float64)
+    x[3] = x[3].round()  # one set with ties
+    y = x[0] * 0.5 + torch.randn(1000, generator=g, dtype=torch.float64)
+    nx, ny, tied = ksg_counts_2d(x, y, 3, engine=engine)
+    eps = strip_kth_2d(x, y, 3)
+    assert tied.tolist() == [False, False, False, True, False, False, False]
+    for b in range(7):
+        ref, (cx, cy) = brute_radius_counts([x[b, :, None], y[:, None]], 3, [(0,), (1,)])
+        assert torch.equal(eps[b], ref)
+        assert torch.equal(_sorted(nx[b]), _sorted(cx)) and torch.equal(_sorted(ny[b]), _sorted(cy))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(min_value=2, max_value=60),
+    st.integers(min_value=1, max_value=6),
+    st.integers(min_value=0, max_value=2**31 - 1),
+    st.sampled_from([2, 5, 1000]),
+)
+def test_engines_equal_brute_on_random_tied_sets(n, k, seed, levels):
+    # integer-valued coordinates with few levels: ties and duplicate points everywhere
+    if k >= n:
+        k = n - 1
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, (n,), generator=g).double()
+    y = torch.randint(0, levels, (n,), generator=g).double() * 0.5
+    ref, (cx, cy) = brute_radius_counts([x[:, None], y[:, None]], k, [(0,), (1,)])
+    assert torch.equal(strip_kth_2d(x[None], y, k)[0], ref)
+    for engine in ENGINES:
+        nx, ny, _ = ksg_counts_2d(x[None], y, k, engine=engine)
+        assert torch.equal(_sorted(nx), _sorted(cx)) and torch.equal(_sorted(ny), _sorted(cy))
+
+
+def test_engine_choice_and_switch(monkeypatch):
+    x, y = torch.randn(1, 50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    with pytest.raises(ValueError, match="engine"):
+        ksg_counts_2d(x, y, 3, engine="kdtree")
+    monkeypatch.setenv("ARR_COC_NUMBA", "0")
+    assert knn.numba_kernels() is None  # switched off: auto runs the torch engine
+    with pytest.raises(ValueError, match="numba"):
+        ksg_counts_2d(x, y, 3, engine="numba")
+    nx, ny, _ = ksg_counts_2d(x, y, 3)
+    _, (cx, cy) = brute_radius_counts([x[0, :, None], y[:, None]], 3, [(0,), (1,)])
+    assert torch.equal(_sorted(nx), _sorted(cx)) and torch.equal(_sorted(ny), _sorted(cy))
 
 
 def test_counts_use_the_exact_float_predicate():
@@ -53,6 +117,8 @@ def test_counts_use_the_exact_float_predicate():
     got = strict_counts_sorted(v[None], v[None], eps[None])[0]
     ref = ((v[None, :] - v[:, None]).abs() < eps[:, None]).sum(1)
     assert torch.equal(got, ref)
+    shared = strict_counts_sorted(v, v.expand(3, 5), eps.expand(3, 5))  # one sorted row for all
+    assert torch.equal(shared, ref.expand(3, 5))
 
 
 def test_kth_1d_sorted_matches_brute():
