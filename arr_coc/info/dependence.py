@@ -8,8 +8,9 @@ Samples have the sample dimension first. ``pearson`` and ``spearman`` take ``x [
 Bakirov (2007), the value ``dcor.distance_correlation`` returns. Scalar x and y use an
 O(n log n) algorithm (Huo & Szekely 2016): the row sums of the distance matrices come from
 prefix sums over the sorted samples, and ``sum_ij |x_i - x_j| |y_i - y_j|`` from dominance
-sums computed by a bottom-up merge over the x-order, vectorized level by level. Vector
-samples use tiles of the O(n^2) distance matrices (bounded memory, any device).
+sums computed by a bottom-up merge over the x-order, vectorized level by level (on the CPU,
+where numba is installed, the same sums come from a compiled Fenwick-tree pass instead).
+Vector samples use tiles of the O(n^2) distance matrices (bounded memory, any device).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 
 from arr_coc.info._validate import check_same_n, check_samples
-from arr_coc.info.knn import TILE_ELEMENTS
+from arr_coc.info.knn import TILE_ELEMENTS, numba_kernels
 
 __all__ = ["distance_correlation", "pearson", "permutation_test", "spearman"]
 
@@ -176,7 +177,11 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor, *, method: str = "aut
         raise ValueError("method: 'fast' needs scalar x and y ([n] or [n, 1])")
     xs = xs - xs.mean(0)
     ys = ys - ys.mean(0)
-    if scalar and method != "tiled":
+    kernels = numba_kernels() if xs.device.type == "cpu" else None
+    if scalar and method != "tiled" and kernels is not None:  # compiled O(n log n) on the CPU
+        terms = kernels.dcov_terms_1d(xs[:, 0].to(torch.float64).contiguous().numpy(), ys[:, 0].to(torch.float64).contiguous().numpy())
+        dcov, dvx, dvy = (torch.tensor(t, dtype=xs.dtype, device=xs.device) for t in terms)
+    elif scalar and method != "tiled":
         dcov, dvx, dvy = _dcor_terms_1d(xs[:, 0], ys[:, 0])
     else:
         dcov, dvx, dvy = _dcor_terms_tiled(xs, ys)

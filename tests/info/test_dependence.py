@@ -37,10 +37,12 @@ def test_constant_gives_zero_not_nan():
         assert f(x, c).item() == 0.0
 
 
+@pytest.mark.parametrize("numba", ["1", "0"])  # the compiled CPU kernel and the torch merge levels
 @pytest.mark.parametrize("seed", [0, 1])
-def test_distance_correlation_fast_1d_matches_dcor(seed):
+def test_distance_correlation_fast_1d_matches_dcor(seed, numba, monkeypatch):
     import dcor
 
+    monkeypatch.setenv("ARR_COC_NUMBA", numba)
     x, y = _data(1000, seed)
     ref = dcor.distance_correlation(x.numpy(), y.numpy())
     assert distance_correlation(x, y).item() == pytest.approx(ref, abs=1e-10)
@@ -50,9 +52,11 @@ def test_distance_correlation_fast_1d_matches_dcor(seed):
     assert distance_correlation(xi, yi).item() == pytest.approx(dcor.distance_correlation(xi.numpy(), yi.numpy()), abs=1e-10)
 
 
-def test_distance_correlation_large_n_no_overflow():
+@pytest.mark.parametrize("numba", ["1", "0"])
+def test_distance_correlation_large_n_no_overflow(numba, monkeypatch):
     import dcor
 
+    monkeypatch.setenv("ARR_COC_NUMBA", numba)
     x, y = _data(60_000, 7)  # n**4 overflows int64 here
     assert distance_correlation(x, y).item() == pytest.approx(dcor.distance_correlation(x.numpy(), y.numpy()), abs=1e-9)
 
