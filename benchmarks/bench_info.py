@@ -1,6 +1,6 @@
 """Information-measure benchmarks: arr_coc.info side by side with scikit-learn and dcor.
 
-``python -m benchmarks info [--quick] [--repeats=R]`` writes experiments/results/info.md:
+``python -m benchmarks info [--quick] [--repeats=R] [--threads=T]`` writes experiments/results/info.md:
 1. ``mi_features`` vs ``mutual_info_regression(n_jobs=-1)``, n = 10,000, F = 256 (time, max |diff|);
 2. 1-D ``ksg_mi`` vs scikit-learn at n = 10^5; 1-D ``ksg_mi`` at n = 10^6 (time, peak memory
    of a fresh process);
@@ -9,12 +9,15 @@
 4. the sklearn issue 30772 case: a rare binary feature independent of the label;
 5. KSG bias and spread over seeds on Gaussians and monotone transforms of them.
 Times are medians of ``--repeats`` runs after a warm-up; CPU times are reported too because
-the machine may be shared.
+the machine may be shared. arr_coc runs on every core (``--threads``, default all), as
+scikit-learn's ``n_jobs=-1`` does; its 1-thread time and the time of its torch engine (the one
+that also runs on a GPU, ``ARR_COC_NUMBA=0``) are reported beside it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -58,10 +61,13 @@ torch.set_num_threads(int(sys.argv[2]))
 g = torch.Generator().manual_seed(0)
 x = torch.randn(n, generator=g, dtype=torch.float64)
 y = 0.6 * x + 0.8 * torch.randn(n, generator=g, dtype=torch.float64)
+t0 = time.perf_counter()
+ksg_mi(x[:1000], y[:1000])  # loads (or compiles) the kernels
+load = time.perf_counter() - t0
 base = hwm()
 t0, c0 = time.perf_counter(), time.process_time()
 v = ksg_mi(x, y).item()
-print(time.perf_counter() - t0, time.process_time() - c0, v, base, hwm())
+print(time.perf_counter() - t0, time.process_time() - c0, v, base, hwm(), load)
 """
 
 
@@ -70,16 +76,30 @@ def main(argv: list[str]) -> None:
 
     import dcor
     from arr_coc.info import distance_correlation, ksg_mi, mi_features
+    from arr_coc.info.knn import numba_kernels
 
     quick = "--quick" in argv
-    load = " / ".join(f"{v:.1f}" for v in __import__("os").getloadavg())
-    repeats = next((int(a.split("=")[1]) for a in argv if a.startswith("--repeats=")), 1 if quick else 3)
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    repeats = next((int(a.split("=")[1]) for a in argv if a.startswith("--repeats=")), 1 if quick else 5)
     scale = 10 if quick else 1
-    # torch threads for arr_coc (scikit-learn's n_jobs=-1 uses every core in processes). On a
-    # shared, overloaded machine 1 thread is far faster than 2 for these many small ops.
-    threads = next((int(a.split("=")[1]) for a in argv if a.startswith("--threads=")), 1)
+    # arr_coc on every core, as scikit-learn's n_jobs=-1 (processes); a 1-thread column beside it
+    threads = next((int(a.split("=")[1]) for a in argv if a.startswith("--threads=")), os.cpu_count() or 1)
     torch.set_num_threads(threads)
+    engine = "numba (compiled CPU kernels)" if numba_kernels() is not None else "torch"
     sections = []
+
+    def ours(fn):
+        """(wall s on every core, CPU s, result, wall s on 1 thread, wall s of the torch engine)."""
+        w, c, out = _timed(fn, repeats)
+        torch.set_num_threads(1)
+        w1, _, _ = _timed(fn, repeats, warmup=False)
+        torch.set_num_threads(threads)
+        os.environ["ARR_COC_NUMBA"] = "0"  # the device-agnostic torch engine, for comparison
+        try:
+            wt, _, _ = _timed(fn, max(1, repeats - 2))
+        finally:
+            del os.environ["ARR_COC_NUMBA"]
+        return w, c, out, w1, wt
 
     # 1. mi_features vs mutual_info_regression
     n, F = 10_000 // scale, 256 // (4 if quick else 1)
@@ -88,19 +108,19 @@ def main(argv: list[str]) -> None:
     y = X[:, :16] @ rng.standard_normal(16) * 0.3 + np.sin(2 * X[:, 16]) + rng.standard_normal(n)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     sk_w, _, sk = _timed(lambda: mutual_info_regression(X, y, n_neighbors=3, n_jobs=-1, random_state=0), repeats, warmup=False)
-    our_w, our_c, ours = _timed(lambda: mi_features(Xt, yt, 3, clip=True), repeats)
-    diff = float(np.abs(ours.numpy() - sk).max())
-    rows = [[f"mi_features vs mutual_info_regression(n_jobs=-1), n={n}, F={F}, k=3", sk_w, our_w, our_c, sk_w / our_w, f"{diff:.2e}"]]
+    w, c, res, w1, wt = ours(lambda: mi_features(Xt, yt, 3, clip=True))
+    diff = float(np.abs(res.numpy() - sk).max())
+    rows = [[f"mi_features vs mutual_info_regression(n_jobs=-1), n={n}, F={F}, k=3", sk_w, w, c, sk_w / w, w1, wt, f"{diff:.2e}"]]
 
     # 2. 1-D KSG at 1e5 (and 1e6 in a fresh process for its peak memory)
     n1 = 100_000 // scale
     x1, y1 = _gauss(n1, 0.6, 1)
     sk_w, _, sk1 = _timed(lambda: mutual_info_regression(x1[:, None], y1, n_neighbors=3, random_state=0)[0], repeats)
-    our_w, our_c, o1 = _timed(lambda: ksg_mi(torch.from_numpy(x1), torch.from_numpy(y1)).item(), repeats)
-    rows.append([f"1-D ksg_mi vs mutual_info_regression, n={n1}", sk_w, our_w, our_c, sk_w / our_w, f"{abs(o1 - sk1):.2e}"])
+    w, c, o1, w1, wt = ours(lambda: ksg_mi(torch.from_numpy(x1), torch.from_numpy(y1)).item())
+    rows.append([f"1-D ksg_mi vs mutual_info_regression, n={n1}", sk_w, w, c, sk_w / w, w1, wt, f"{abs(o1 - sk1):.2e}"])
     n6 = 1_000_000 // scale
     res = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n6), str(threads)], capture_output=True, text=True, check=True)
-    w6, c6, v6, base_mb, peak_mb = (float(t) for t in res.stdout.split())
+    w6, c6, v6, base_mb, peak_mb, load6 = (float(t) for t in res.stdout.split())
     truth6 = -0.5 * math.log(1 - 0.36)
 
     # 3. distance correlation
@@ -108,21 +128,28 @@ def main(argv: list[str]) -> None:
     xd, yd = _gauss(nd, 0.5, 2)
     yd = yd**2 + xd
     dc_w, _, dref = _timed(lambda: dcor.distance_correlation(xd, yd), repeats)
-    our_w, our_c, dours = _timed(lambda: distance_correlation(torch.from_numpy(xd), torch.from_numpy(yd)).item(), repeats)
-    rows.append([f"distance_correlation 1-D vs dcor (AVL/mergesort), n={nd}", dc_w, our_w, our_c, dc_w / our_w, f"{abs(dours - dref):.2e}"])
+    w, c, dours, w1, wt = ours(lambda: distance_correlation(torch.from_numpy(xd), torch.from_numpy(yd)).item())
+    rows.append([f"distance_correlation 1-D vs dcor (AVL/mergesort), n={nd}", dc_w, w, c, dc_w / w, w1, wt, f"{abs(dours - dref):.2e}"])
     nm = 10_000 // scale
     rng = np.random.default_rng(3)
     Xm = rng.standard_normal((nm, 3))
     Ym = np.stack([Xm[:, 0] * Xm[:, 1], Xm[:, 2] ** 2], 1) + 0.5 * rng.standard_normal((nm, 2))
-    dc_w, _, dref = _timed(lambda: dcor.distance_correlation(Xm, Ym), max(1, repeats - 2), warmup=False)
-    our_w, our_c, dours = _timed(lambda: distance_correlation(torch.from_numpy(Xm), torch.from_numpy(Ym)).item(), repeats)
-    rows.append([f"distance_correlation 3-D x 2-D vs dcor (O(n^2)), n={nm}", dc_w, our_w, our_c, dc_w / our_w, f"{abs(dours - dref):.2e}"])
+    dc_w, _, dref = _timed(lambda: dcor.distance_correlation(Xm, Ym), max(1, repeats - 4), warmup=False)
+    w, c, dours = _timed(lambda: distance_correlation(torch.from_numpy(Xm), torch.from_numpy(Ym)).item(), max(1, repeats - 2))
+    rows.append([f"distance_correlation 3-D x 2-D vs dcor (O(n^2)), n={nm}", dc_w, w, c, dc_w / w, "", "", f"{abs(dours - dref):.2e}"])
     sections.append(
         "## Speed and agreement\n\n"
-        + markdown_table(["workload", "reference s", "arr_coc s", "arr_coc CPU s", "speed-up", "max abs diff"], rows)
+        f"Median of {repeats} runs after a warm-up (numba kernels compiled, or loaded from their cache, in the warm-up). "
+        f"`arr_coc s`: on {threads} thread(s), every core, like scikit-learn's `n_jobs=-1`; `1 thread s`: the same call "
+        f"with `torch.set_num_threads(1)`; `torch engine s`: with `ARR_COC_NUMBA=0`, the vectorised torch engine that "
+        f"also runs on a GPU. The CPU engine here: {engine}.\n\n"
+        + markdown_table(
+            ["workload", "reference s", "arr_coc s", "arr_coc CPU s", "speed-up", "1 thread s", "torch engine s", "max abs diff"], rows
+        )
         + f"\n\n1-D `ksg_mi` at n = {n6:,} (fresh process, rho = 0.6, truth {truth6:.4f}): {w6:.2f} s wall, "
         f"{c6:.2f} s CPU, estimate {v6:.4f}, peak RSS {peak_mb:.0f} MiB ({peak_mb - base_mb:.0f} MiB above the "
-        f"{base_mb:.0f} MiB after import).\n"
+        f"{base_mb:.0f} MiB before the call). The process's first call, on 1,000 points, took {load6:.2f} s: loading "
+        "(or, on a fresh checkout, compiling and caching) the kernels.\n"
     )
 
     # 4. sklearn issue 30772: an independent rare binary feature
