@@ -76,6 +76,19 @@ def _guess(table, lo, scale, t) -> int:
 
 
 @_inline
+def _bisect(sv, v, e, a, b, holds_at_a) -> int:
+    """Where the predicate ``|sv[j] - v| < e`` flips between ``a`` and ``b``: it holds at a and
+    fails at b (``holds_at_a``), or the reverse; returns the first index past the flip."""
+    while b - a > 1:
+        m = (a + b) // 2
+        if (abs(sv[m] - v) < e) == holds_at_a:
+            a = m
+        else:
+            b = m
+    return b
+
+
+@_inline
 def _strict_count(sv, table, lo, scale, r, v, e) -> int:
     """``#{j != r : |sv[j] - v| < e}`` for sorted ``sv`` with ``sv[r] == v``.
 
@@ -103,13 +116,7 @@ def _strict_count(sv, table, lo, scale, r, v, e) -> int:
             step *= 2
             a = g - step
         a = max(a, r)  # r itself holds (e > 0)
-    while b - a > 1:  # a holds, b fails
-        m = (a + b) // 2
-        if abs(sv[m] - v) < e:
-            a = m
-        else:
-            b = m
-    up = b
+    up = _bisect(sv, v, e, a, b, True)
     # down: first j in [0, r] where the predicate holds, from a guess g
     g = min(max(_guess(table, lo, scale, v - e), 0), r)
     if g > 0 and abs(sv[g - 1] - v) < e:  # holds below g: the start is further down
@@ -128,13 +135,7 @@ def _strict_count(sv, table, lo, scale, r, v, e) -> int:
             step *= 2
             b = g - 1 + step
         b = min(b, r)  # r holds
-    while b - a > 1:  # a fails, b holds
-        m = (a + b) // 2
-        if abs(sv[m] - v) < e:
-            b = m
-        else:
-            a = m
-    down = b
+    down = _bisect(sv, v, e, a, b, False)
     return up - down - 1
 
 
