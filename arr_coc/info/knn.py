@@ -40,7 +40,12 @@ import torch
 __all__ = ["TILE_ELEMENTS", "brute_radius_counts", "ksg_counts_2d", "kth_1d_sorted", "numba_kernels", "strict_counts_sorted", "strip_kth_2d"]
 
 TILE_ELEMENTS = 1 << 22  # entries per distance tile (32 MiB in float64)
-CHUNK = 1 << 13  # query points per vectorised step of the strip search (its temporaries stay in cache)
+CHUNK = 1 << 13  # query points per vectorised step on the CPU (the temporaries stay in cache)
+DEVICE_CHUNK = 1 << 20  # ... on an accelerator (fewer, larger launches)
+
+
+def _chunk(device: torch.device) -> int:
+    return CHUNK if device.type == "cpu" else DEVICE_CHUNK
 
 
 def _tile_rows(n: int, copies: int) -> int:
@@ -113,7 +118,7 @@ def strict_counts_sorted(sorted_v: torch.Tensor, v: torch.Tensor, eps: torch.Ten
     B, m = v.shape
     sorted_v = sorted_v.contiguous()
     out = torch.empty(B, m, dtype=torch.long, device=v.device)
-    rows = max(1, CHUNK * 8 // m)  # rows per step: the temporaries stay in cache
+    rows = max(1, _chunk(v.device) * 8 // m)  # rows per step: the temporaries stay in cache
     for r0 in range(0, B, rows):
         r1 = min(B, r0 + rows)
         out[r0:r1] = _strict_counts_rows(sorted_v if shared else sorted_v[r0:r1], v[r0:r1], eps[r0:r1])
@@ -334,11 +339,11 @@ def strip_kth_2d(x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     st = _Strips(x, y, k)
     total = B * st.M
     eps = torch.empty(total, dtype=x.dtype, device=x.device)
-    bad = [t for t in _map_chunks(lambda a, b: st.round1(a, b, eps), total, CHUNK, x.device) if t is not None]
+    bad = [t for t in _map_chunks(lambda a, b: st.round1(a, b, eps), total, _chunk(x.device), x.device) if t is not None]
     if bad:
         j = torch.cat(bad)
         ub = eps[j]
-        fixed = _map_chunks(lambda a, b: _square_search(st, j[a:b], ub[a:b]), j.numel(), 4 * CHUNK, x.device)
+        fixed = _map_chunks(lambda a, b: _square_search(st, j[a:b], ub[a:b]), j.numel(), 4 * _chunk(x.device), x.device)
         eps[j] = torch.cat(fixed)
     out = torch.empty(B, st.M, dtype=x.dtype, device=x.device)
     order = torch.cat([st.oy, torch.arange(n, st.M, device=x.device)])[st.yorder.view(B, st.M)]  # original index per slot

@@ -14,6 +14,15 @@ from arr_coc.info.knn import brute_radius_counts, ksg_counts_2d, kth_1d_sorted, 
 ENGINES = ["torch"] + (["numba"] if knn.numba_kernels() is not None else [])
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Run the engines' thread pools whatever the machine (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def _pairs():
     g = torch.Generator().manual_seed(0)
     out = []
@@ -62,7 +71,9 @@ def test_counts_equal_brute(engine, k):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_batched_sets_share_y_and_are_independent(engine):
+@pytest.mark.parametrize("chunk", [1 << 13, 97])  # one step, or many steps on a thread pool
+def test_batched_sets_share_y_and_are_independent(engine, chunk, monkeypatch):
+    monkeypatch.setattr(knn, "CHUNK", chunk)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(7, 1000, generator=g, dtype=torch.float64)
     x[3] = x[3].round()  # one set with ties
@@ -74,6 +85,18 @@ def test_batched_sets_share_y_and_are_independent(engine):
         ref, (cx, cy) = brute_radius_counts([x[b, :, None], y[:, None]], 3, [(0,), (1,)])
         assert torch.equal(eps[b], ref)
         assert torch.equal(_sorted(nx[b]), _sorted(cx)) and torch.equal(_sorted(ny[b]), _sorted(cy))
+
+
+@pytest.mark.skipif("numba" not in ENGINES, reason="numba is not installed")
+def test_one_large_set_split_across_threads():
+    # the compiled engine splits one large set's queries across threads; the torch engine
+    # (checked against brute force above) must give the same counts
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 30_000, generator=g, dtype=torch.float64)
+    y = torch.sin(2 * x[0]) + 0.3 * torch.randn(30_000, generator=g, dtype=torch.float64)
+    a = ksg_counts_2d(x, y, 3, engine="numba")
+    b = ksg_counts_2d(x, y, 3, engine="torch")
+    assert torch.equal(_sorted(a[0]), _sorted(b[0])) and torch.equal(_sorted(a[1]), _sorted(b[1]))
 
 
 @settings(max_examples=40, deadline=None)
