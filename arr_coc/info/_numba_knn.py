@@ -260,9 +260,8 @@ def _counts_one(x, y, ys, ry, yb, k, G, nx, ny, eps) -> bool:
 
 
 @_jit
-def _counts_rows(X, y, ys, ry, k, G, NX, NY, EPS, TIED, b0, b1):
+def _counts_rows(X, y, ys, ry, yb, k, G, NX, NY, EPS, TIED, b0, b1):
     """Point sets ``b0 .. b1 - 1`` of the batch, one after another."""
-    yb = _buckets(ys)
     for b in range(b0, b1):
         TIED[b] = _counts_one(X[b], y, ys, ry, yb, k, G, NX[b], NY[b], EPS[b])
 
@@ -281,19 +280,19 @@ def ksg_counts(X: np.ndarray, y: np.ndarray, k: int, threads: int = 1) -> tuple[
     oy = np.argsort(y, kind="mergesort")
     ys = y[oy]
     ry = _inverse(oy)
+    yb = _buckets(ys)
     G = _grid_side(n)
     NX = np.empty((B, n), np.int64)
     NY = np.empty((B, n), np.int64)
     EPS = np.empty((B, n), np.float64)
     TIED = np.zeros(B, np.bool_)
     if threads <= 1 or (B == 1 and n < 20_000):
-        _counts_rows(X, y, ys, ry, k, G, NX, NY, EPS, TIED, 0, B)
+        _counts_rows(X, y, ys, ry, yb, k, G, NX, NY, EPS, TIED, 0, B)
     elif B >= threads:  # whole point sets per thread
         bounds = [(t * B // threads, (t + 1) * B // threads) for t in range(threads)]
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda ab: _counts_rows(X, y, ys, ry, k, G, NX, NY, EPS, TIED, *ab), bounds))
+            list(pool.map(lambda ab: _counts_rows(X, y, ys, ry, yb, k, G, NX, NY, EPS, TIED, *ab), bounds))
     else:  # few large sets: one layout each, its queries split across threads
-        yb = _buckets(ys)
         for b in range(B):
             xs, rx, xb, offset, members, px, py = _layout(X[b], ry, y, G)
             bounds = [(t * n // (4 * threads), (t + 1) * n // (4 * threads)) for t in range(4 * threads)]

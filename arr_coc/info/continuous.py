@@ -158,7 +158,8 @@ def ksg_mi(
     other points strictly closer than ``eps_i`` in each marginal (max-norm there too).
     x: [n] or [n, dx]; y: [n] or [n, dy]; 1 <= k < n.
 
-    method: ``"grid"`` (scalar x and y only: exact rank-space grid search, O(n log n)-ish,
+    method: ``"grid"`` (scalar x and y only: the exact O(n log n) search of
+    ``arr_coc.info.knn.ksg_counts_2d``, compiled on the CPU, vectorised torch elsewhere;
     bounded memory), ``"brute"`` (tiled O(n^2), any dimension) or ``"auto"`` (grid for
     scalar pairs, brute otherwise). See the module docstring for scaling, ties and ``jitter``.
     """
@@ -180,9 +181,12 @@ def ksg_mi(
         nx, ny = nx[0], ny[0]
     else:
         _, (nx, ny) = brute_radius_counts([xz, yz], k, [(0,), (1,)])
-    value = _psi_n(k, xz.device) + _psi_n(n, xz.device)
-    value = value - (_digamma_mean(nx) + _digamma_mean(ny))
-    return _finish(value, zero, base, clip)
+    return _finish(_ksg1(nx, ny, k, n), zero, base, clip)
+
+
+def _ksg1(nx: torch.Tensor, ny: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """KSG estimator 1 from the marginal counts ``[..., n]``: ``psi(k) + psi(n) - <psi(n_x + 1) + psi(n_y + 1)>``."""
+    return _psi_n(k, nx.device) + _psi_n(n, nx.device) - (_digamma_mean(nx) + _digamma_mean(ny))
 
 
 def _psi_n(n: int, device: torch.device) -> torch.Tensor:
@@ -353,8 +357,7 @@ def mi_features(
             redo = tied.nonzero().squeeze(1).tolist()
             xt = torch.stack([_break_ties(Xz[:, j : j + 1], jitter, seed)[:, 0] for j in redo])
             nx[redo], ny[redo], _ = ksg_counts_2d(xt, yz[:, 0], k)
-        value = _psi_n(k, Xz.device) + _psi_n(n, Xz.device)
-        value = value - (_digamma_mean(nx) + _digamma_mean(ny))
+        value = _ksg1(nx, ny, k, n)
         zero = const | cy.all()
     return _finish(value, zero, base, clip)
 

@@ -137,16 +137,29 @@ def _strict_counts_rows(sorted_v: torch.Tensor, v: torch.Tensor, eps: torch.Tens
     for bound, cur in (("hi", hi), ("lo", lo)):
         pos = torch.stack([cur, cur - 1]).clamp_(0, n - 1)  # [2, b, m]
         val = flat.index_select(0, pos.view(-1)).view(pos.shape) if shared else torch.stack([sorted_v.gather(1, pos[0]), sorted_v.gather(1, pos[1])])
-        pred = (val - v).abs_() < eps
-        here, prev = val[0] >= v, val[1] >= v
-        if bound == "hi":
-            move = ((cur < n) & (~here | pred[0])) | ((cur > 0) & prev & ~pred[1])
-        else:
-            move = ((cur < n) & ~here & ~pred[0]) | ((cur > 0) & (prev | pred[1]))
+        up, down = _boundary_moves(bound, cur, n, val[0], val[1], v, eps)
+        move = up | down
         if bool(move.any()):
             idx = move.view(-1).nonzero().squeeze(1)
             cur.view(-1)[idx] = _fix_bound(flat, n, shared, cur.view(-1)[idx], idx, v.reshape(-1)[idx], eps.reshape(-1)[idx], m, bound)
     return (hi - lo).clamp_(min=0)
+
+
+def _boundary_moves(
+    bound: str, cur: torch.Tensor, n: int, here: torch.Tensor, prev: torch.Tensor, v: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which boundaries must move up or down, from the values at ``cur`` and ``cur - 1``.
+
+    ``hi`` must be the first j with ``s_j >= v`` and not ``|s_j - v| < eps``; ``lo`` the first
+    j with ``s_j >= v`` or ``|s_j - v| < eps`` (both predicates are monotone in j)."""
+    p_here, p_prev = (here - v).abs() < eps, (prev - v).abs() < eps
+    if bound == "hi":
+        up = (cur < n) & ((here < v) | p_here)
+        down = (cur > 0) & (prev >= v) & ~p_prev & ~up
+    else:
+        up = (cur < n) & (here < v) & ~p_here
+        down = (cur > 0) & ((prev >= v) | p_prev) & ~up
+    return up, down
 
 
 def _fix_bound(flat: torch.Tensor, n: int, shared: bool, cur: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, eps: torch.Tensor, m: int, bound: str) -> torch.Tensor:
@@ -158,13 +171,7 @@ def _fix_bound(flat: torch.Tensor, n: int, shared: bool, cur: torch.Tensor, idx:
         c, r, x, e = cur[todo], row[todo], v[todo], eps[todo]
         here = flat[r + c.clamp(0, n - 1)]
         prev = flat[r + (c - 1).clamp(0, n - 1)]
-        p_here, p_prev = (here - x).abs() < e, (prev - x).abs() < e
-        if bound == "hi":
-            up = (c < n) & ((here < x) | p_here)
-            down = (c > 0) & (prev >= x) & ~p_prev & ~up
-        else:
-            up = (c < n) & (here < x) & ~p_here
-            down = (c > 0) & ((prev >= x) | p_prev) & ~up
+        up, down = _boundary_moves(bound, c, n, here, prev, x, e)
         move = up | down
         if not bool(move.any()):
             break
