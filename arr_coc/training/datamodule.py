@@ -139,7 +139,17 @@ class VQACollator:
 
 
 class _LoaderMixin:
-    """Loaders shared by both data modules (needs ``collate``, ``batch_size``, ``num_workers``, ``seed``)."""
+    """Loaders shared by both data modules (needs ``split(name)``, ``collate``, ``batch_size``,
+    ``num_workers``, ``seed``)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.split("train"), train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.split("val"), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.split("test"), train=False)
 
     def _loader(self, ds: Dataset, *, train: bool) -> DataLoader:
         return DataLoader(
@@ -207,15 +217,6 @@ class EmbeddedVQADataModule(_LoaderMixin, L.LightningDataModule):
         if name not in starts:
             raise ValueError(f"name: expected one of {list(starts)}, got {name!r}")
         return EmbeddedVQADataset(self.task, *starts[name])
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.split("train"), train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.split("val"), train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.split("test"), train=False)
 
 
 class LlavaDataModule(_LoaderMixin, L.LightningDataModule):
@@ -288,12 +289,3 @@ class LlavaDataModule(_LoaderMixin, L.LightningDataModule):
         if name not in self._splits:
             raise ValueError(f"name: no {name!r} split (have {list(self._splits)})")
         return self._splits[name]
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.split("train"), train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.split("val"), train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.split("test"), train=False)
