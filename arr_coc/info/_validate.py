@@ -18,6 +18,7 @@ __all__ = [
     "check_samples",
     "check_same_n",
     "check_table",
+    "table_tolerance",
     "check_integer_samples",
     "from_nats",
     "work_dtype",
@@ -53,12 +54,32 @@ def _finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, found NaN or Inf")
 
 
+def table_tolerance(dtype: torch.dtype, size: int) -> float:
+    """How far from 1 a table of ``size`` entries stored in ``dtype`` may sum.
+
+    ``max(floor, 16 eps_acc sqrt(size))``: the floor is ``sqrt(eps)`` of the dtype for 32- and
+    64-bit floats (about 3.5e-4 for float32, 1.5e-8 for float64; tables typed by hand or
+    converted from float32 pass) and ``2 eps`` for 16-bit floats (about 1.6e-2 for bfloat16,
+    2e-3 for float16: rounding each entry moves the sum by at most ``eps / 2``); the second
+    term is the rounding a producer's summation accumulates over ``size`` entries (``eps_acc``
+    of float32 for 16- and 32-bit tables, which are normalised in float32, of float64 for
+    float64): a float32 softmax over 4 million entries sums to 1 only within about 4e-4.
+    """
+    eps = torch.finfo(dtype).eps
+    floor = math.sqrt(eps) if torch.finfo(dtype).bits >= 32 else 2 * eps
+    acc = torch.finfo(torch.float64).eps if dtype == torch.float64 else torch.finfo(torch.float32).eps
+    return max(floor, 16 * acc * math.sqrt(size))
+
+
 def check_table(name: str, p: torch.Tensor, min_dims: int) -> torch.Tensor:
     """A probability table whose last ``min_dims`` dimensions are variables.
 
-    Returns it in the working dtype. Checks: a floating tensor, at least ``min_dims``
-    dimensions, non-empty, finite, non-negative, each table summing to 1 within
-    ``sqrt(machine epsilon)`` of the input dtype (about 3e-4 for float32, 1.5e-8 for float64).
+    Checks: a floating tensor, at least ``min_dims`` dimensions, non-empty, finite,
+    non-negative, each table summing to 1 within ``table_tolerance(dtype, table size)`` (a
+    tolerance that fits the input's precision and length). Returns it in the working dtype
+    (float64; float32 for large float32 inputs), each table renormalised by its float64 sum,
+    so that the measures are those of a probability table (a bfloat16 table's rounding can
+    never make a mutual information negative).
     """
     if not isinstance(p, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(p).__name__}")
@@ -72,13 +93,13 @@ def check_table(name: str, p: torch.Tensor, min_dims: int) -> torch.Tensor:
     if bool((p < 0).any()):
         raise ValueError(f"{name}: expected non-negative probabilities, found a negative entry")
     dt = work_dtype(p)
-    q = p.to(dt)
-    total = q.sum(dim=tuple(range(q.dim() - min_dims, q.dim())))
-    tol = math.sqrt(torch.finfo(p.dtype).eps)
+    dims = tuple(range(p.dim() - min_dims, p.dim()))
+    total = p.sum(dim=dims, dtype=torch.float64, keepdim=True)
+    tol = table_tolerance(p.dtype, math.prod(p.shape[p.dim() - min_dims :]))
     if bool(((total - 1).abs() > tol).any()):
         worst = float((total - 1).abs().max())
         raise ValueError(f"{name}: expected each table to sum to 1 (tolerance {tol:.1e}), off by up to {worst:.3g}")
-    return q
+    return p.to(dt) / total.to(dt)
 
 
 def check_samples(name: str, x: torch.Tensor, *, n: int | None = None, min_n: int = 1) -> torch.Tensor:

@@ -4,8 +4,15 @@ A table is a probability tensor whose trailing dimensions are the variables and 
 leading dimensions are a batch: ``pmf [..., X]``, ``joint [..., X, Y]``,
 ``joint [..., X, Y, Z]``. Every function returns ``[...]`` in the unit of ``base``
 (e: nats, the default; 2: bits), computed in float64 (float32 for large float32 tables),
-on the table's device. ``0 log 0 = 0``. Results are not clipped: a mutual information of an
-exact product table can come out as ``-1e-17`` from rounding.
+on the table's device. ``0 log 0 = 0``, and its gradient there is taken as 0 (finite; the
+one-sided derivative of ``-p log p`` at 0 is ``+inf``).
+
+Each table must sum to 1 within a tolerance that fits its dtype and length (see
+``arr_coc.info._validate.table_tolerance``: about 1.6e-2 for bfloat16, 3.5e-4 for float32
+tables of up to a million entries, growing as the square root of the length); it is then
+renormalised by its float64 sum and measured in float64, so the results are exactly those
+of a probability table. Mutual informations are clipped at 0: a negative value could only
+be rounding (``-1e-17`` for an exact product table).
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ __all__ = [
 
 
 def _h(p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """Entropy in nats of an already validated table over ``dims``."""
-    return -torch.special.xlogy(p, p).sum(dim=dims)
+    """Entropy in nats of an already validated table over ``dims``; ``0 log 0 = 0`` with a
+    zero gradient there (``xlogy`` would give ``0 / 0 = NaN`` for it)."""
+    pos = p > 0
+    return -torch.where(pos, p * torch.log(torch.where(pos, p, torch.ones_like(p))), torch.zeros_like(p)).sum(dim=dims)
 
 
 def entropy(pmf: torch.Tensor, *, base: float = math.e) -> torch.Tensor:
@@ -55,14 +64,14 @@ def mutual_information(joint: torch.Tensor, *, base: float = math.e) -> torch.Te
     """I(X; Y) = H(X) + H(Y) - H(X, Y) of ``joint [..., X, Y]`` -> ``[...]``."""
     p = check_table("joint", joint, 2)
     i = _h(p.sum(-1), (-1,)) + _h(p.sum(-2), (-1,)) - _h(p, (-2, -1))
-    return from_nats(i, base)
+    return from_nats(i.clamp(min=0.0), base)
 
 
 def conditional_mutual_information(joint: torch.Tensor, *, base: float = math.e) -> torch.Tensor:
     """I(X; Y | Z) = H(X,Z) + H(Y,Z) - H(X,Y,Z) - H(Z) of ``joint [..., X, Y, Z]`` -> ``[...]``."""
     p = check_table("joint", joint, 3)
     i = _h(p.sum(-2), (-2, -1)) + _h(p.sum(-3), (-2, -1)) - _h(p, (-3, -2, -1)) - _h(p.sum((-3, -2)), (-1,))
-    return from_nats(i, base)
+    return from_nats(i.clamp(min=0.0), base)
 
 
 def normalized_mutual_information(

@@ -153,3 +153,53 @@ def test_float32_tolerance_and_device():
     p = torch.softmax(torch.randn(1000), 0)  # float32, sums to 1 within float32 rounding
     h = entropy(p)
     assert h.dtype == torch.float64 and h.device == p.device
+
+
+# ----------------------------------------------------------------------------- precision (issue 17, items 3 and 4)
+
+
+def test_long_float32_softmax_is_a_table():
+    # a float32 softmax over 4M entries sums to 1 only within ~4e-4 (more than sqrt(eps)):
+    # the tolerance grows with the length, and the entropy is that of the renormalised table
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(4_000_000, generator=g) * 3, 0)
+    assert abs(p.double().sum().item() - 1) > 3.5e-4  # the case that used to raise
+    q = p.double() / p.double().sum()
+    assert entropy(p).item() == pytest.approx(entropy(q).item(), abs=1e-9)
+    with pytest.raises(ValueError, match="sum to 1"):
+        entropy(p * 1.05)  # still refused when clearly off
+
+
+def test_entropy_gradient_is_finite_at_zero_probability():
+    p = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64, requires_grad=True)
+    entropy(p).backward()
+    assert torch.isfinite(p.grad).all()
+    # H(p / sum p): dH/dp_i = g_i - sum_j q_j g_j with g_j = -(log q_j + 1) where q_j > 0 and
+    # g_j = 0 at q_j = 0 (the convention); at p = (1/2, 1/2, 0): (0, 0, 1 - log 2)
+    expected = torch.tensor([0.0, 0.0, 1 - math.log(2.0)], dtype=torch.float64)
+    torch.testing.assert_close(p.grad, expected, atol=1e-12, rtol=0)
+    joint = torch.tensor([[0.5, 0.0], [0.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    mutual_information(joint).backward()
+    assert torch.isfinite(joint.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_tables_match_float64_and_mi_is_never_negative(dtype):
+    g = torch.Generator().manual_seed(3)
+    worst_mi = math.inf
+    for _ in range(200):
+        a = torch.rand(8, generator=g, dtype=torch.float64)
+        b = torch.rand(8, generator=g, dtype=torch.float64)
+        for t in (torch.outer(a / a.sum(), b / b.sum()), torch.rand(8, 8, generator=g, dtype=torch.float64) ** 4):
+            t = t / t.sum()
+            low = t.to(dtype)
+            ref = low.double() / low.double().sum()  # the float64 reference: the renormalised low-precision table
+            mi = mutual_information(low)
+            assert mi.dtype == torch.float64
+            assert mi.item() == pytest.approx(max(0.0, mutual_information(ref).item()), abs=1e-12)
+            assert entropy(low.reshape(-1)).item() == pytest.approx(entropy(ref.reshape(-1)).item(), abs=1e-12)
+            worst_mi = min(worst_mi, mi.item())
+    assert worst_mi >= 0.0
+    # the tolerance fits the precision: a bf16/fp16 table off by 5 % is refused (sqrt(eps) of bf16 was 8.8 %)
+    with pytest.raises(ValueError, match="sum to 1"):
+        mutual_information((torch.full((4, 4), 1 / 16) * 1.05).to(dtype))
