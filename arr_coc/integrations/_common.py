@@ -27,8 +27,10 @@ gradients flowing to the spliced tokens.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,6 +38,7 @@ __all__ = [
     "CompactionPlan",
     "compaction_plan",
     "gather_sequence",
+    "generation_lengths",
     "image_runs",
     "infer_padding_side",
     "normalize_budget",
@@ -267,3 +270,62 @@ def splice_runs(
     keep[rows[:, None].expand(-1, n)[dropped], positions[dropped]] = False
     keep[r, p] = True
     return embeds, keep
+
+
+#: ``transformers``' model-agnostic default of ``max_length`` (new tokens when nothing is set)
+_DEFAULT_MAX_LENGTH = 20
+
+
+def generation_lengths(model: Any, generation_kwargs: dict[str, Any], prompt_length: int) -> dict[str, Any]:
+    """Turn the prompt-counting lengths of a ``generate`` call into new-token counts.
+
+    ``model.generate`` counts ``max_length`` / ``min_length`` from the prompt it is handed;
+    a plug-in hands it a *shortened* prompt, so the same numbers would buy more new tokens.
+    This returns a copy of ``generation_kwargs`` in which every length refers to the
+    caller's prompt of ``prompt_length`` tokens, as it would for the unwrapped model:
+
+    - ``max_new_tokens`` set (keyword, ``generation_config=`` or the model's config): kept;
+    - else ``max_length`` (keyword or ``generation_config=``): ``max_new_tokens =
+      max_length - prompt_length`` (``ValueError`` when that is < 1, as ``generate`` raises);
+    - else the default: ``generation_config.max_length`` (20 when unset) *new* tokens, capped
+      at ``config.max_position_embeddings`` total, the rule of ``transformers`` 5;
+    - ``min_length`` likewise becomes ``min_new_tokens = max(min_length - prompt_length, 0)``
+      unless ``min_new_tokens`` is set.
+    """
+    kw = dict(generation_kwargs)
+    given = kw.get("generation_config")
+    base = given if given is not None else getattr(model, "generation_config", None)
+
+    def setting(name: str) -> Any:
+        if kw.get(name) is not None:
+            return kw[name]
+        return getattr(base, name, None) if base is not None else None
+
+    max_length = kw.pop("max_length", None)
+    min_length = kw.pop("min_length", None)
+    if max_length is None and given is not None:
+        max_length = getattr(given, "max_length", None)
+    if min_length is None and given is not None:
+        min_length = getattr(given, "min_length", None)
+    if given is not None and (getattr(given, "max_length", None) is not None or getattr(given, "min_length", None)):
+        given = copy.deepcopy(given)  # the lengths now travel as *_new_tokens; avoid "both set" warnings
+        given.max_length = None
+        given.min_length = 0
+        kw["generation_config"] = given
+    if setting("max_new_tokens") is None:
+        if max_length is None:
+            default = getattr(base, "max_length", None) if base is not None else None
+            max_length = int(default or _DEFAULT_MAX_LENGTH) + prompt_length
+            cap = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            if isinstance(cap, int):
+                max_length = min(max_length, cap)
+        max_length = int(max_length)
+        if max_length <= prompt_length:
+            raise ValueError(
+                f"max_length: the prompt (input_ids) has {prompt_length} tokens but max_length is {max_length}; "
+                "increase max_length or set max_new_tokens"
+            )
+        kw["max_new_tokens"] = max_length - prompt_length
+    if setting("min_new_tokens") is None and min_length:
+        kw["min_new_tokens"] = max(int(min_length) - prompt_length, 0)
+    return kw

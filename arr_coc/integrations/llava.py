@@ -65,6 +65,7 @@ from arr_coc.allocators import Allocator, AllocationOutput, create_allocator
 from arr_coc.integrations._common import (
     compaction_plan,
     gather_sequence,
+    generation_lengths,
     image_runs,
     infer_padding_side,
     normalize_budget,
@@ -405,8 +406,19 @@ class LlavaAllocation:
         ``past_key_values`` holds the shortened prompt (``L'`` positions) plus the new tokens.
         Position ids come from the shortened attention mask (``cumsum - 1``), the same
         rule :meth:`prepare` documents.
+
+        ``max_length`` / ``min_length`` (keywords, ``generation_config`` or the model's
+        default) count the prompt as given, ``input_ids``, exactly as for the unwrapped
+        model: they are turned into ``max_new_tokens`` / ``min_new_tokens``
+        (:func:`~arr_coc.integrations._common.generation_lengths`). With
+        ``num_return_sequences > 1`` (beam search or sampling) each prompt is repeated as
+        ``model.generate`` repeats it: rows ``b * n ... b * n + n - 1`` belong to prompt ``b``.
         """
         self._check_kwargs(generation_kwargs)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else input_ids
+            raise ValueError(f"input_ids: expected a [B, L] tensor, got {shape!r}")
+        generation_kwargs = generation_lengths(self._model, generation_kwargs, input_ids.shape[1])
         with torch.no_grad():
             s = self.prepare(
                 input_ids,
@@ -424,9 +436,14 @@ class LlavaAllocation:
             **generation_kwargs,
         )
         short_len = s.input_ids.shape[1]
+        seq = out if isinstance(out, torch.Tensor) else out.sequences
+        if seq.shape[0] % input_ids.shape[0]:
+            raise ValueError(f"generate returned {seq.shape[0]} sequences for {input_ids.shape[0]} prompts")
+        prompt = input_ids.repeat_interleave(seq.shape[0] // input_ids.shape[0], dim=0).to(seq.device)
+        seq = torch.cat([prompt, seq[:, short_len:]], dim=1)
         if isinstance(out, torch.Tensor):
-            return torch.cat([input_ids, out[:, short_len:]], dim=1)
-        out.sequences = torch.cat([input_ids, out.sequences[:, short_len:]], dim=1)
+            return seq
+        out.sequences = seq
         return out
 
 
@@ -456,6 +473,12 @@ class ProjectorHook:
     get the same K (a fixed budget; adaptive allocators that keep fewer raise). Call
     :meth:`set_query` before each forward/generate for query-aware allocators, and
     :meth:`eject` (or use ``with``) to remove the hook; the projector is never edited.
+
+    A query is used **once**: the projector call that follows :meth:`set_query` consumes
+    it. Once a query has been set, a later projector call without a fresh
+    :meth:`set_query` raises ``ValueError`` instead of silently reusing the previous
+    batch's query; ``set_query(None)`` switches back to query-agnostic calls. The query
+    must have one row per image of the call (``[I, T, D]``).
     """
 
     def __init__(
@@ -476,22 +499,43 @@ class ProjectorHook:
         self.query: torch.Tensor | None = None
         self.query_mask: torch.Tensor | None = None
         self.last: AllocationOutput | None = None
+        self._query_mode = False  # True once a query was set: every call then needs a fresh one
         self._handle = projector.register_forward_hook(self._hook)
 
     def set_query(self, query: torch.Tensor | None, query_mask: torch.Tensor | None = None) -> "ProjectorHook":
-        """query [I, T, D] (one row per image the projector will see), mask [I, T] bool."""
+        """query [I, T, D] (one row per image the next projector call sees), mask [I, T] bool.
+
+        Used by the next projector call only. ``None`` makes the following calls
+        query-agnostic.
+        """
+        if query is not None and (not isinstance(query, torch.Tensor) or query.dim() != 3):
+            raise ValueError(f"query: expected an [I, T, D] tensor or None, got {getattr(query, 'shape', query)!r}")
+        if query is None and query_mask is not None:
+            raise ValueError("query_mask: given without a query")
         self.query, self.query_mask = query, query_mask
+        self._query_mode = query is not None
         return self
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if output.dim() != 3:
             raise ValueError(f"projector output: expected [I, P + N, D], got {tuple(output.shape)}")
         num = output.shape[0]
+        query, query_mask = self.query, self.query_mask
+        if query is None and self._query_mode:
+            raise ValueError(
+                "query: the query set for the previous projector call was used already; call set_query(...) "
+                "before each forward / generate (or set_query(None) for query-agnostic calls)"
+            )
+        if query is not None and query.shape[0] != num:
+            raise ValueError(
+                f"query: expected one row per image of this projector call ({num}), got {tuple(query.shape)}"
+            )
+        self.query = self.query_mask = None  # consumed: never reused on a later batch
         budget = normalize_budget(self.budget, num, output.device)
         out = self.allocator(
             output,
-            query=self.query,
-            query_mask=self.query_mask,
+            query=query,
+            query_mask=query_mask,
             budget=budget,
             grid=self.grid,
             num_prefix_tokens=self.num_prefix_tokens,

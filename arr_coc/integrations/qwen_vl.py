@@ -67,7 +67,13 @@ from torch import nn
 
 from arr_coc.allocators.base import AllocationOutput, Allocator
 from arr_coc.allocators.registry import create_allocator
-from arr_coc.integrations._common import compaction_plan, gather_sequence, infer_padding_side, text_query
+from arr_coc.integrations._common import (
+    compaction_plan,
+    gather_sequence,
+    generation_lengths,
+    infer_padding_side,
+    text_query,
+)
 
 __all__ = ["SUPPORTED_MODELS", "QwenVLAllocation", "QwenVLOutput", "QwenVLPrepared", "normalize_image_budget", "wrap"]
 
@@ -545,8 +551,9 @@ class QwenVLAllocation:
     ):
         """``model.generate`` on the shortened prompt; returns ``input_ids`` + new tokens.
 
-        ``max_length`` counts the prompt as given (``input_ids``), like ``model.generate``; it
-        is turned into ``max_new_tokens``. Beam search and ``num_return_sequences`` work for
+        ``max_length`` / ``min_length`` count the prompt as given (``input_ids``), like
+        ``model.generate``; they are turned into ``max_new_tokens`` / ``min_new_tokens``
+        (:func:`~arr_coc.integrations._common.generation_lengths`). Beam search and ``num_return_sequences`` work for
         Qwen2-VL and Qwen2.5-VL (each prompt repeated in the result), not for Qwen3-VL.
 
         With ``return_dict_in_generate=True`` the output object is returned with its
@@ -564,13 +571,8 @@ class QwenVLAllocation:
             "attention_mask": prep.attention_mask,
             "position_ids": pos4,
         }
-        if "max_new_tokens" not in generation_kwargs:
-            # max_length counts the prompt as the caller sent it, not the shortened one
-            cfg = generation_kwargs.get("generation_config") or self.model.generation_config
-            max_length = generation_kwargs.pop("max_length", None)
-            if max_length is not None or cfg.max_new_tokens is None:
-                max_length = cfg.max_length if max_length is None else max_length
-                generation_kwargs["max_new_tokens"] = max(1, int(max_length) - input_ids.shape[1])
+        # max_length / min_length count the prompt as the caller sent it, not the shortened one
+        generation_kwargs = generation_lengths(self.model, generation_kwargs, input_ids.shape[1])
         if prep.deepstack is not None and bool(prep.visual_mask.any()):
             gen_inputs["past_key_values"] = self._prefill_deepstack(prep, generation_kwargs)
         out = self.model.generate(**gen_inputs, **generation_kwargs)

@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 pytest.importorskip("transformers")
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 from arr_coc.allocators import Allocator, Selection, create_allocator, list_allocators, topk_indices  # noqa: E402
 from arr_coc.integrations import llava  # noqa: E402
@@ -145,6 +151,51 @@ def test_full_generate_equals_unwrapped(model):
     ref = model.generate(**inputs, **kw)
     out = llava.wrap(model, "full").generate(**inputs, **kw)
     assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+def test_generate_lengths_count_the_callers_prompt(model):
+    """max_length / min_length / the default refer to input_ids as given, as for the plain model."""
+    inputs = make_batch([2, 7, 4], [5, 1, 3])
+    length = inputs["input_ids"].shape[1]
+    vlm = llava.wrap(model, create_allocator("random", seed=0), budget=8)
+    assert vlm.prepare(**inputs).input_ids.shape[1] < length - 20  # the shortened prompt is much shorter
+    for kw in (dict(max_length=length + 3), dict(), dict(min_length=length + 6, max_new_tokens=6)):
+        ref = model.generate(**inputs, do_sample=False, **kw)
+        out = vlm.generate(**inputs, do_sample=False, **kw)
+        assert out.shape == ref.shape, kw
+        assert torch.equal(out[:, :length], inputs["input_ids"])
+    assert ref.shape[1] == length + 6
+    assert model.generate(**inputs, do_sample=False).shape[1] == length + 20  # transformers' default: 20 new
+    cfg = GenerationConfig(max_length=length + 2, do_sample=False, pad_token_id=PAD)
+    assert vlm.generate(**inputs, generation_config=cfg).shape == (3, length + 2)
+    assert cfg.max_length == length + 2  # the caller's config is not modified
+    with pytest.raises(ValueError, match="max_length"):
+        vlm.generate(**inputs, max_length=length)
+    with pytest.raises(ValueError, match="max_length"):
+        model.generate(**inputs, max_length=length)  # the plain model refuses it too
+
+
+@torch.no_grad()
+def test_generate_several_sequences_per_prompt_match_the_plain_model(model):
+    inputs = make_batch([2, 7, 4], [5, 1, 3])
+    vlm = llava.wrap(model, "full")
+    beams = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    ref = model.generate(**inputs, **beams)
+    out = vlm.generate(**inputs, **beams)
+    assert out.shape == ref.shape == (6, inputs["input_ids"].shape[1] + 4)
+    assert torch.equal(out, ref)
+    sampling = dict(max_new_tokens=5, do_sample=True, num_return_sequences=3, top_k=0, temperature=1.5)
+    torch.manual_seed(11)
+    ref = model.generate(**inputs, **sampling)
+    torch.manual_seed(11)
+    out = vlm.generate(**inputs, **sampling, return_dict_in_generate=True).sequences
+    assert torch.equal(out, ref)
+    assert len({tuple(r) for r in out[:3, -5:].tolist()}) > 1  # the draws differ, so the check has teeth
+    # a shortening allocator: every returned row starts with its own prompt
+    out = llava.wrap(model, create_allocator("random", seed=0), budget=5).generate(**inputs, **beams)
+    assert out.shape == (6, inputs["input_ids"].shape[1] + 4)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"].repeat_interleave(2, dim=0))
 
 
 @torch.no_grad()
@@ -394,6 +445,29 @@ def test_projector_hook_for_a_fork_splicing_by_length():
     torch.testing.assert_close(out[:, 1:], full[:, 1:].gather(1, hook.last.indices[..., None].expand(-1, -1, 32)))
     torch.testing.assert_close(proj(vision), full)  # ejected
     assert not proj._forward_hooks
+
+
+def test_projector_hook_uses_each_query_once():
+    torch.manual_seed(0)
+    proj = nn.Linear(8, 8)
+    vision = torch.randn(2, 16, 8)
+    queries = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    feats = nn.functional.linear(vision, proj.weight, proj.bias)  # the projector's output, unhooked
+    expected = [create_allocator("fastv_like")(feats, query=q, budget=4, grid=(4, 4)).tokens for q in queries]
+    assert not torch.equal(expected[0], expected[1])  # the two queries pick differently
+    with llava.hook_projector(proj, create_allocator("fastv_like"), budget=4, grid=(4, 4)) as hook:
+        for q, want in zip(queries, expected):  # each call uses the query set just before it
+            hook.set_query(q)
+            torch.testing.assert_close(proj(vision), want)
+            assert hook.query is None  # consumed
+        with pytest.raises(ValueError, match="set_query"):
+            proj(vision)  # a stale query would be silently wrong: refuse
+        with pytest.raises(ValueError, match="one row per image"):
+            hook.set_query(queries[0][:1])
+            proj(vision)
+        hook.set_query(None)  # query-agnostic from now on
+        assert proj(vision).shape == (2, 4, 8)
+        assert proj(vision).shape == (2, 4, 8)
 
 
 def test_projector_hook_rejects_ragged_counts():

@@ -300,6 +300,31 @@ def test_generate_max_length_and_beams_match_plain_qwen2():
             assert torch.equal(ours, ref)
 
 
+def test_generate_default_length_min_length_and_sampling_match_plain_qwen2():
+    """No length given: 20 new tokens as transformers; min_length counts the caller's prompt;
+    seeded sampling with several sequences per prompt draws the same tokens."""
+    model = _model("qwen2_vl")
+    inputs = _batch()
+    length = inputs["input_ids"].shape[1]
+    vlm = wrap(model, "full")
+    sampling = dict(max_new_tokens=4, do_sample=True, num_return_sequences=3, top_k=0, temperature=1.5)
+    with torch.no_grad():
+        for kw in (dict(do_sample=False), dict(do_sample=False, min_length=length + 5, max_new_tokens=5), sampling):
+            model.model.rope_deltas = None
+            torch.manual_seed(3)
+            ours = vlm.generate(**inputs, **kw)
+            torch.manual_seed(3)
+            ref = model.generate(**inputs, **kw)
+            assert torch.equal(ours, ref), kw
+        assert ours.shape == (6, length + 4)
+        model.model.rope_deltas = None
+        assert vlm.generate(**inputs, do_sample=False).shape[1] == length + 20
+        short = wrap(model, "random", budget=2)
+        assert short.generate(**inputs, do_sample=False, max_length=length + 2).shape == (2, length + 2)
+        with pytest.raises(ValueError, match="max_length"):
+            short.generate(**inputs, do_sample=False, max_length=length - 1)
+
+
 @pytest.mark.parametrize("name", list_allocators())
 @pytest.mark.parametrize("fam", ["qwen2_vl", "qwen3_vl"])
 def test_every_registered_allocator_runs(name, fam):
