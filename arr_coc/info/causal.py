@@ -126,7 +126,10 @@ class DiscreteSCM:
 
         ``scm.do(X=1)`` sets X to 1 (an atomic intervention); ``scm.do(X=pmf)`` with a
         probability vector draws X from ``pmf`` independently of its parents (a stochastic
-        intervention). Either way X's incoming edges are cut.
+        intervention). Either way X's incoming edges are cut. An atomic value must lie in X's
+        support ``{0, ..., |X| - 1}`` (an int, an integral float such as ``1.0``, or a
+        one-element tensor holding one); anything else, ``1.7`` or ``True`` included, is a
+        ValueError naming X.
         """
         self._check_names(values)
         parents = dict(self.parents)
@@ -136,9 +139,7 @@ class DiscreteSCM:
             if isinstance(value, torch.Tensor) and value.dim() == 1:
                 pmf = _check_pmf(name, value, card)
             else:
-                v = int(value)
-                if not 0 <= v < card:
-                    raise ValueError(f"{name}: expected a value in [0, {card}), got {v}")
+                v = _support_value(name, value, card)
                 pmf = torch.zeros(card, dtype=torch.float64)
                 pmf[v] = 1.0
             parents[name] = ()
@@ -164,6 +165,22 @@ class DiscreteSCM:
         unknown = [n for n in names if n not in self.cardinalities]
         if unknown:
             raise ValueError(f"variables: unknown {unknown}; the model has {list(self.names)}")
+
+
+def _support_value(name: str, value: object, card: int) -> int:
+    """An atomic intervention value as an int in ``[0, card)``, or a ValueError naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{name}: expected one value in {{0, ..., {card - 1}}} or a probability vector, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
+        raise ValueError(f"{name}: expected an integer value in {{0, ..., {card - 1}}}, got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ValueError(f"{name}: expected a value in the support {{0, ..., {card - 1}}}, got {value!r} (not an integer)")
+    v = int(value)
+    if not 0 <= v < card:
+        raise ValueError(f"{name}: expected a value in the support {{0, ..., {card - 1}}}, got {v}")
+    return v
 
 
 def _check_pmf(name: str, pmf: torch.Tensor, card: int) -> torch.Tensor:

@@ -203,6 +203,8 @@ def permutation_test(
 
     ``y``'s samples (first dimension) are shuffled ``n_permutations`` times; the p-value is
     ``(1 + #{T_perm >= T_obs}) / (1 + n_permutations)``, never 0 (Phipson & Smyth 2010).
+    The statistic must return a finite real scalar every time; a NaN or inf (on the data or
+    on any permutation) is a ValueError naming ``statistic``.
     """
     if not callable(statistic):
         raise ValueError("statistic: expected a callable statistic(x, y) -> scalar tensor")
@@ -213,10 +215,24 @@ def permutation_test(
             raise ValueError(f"{name}: expected a tensor of at least 2 samples (sample dimension first)")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"y: expected {x.shape[0]} samples like x, got {y.shape[0]}")
-    observed = torch.as_tensor(statistic(x, y))
+    observed = _statistic_value(statistic(x, y), "on the data")
     n = y.shape[0]
     hits = torch.zeros((), dtype=torch.long, device=observed.device)
-    for _ in range(n_permutations):
+    for t in range(n_permutations):
         perm = torch.randperm(n, generator=generator, device=generator.device if generator is not None else "cpu").to(y.device)
-        hits = hits + (torch.as_tensor(statistic(x, y[perm])) >= observed).long()
+        hits = hits + (_statistic_value(statistic(x, y[perm]), f"on permutation {t}") >= observed).long()
     return (1 + hits).to(torch.float64) / (1 + n_permutations)
+
+
+def _statistic_value(value: object, where: str) -> torch.Tensor:
+    """The statistic's value as a finite one-element tensor, or a ValueError naming ``statistic``
+    (a NaN would compare false with everything and silently bias the p-value)."""
+    try:
+        t = torch.as_tensor(value).detach()
+    except (TypeError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"statistic: expected a real scalar {where}, got {type(value).__name__}") from exc
+    if t.numel() != 1 or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"statistic: expected a real scalar {where}, got shape {tuple(t.shape)} dtype {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"statistic: returned {t.item()} {where}; expected a finite value")
+    return t.reshape(())

@@ -143,3 +143,16 @@ def test_bad_queries(confounder):
         causal_entropy(confounder, "Y", "X", protocol="sometimes")
     with pytest.raises(ValueError, match="y"):
         ci_test(torch.zeros(10, dtype=torch.long), torch.zeros(9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("value", [1.7, 0.5, -1, 2, float("nan"), float("inf"), True, torch.tensor(1.5), torch.tensor([[0.0, 1.0]]), "1"])
+def test_do_refuses_values_outside_the_support(confounder, value):
+    # do(X=1.7) used to become do(X=1) silently
+    with pytest.raises(ValueError, match="X"):
+        confounder.do(X=value)
+
+
+@pytest.mark.parametrize("value", [1, 1.0, torch.tensor(1), torch.tensor(1.0)])
+def test_do_accepts_integral_values_in_the_support(confounder, value):
+    y = confounder.do(X=value).marginal("X")
+    torch.testing.assert_close(y, torch.tensor([0.0, 1.0], dtype=torch.float64))

@@ -109,3 +109,22 @@ def test_permutation_test():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("when", ["observed", "permuted"])
+def test_permutation_test_refuses_a_non_finite_statistic(bad, when):
+    # a NaN statistic used to give p = 1/6 silently (NaN >= x is False)
+    x = torch.randn(20, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def stat(a, b):
+        calls.append(1)
+        if (when == "observed") == (len(calls) == 1):
+            return torch.tensor(bad)
+        return pearson(a, b)
+
+    with pytest.raises(ValueError, match="statistic"):
+        permutation_test(stat, x, x.flip(0), n_permutations=5, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="statistic"):
+        permutation_test(lambda a, b: torch.stack([pearson(a, b)] * 2), x, x, n_permutations=5)
