@@ -46,3 +46,51 @@ def test_probe_information_bounds():
     rows = information_plane({"good": informative, "bad": noise}, y, generator=g)
     assert [r.layer for r in rows] == ["good", "bad"]
     assert rows[0].i_label > rows[1].i_label
+
+
+def test_flow_refuses_non_finite_activations():
+    # NaN activations used to raise torch.linalg.LinAlgError from the SVD
+    t = torch.randn(20, 4)
+    t[3, 1] = float("nan")
+    y = torch.randint(0, 2, (20,))
+    with pytest.raises(ValueError, match="t"):
+        noisy_gaussian_information(t)
+    with pytest.raises(ValueError, match="t"):
+        probe_information(t, y)
+    with pytest.raises(ValueError, match="activations"):
+        information_plane({"l": t}, y)
+    with pytest.raises(ValueError, match="noise"):
+        noisy_gaussian_information(torch.randn(20, 4), noise=float("nan"))
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [torch.rand(20), torch.zeros(19, dtype=torch.long), torch.zeros(20, 2, dtype=torch.long)],
+    ids=["float", "short", "2d"],
+)
+def test_flow_refuses_bad_labels(labels):
+    t = torch.randn(20, 4)
+    with pytest.raises(ValueError, match="y"):
+        probe_information(t, labels)
+    with pytest.raises(ValueError, match="labels"):
+        information_plane({"l": t}, labels)
+
+
+def test_label_values_only_name_the_classes():
+    # negative or sparse label values used to raise IndexError in the probe's cross-entropy;
+    # I(T; Y) does not depend on the names of the classes
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 3, (300,), generator=g)
+    t = torch.nn.functional.one_hot(y, 3).double() * 4 + 0.3 * torch.randn(300, 3, generator=g, dtype=torch.float64)
+    a = probe_information(t, y, generator=torch.Generator().manual_seed(0))
+    b = probe_information(t, torch.tensor([-7, 10**6, 42])[y], generator=torch.Generator().manual_seed(0))
+    assert a.item() > 0.5 and b.item() == pytest.approx(a.item(), abs=1e-4)  # classes permuted: LBFGS round-off only
+
+
+def test_flow_is_scale_free():
+    # both coordinates are invariant to the activations' scale, also where squares overflow
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    a = noisy_gaussian_information(t)
+    b = noisy_gaussian_information(t * 1e300)
+    assert torch.isfinite(b) and b.item() == pytest.approx(a.item(), rel=1e-9)

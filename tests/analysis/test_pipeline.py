@@ -64,6 +64,67 @@ def test_plan_bad_input():
         plan_stages([1, 2], [1], 1)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, "1", None, 1e308])
+def test_plan_rejects_non_finite_or_negative_costs(bad):
+    # NaN / inf compute used to give boundaries [-1] and bytes_sent inf; 1e308 overflows the sum
+    compute = [1.0, bad, 1e308 if bad == 1e308 else 2.0]
+    with pytest.raises(ValueError, match="compute"):
+        plan_stages(compute, [1, 1, 1], 2)
+    with pytest.raises(ValueError, match="activation_bytes"):
+        plan_stages([1, 1, 1], [1.0, bad, 1e308 if bad == 1e308 else 2.0], 2)
+
+
+@pytest.mark.parametrize("tol", [-0.5, float("nan"), float("inf"), "0.1"])
+def test_plan_rejects_bad_tolerance(tol):
+    with pytest.raises(ValueError, match="tolerance"):
+        plan_stages([1, 2, 3], [1, 1, 1], 2, tolerance=tol)
+
+
+@pytest.mark.parametrize("s", [2.0, True, "2"])
+def test_plan_rejects_non_int_stage_count(s):
+    with pytest.raises(ValueError, match="num_stages"):
+        plan_stages([1, 2, 3], [1, 1, 1], s)
+    with pytest.raises(ValueError, match="num_stages"):
+        bubble_fraction(s, 4)
+    with pytest.raises(ValueError, match="num_microbatches"):
+        bubble_fraction(4, s)
+
+
+def test_plan_is_scale_free():
+    # an absolute slack of 1e-12 once made every split "within tolerance" for tiny costs
+    compute, nbytes = [1, 1, 1, 5], [1, 100, 100, 1]
+    big = plan_stages(compute, nbytes, 2, tolerance=0.0)
+    tiny = plan_stages([c * 1e-13 for c in compute], nbytes, 2, tolerance=0.0)
+    assert big.boundaries == tiny.boundaries == [3]
+    assert tiny.max_compute == pytest.approx(5e-13)
+
+
+def test_gradient_snr_bad_and_degenerate_input():
+    with pytest.raises(ValueError, match="per_example"):
+        gradient_snr(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), [1])
+    with pytest.raises(ValueError, match="batch_sizes"):
+        gradient_snr(torch.randn(4, 2), [0])
+    with pytest.raises(ValueError, match="batch_sizes"):
+        gradient_snr(torch.randn(4, 2), [1.5])
+    # identical gradients: no noise; infinite SNR with a signal, 0 without one
+    assert gradient_snr(torch.ones(3, 2), [2]) == {2: float("inf")}
+    assert gradient_snr(torch.zeros(3, 2), [2]) == {2: 0.0}
+    # float64 extremes: the squares no longer overflow to inf / NaN
+    g = torch.tensor([[1e200, 0.0], [3e200, 0.0], [2e200, 0.0]], dtype=torch.float64)
+    # mu = 2e200, tr(Sigma) = 1e400 -> SNR(1) = (4 - 1/3) / 1 in units of 1e400
+    assert gradient_snr(g, [1])[1] == pytest.approx((4 - 1 / 3) / 1)
+
+
+def test_per_example_gradients_bad_input():
+    model = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="num_examples"):
+        per_example_gradients(model, lambda m, i: m(torch.ones(2)).sum(), 0)
+    with pytest.raises(ValueError, match="loss_fn"):
+        per_example_gradients(model, lambda m, i: m(torch.ones(3, 2)), 1)  # not a scalar
+    with pytest.raises(ValueError, match="loss_fn"):
+        per_example_gradients(model, lambda m, i: m(torch.full((2,), float("nan"))).sum(), 1)
+
+
 def test_gradient_snr_is_linear_in_batch_size_and_matches_closed_form():
     g = torch.Generator().manual_seed(0)
     mu = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)

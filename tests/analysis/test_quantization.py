@@ -69,3 +69,61 @@ def test_bad_input():
         quantize(torch.tensor([1.0, float("nan")]), "int8")
     with pytest.raises(ValueError, match="features"):
         quantization_report(torch.randn(10))
+
+
+@pytest.mark.parametrize("axis", [2, -3, 5])
+def test_out_of_range_axis_is_refused_not_wrapped(axis):
+    # axis=2 on a 2-d tensor used to wrap to axis 0 silently
+    with pytest.raises(ValueError, match="axis"):
+        quantize(torch.randn(4, 3), "int8", "channel", axis=axis)
+
+
+def test_axis_picks_the_channel_dimension():
+    x = torch.randn(5, 3) * torch.tensor([[1.0], [10.0], [100.0], [0.1], [1.0]])
+    _, scale0 = quantize(x, "int8", "channel", axis=0)
+    _, scale_neg = quantize(x, "int8", "channel", axis=-2)
+    assert scale0.shape == (5, 1) and torch.equal(scale0, scale_neg)
+    assert torch.allclose(scale0[:, 0], x.abs().amax(1) / 127)
+
+
+def test_values_beyond_float32_and_bad_codes_are_refused():
+    with pytest.raises(ValueError, match="x"):
+        quantize(torch.tensor([1.0, 1e300], dtype=torch.float64), "int8")
+    with pytest.raises(ValueError, match="codes"):
+        dequantize(torch.randn(3), torch.ones(1))
+    with pytest.raises(ValueError, match="scale"):
+        dequantize(torch.zeros(3, dtype=torch.int8), torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match="scale"):
+        dequantize(torch.zeros(3, dtype=torch.int8), torch.ones(2))
+
+
+def test_report_on_exact_and_constant_channels():
+    # column 0 constant, column 1 exactly representable (so reproduced exactly): 0 and inf,
+    # never NaN; column 2 generic. The Gaussian view matches -1/2 log(1 - rho^2).
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.full((64,), 3.0), torch.tensor([1.0, -2.0, 0.5, 4.0] * 16), torch.randn(64, generator=g)], 1)
+    rows = quantization_report(x, schemes=("int8",), granularities=("channel",), ksg_samples=64, ksg_channels=3, generator=g)
+    r = rows[0]
+    assert math.isinf(r.gaussian_mi) or r.gaussian_mi > 3  # the int8 grid does not hit 0.5 exactly
+    q = dequantize(*quantize(x, "int8", "channel"))
+    rho = torch.corrcoef(torch.stack([x[:, 2].double(), q[:, 2].double()]))[0, 1]
+    from arr_coc.analysis.quantization import _channel_gaussian_mi
+
+    per = _channel_gaussian_mi(x, q)
+    assert per[0] == 0.0
+    assert per[2].item() == pytest.approx(-0.5 * math.log(1 - rho.item() ** 2), rel=1e-6)
+    exact = _channel_gaussian_mi(x[:, 1:2], x[:, 1:2])
+    assert math.isinf(exact.item())
+    for v in r.as_dict().values():
+        assert not (isinstance(v, float) and math.isnan(v))
+
+
+def test_report_bad_input():
+    with pytest.raises(ValueError, match="features"):
+        quantization_report(torch.tensor([[1.0, float("nan")], [2.0, 3.0]]))
+    with pytest.raises(ValueError, match="features"):
+        quantization_report(torch.ones(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="k"):
+        quantization_report(torch.randn(3, 3), k=3)
+    with pytest.raises(ValueError, match="schemes"):
+        quantization_report(torch.randn(8, 3), schemes="int8")
