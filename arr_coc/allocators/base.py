@@ -5,7 +5,8 @@ out = allocator(patch_tokens,        # [B, P + N, D]; P prefix tokens (CLS, regi
                 query=query_tokens,  # [B, T, Dq] or None (query-agnostic methods)
                 query_mask=mask,     # [B, T] bool or None (True = real token)
                 budget=64,           # int cap, or [B] tensor of ints
-                grid=(H, W), num_prefix_tokens=P)
+                grid=(H, W), num_prefix_tokens=P,
+                host=None)           # optional HostSignals (arr_coc.allocators.host)
 out.indices    # [B, K] long, indices into the candidate list, raster order, -1 where padded
 out.tokens     # [B, K, D] tokens for the LLM (zeros where padded)
 out.mask       # [B, K] bool, which entries are real
@@ -17,6 +18,12 @@ Subclasses implement :meth:`Allocator.select`, which receives a validated
 :class:`AllocationContext` and returns a :class:`Selection`; the base class validates the
 input, builds the candidate list, handles ``budget >= N`` (every fine token, unchanged)
 and ``budget == 0`` (nothing), orders the result in raster order and pads ragged batches.
+
+``host`` (optional, default None) gives access to signals of the model the allocator runs
+in: the vision tower's attention and keys, the text tower's instruction features
+(:class:`arr_coc.allocators.host.HostSignals`). It is carried in ``AllocationContext.host``;
+methods that do not read it ignore it. In-LLM methods (``in_llm = True``) are run by the
+host between LLM layers instead (:class:`arr_coc.allocators.host.InLLMPruner`).
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ class AllocationContext:
     budget:     [B] long, already clamped to [0, M]; rows with budget >= N never reach
                 ``select`` with a different answer than "all fine tokens" (the base class
                 overrides them), so methods need no special case for them.
+    grid:       (H, W) of the fine tokens.
+    host:       the host's signals (:class:`arr_coc.allocators.host.HostSignals`) or None.
     """
 
     prefix: torch.Tensor
@@ -71,6 +80,7 @@ class AllocationContext:
     query_mask: torch.Tensor | None
     budget: torch.Tensor
     grid: tuple[int, int]
+    host: Any = None
 
     @property
     def candidates(self) -> torch.Tensor:
@@ -129,7 +139,10 @@ class Allocator(nn.Module):
     ``fixed_budget``   - the method always spends exactly min(budget, N) tokens;
     ``ignores_budget`` - the method keeps every token whatever the budget (``full``);
     ``permutation_equivariant`` - the choice looks only at token content, so permuting the
-                         patch tokens permutes the choice (not true of spatial methods).
+                         patch tokens permutes the choice (not true of spatial methods);
+    ``in_llm``         - the method prunes inside the LLM: a host that can run the LLM layer
+                         by layer calls its ``prune`` between layers (``host.answer_in_llm``);
+                         called as a plain allocator it uses its documented fallback.
     """
 
     pyramid_levels: tuple[int, ...] = ()
@@ -137,6 +150,7 @@ class Allocator(nn.Module):
     fixed_budget: bool = True
     ignores_budget: bool = False
     permutation_equivariant: bool = False
+    in_llm: bool = False
 
     def select(self, ctx: AllocationContext) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -212,6 +226,8 @@ class Allocator(nn.Module):
         budget: int | torch.Tensor = 64,
         grid: tuple[int, int] | None = None,
         num_prefix_tokens: int = 0,
+        *,
+        host: Any = None,
     ) -> AllocationOutput:
         grid, budget_t = self._validate(patch_tokens, query, query_mask, budget, grid, num_prefix_tokens)
         if self.requires_query and query is None:
@@ -232,6 +248,7 @@ class Allocator(nn.Module):
             query_mask=query_mask,
             budget=torch.where(full_rows, torch.zeros_like(budget_t), budget_t.clamp(max=m)),
             grid=grid,
+            host=host,
         )
         if ctx.max_budget > 0:
             sel = self.select(ctx)

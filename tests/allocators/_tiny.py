@@ -1,0 +1,31 @@
+"""A tiny randomly initialised BaseVLM (2 ViT blocks, 4 Llama layers, 4 x 4 grid) and a batch for it."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_vlm(seed: int = 0, *, llm_layers: int = 4):
+    """BaseVLM of width 32: ViT 2 blocks x 2 heads on 32 x 32 images (4 x 4 patches), Llama of ``llm_layers``."""
+    from arr_coc.training.backbones import LLMConfig, VisionConfig
+    from arr_coc.training.module import build_vlm
+
+    torch.manual_seed(seed)
+    vlm = build_vlm(
+        vision=VisionConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+        llm=LLMConfig(hidden_size=32, num_layers=llm_layers, num_heads=2, intermediate_size=64),
+    )
+    return vlm.eval()
+
+
+def tiny_batch(vlm, b: int = 3, t: int = 5, seed: int = 1):
+    """pixels [B, 3, 32, 32], question_ids [B, T] (row 1 right-padded), question_mask [B, T]."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(b, 3, 32, 32, generator=g)
+    vocab = vlm.llm.get_input_embeddings().num_embeddings
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    if b > 1:
+        mask[1, t - 2 :] = False
+        ids[1, t - 2 :] = vlm.config.pad_token_id
+    return pixels, ids, mask
