@@ -261,44 +261,104 @@ def kl_entropy(x: torch.Tensor, k: int = 3, *, norm: str = "euclidean", base: fl
 # ----------------------------------------------------------------------------- Gaussian
 
 
-def _corr_logdet(blocks: list[torch.Tensor]) -> torch.Tensor:
-    """log det of the sample correlation matrix of the concatenated ``[n, d_i]`` blocks.
-
-    Constant columns are given unit variance and no correlation (they carry nothing)."""
-    v = torch.cat(blocks, dim=1)
-    z, const = _standardize(v)
-    c = z.T @ z / z.shape[0]
-    c = c + torch.diag(const.to(c.dtype))
-    sign, logabs = torch.linalg.slogdet(c)
-    return torch.where(sign > 0, logabs, torch.full_like(logabs, -math.inf))
+def _check_ridge(ridge: float) -> float:
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge: expected a finite number >= 0 (added to the correlation matrix's diagonal), got {ridge!r}")
+    return float(ridge)
 
 
-def gaussian_mi(x: torch.Tensor, y: torch.Tensor, *, base: float = math.e) -> torch.Tensor:
+class _Corr:
+    """The sample correlation matrix of the concatenated ``[n, d_i]`` variables and the log
+    determinants of its principal blocks.
+
+    Constant columns are given unit variance and no correlation (they carry nothing). ``ridge``
+    is added to the diagonal. A block whose smallest eigenvalue is at most
+    ``max(1e-12, 16 eps sqrt(n) d)`` (float64 ``eps``) counts as singular: its columns are
+    collinear up to rounding (or there are more of them than samples minus one).
+    """
+
+    def __init__(self, named: dict[str, torch.Tensor], ridge: float):
+        self.names = list(named)
+        self.widths = [v.shape[1] for v in named.values()]
+        self.n = next(iter(named.values())).shape[0]
+        z, const = _standardize(torch.cat(list(named.values()), dim=1).to(torch.float64))
+        c = z.T @ z / z.shape[0]
+        c = (c + c.T) / 2 + torch.diag(const.to(c.dtype)) + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+        self.c, self.ridge = c, ridge
+
+    def logdet(self, *names: str) -> tuple[torch.Tensor, bool, int]:
+        """(log det of the block of ``names``, whether it is singular, its numerical rank)."""
+        starts = [sum(self.widths[:i]) for i in range(len(self.widths))]
+        idx = torch.cat([torch.arange(starts[self.names.index(m)], starts[self.names.index(m)] + self.widths[self.names.index(m)]) for m in names]).to(self.c.device)
+        ev = torch.linalg.eigvalsh(self.c.index_select(0, idx).index_select(1, idx))
+        d = idx.numel()
+        tol = max(1e-12, 16 * torch.finfo(torch.float64).eps * math.sqrt(self.n) * d)
+        rank = int((ev > tol).sum())
+        if rank < d:
+            return torch.full((), -math.inf, dtype=ev.dtype, device=ev.device), True, rank
+        return ev.log().sum(), False, rank
+
+    def regular(self, *names: str) -> torch.Tensor:
+        """log det of a block that must be non-singular: else a ValueError naming its variables."""
+        value, singular, rank = self.logdet(*names)
+        if singular:
+            d = sum(self.widths[self.names.index(m)] for m in names)
+            what = " and ".join(names)
+            cause = (
+                f"more dimensions ({d}) than samples minus one ({self.n - 1})"
+                if d > self.n - 1
+                else ("collinear columns" if len(names) == 1 else f"{names[0]} is (partly) a linear function of {' and '.join(names[1:])}")
+            )
+            raise ValueError(
+                f"{what}: the sample correlation matrix of ({', '.join(names)}) is singular (rank {rank} of {d}: {cause}); "
+                "the Gaussian MI is undefined there - drop the redundant columns or pass ridge > 0 to regularise"
+            )
+        return value
+
+
+def gaussian_mi(x: torch.Tensor, y: torch.Tensor, *, base: float = math.e, ridge: float = 0.0) -> torch.Tensor:
     """I(X; Y) of jointly Gaussian variables from the sample covariance -> ``[]``.
 
     ``I = 1/2 (log det C_x + log det C_y - log det C_xy)`` on the sample correlation
     matrices (the scale cancels); ``-1/2 log(1 - rho^2)`` for scalars. A constant X or Y gives
-    exactly 0; an exactly collinear pair gives ``inf``.
+    exactly 0; an exact linear relation between X and Y (each non-singular) gives ``inf``.
+    If the correlation matrix of X or of Y is itself singular (collinear columns, or more
+    columns than samples minus one), the value is undefined: a ValueError naming it, unless
+    ``ridge > 0``, which adds ``ridge`` to the diagonal of every correlation matrix (a
+    Tikhonov-regularised estimate, always finite, biased towards 0).
     """
     check_base(base)
+    ridge = _check_ridge(ridge)
     xs = check_samples("x", x, min_n=2)
     ys = check_samples("y", y, min_n=2)
     check_same_n(x=xs, y=ys)
-    zero = (xs == xs[:1]).all() | (ys == ys[:1]).all()
-    value = 0.5 * (_corr_logdet([xs]) + _corr_logdet([ys]) - _corr_logdet([xs, ys]))
-    return from_nats(torch.where(zero, torch.zeros_like(value), value), base)
+    if bool((xs == xs[:1]).all() | (ys == ys[:1]).all()):
+        return from_nats(torch.zeros((), dtype=torch.float64, device=xs.device), base)
+    c = _Corr({"x": xs, "y": ys}, ridge)
+    value = 0.5 * (c.regular("x") + c.regular("y") - c.logdet("x", "y")[0])
+    return from_nats(value, base)
 
 
-def gaussian_cmi(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, *, base: float = math.e) -> torch.Tensor:
-    """I(X; Y | Z) of jointly Gaussian variables: ``1/2 (ld C_xz + ld C_yz - ld C_xyz - ld C_z)`` -> ``[]``."""
+def gaussian_cmi(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, *, base: float = math.e, ridge: float = 0.0) -> torch.Tensor:
+    """I(X; Y | Z) of jointly Gaussian variables: ``1/2 (ld C_xz + ld C_yz - ld C_xyz - ld C_z)`` -> ``[]``.
+
+    A constant X or Y gives exactly 0; an exact linear relation between X and Y given Z gives
+    ``inf``. Singular ``C_z``, ``C_xz`` or ``C_yz`` (e.g. ``gaussian_cmi(x, y, x)``, or more
+    columns than samples) make the value undefined: a ValueError naming the variables, unless
+    ``ridge > 0`` regularises every correlation matrix as in ``gaussian_mi``.
+    """
     check_base(base)
+    ridge = _check_ridge(ridge)
     xs = check_samples("x", x, min_n=2)
     ys = check_samples("y", y, min_n=2)
     zs = check_samples("z", z, min_n=2)
     check_same_n(x=xs, y=ys, z=zs)
-    zero = (xs == xs[:1]).all() | (ys == ys[:1]).all()
-    value = 0.5 * (_corr_logdet([xs, zs]) + _corr_logdet([ys, zs]) - _corr_logdet([xs, ys, zs]) - _corr_logdet([zs]))
-    return from_nats(torch.where(zero, torch.zeros_like(value), value), base)
+    if bool((xs == xs[:1]).all() | (ys == ys[:1]).all()):
+        return from_nats(torch.zeros((), dtype=torch.float64, device=xs.device), base)
+    c = _Corr({"x": xs, "y": ys, "z": zs}, ridge)
+    ld_z = c.regular("z")
+    value = 0.5 * (c.regular("x", "z") + c.regular("y", "z") - c.logdet("x", "y", "z")[0] - ld_z)
+    return from_nats(value, base)
 
 
 # ----------------------------------------------------------------------------- features

@@ -270,3 +270,48 @@ def test_constant_variable_gives_exact_zero():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------- singular covariances (issue 17, item 2)
+
+
+def test_gaussian_singular_covariances_raise_naming_the_cause():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(200, generator=g, dtype=torch.float64)
+    y = x + torch.randn(200, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x and z: .*singular.*linear function of z.*ridge"):
+        gaussian_cmi(x, y, x)  # used to return NaN
+    with pytest.raises(ValueError, match=r"z: .*singular.*collinear"):
+        gaussian_cmi(x, y, torch.stack([y, 3 * y - 1], 1))
+    with pytest.raises(ValueError, match=r"x: .*more dimensions \(10\) than samples minus one \(4\)"):
+        gaussian_mi(torch.randn(5, 10, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"y: .*collinear"):
+        gaussian_mi(x, torch.stack([y, -2 * y], 1))
+    with pytest.raises(ValueError, match="ridge"):
+        gaussian_mi(x, y, ridge=-1.0)
+    # an exact linear relation between non-singular X and Y is infinite information, not an error
+    assert gaussian_mi(x, 2 * x + 1).item() == math.inf
+    assert gaussian_cmi(x, 2 * x - y, y).item() == math.inf
+
+
+def test_gaussian_ridge_is_the_documented_regularised_value():
+    g = torch.Generator().manual_seed(8)
+    n, r = 300, 0.1
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    y = x + torch.randn(n, generator=g, dtype=torch.float64)
+    rho = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
+    assert gaussian_mi(x, y, ridge=r).item() == pytest.approx(
+        0.5 * (2 * math.log(1 + r) - math.log((1 + r) ** 2 - rho**2)), abs=1e-12
+    )
+    assert gaussian_mi(x, y, ridge=0.0).item() == pytest.approx(-0.5 * math.log(1 - rho**2), abs=1e-12)
+
+    def ld(*vs):
+        c = torch.corrcoef(torch.stack(vs)) + r * torch.eye(len(vs), dtype=torch.float64)
+        return torch.logdet(c).item()
+
+    # I(X; Y | X) with a ridge: finite, from the regularised correlation matrices
+    value = gaussian_cmi(x, y, x, ridge=r).item()
+    assert value == pytest.approx(0.5 * (ld(x, x) + ld(y, x) - ld(x, y, x) - ld(x)), abs=1e-12)
+    assert math.isfinite(value) and value >= 0
+    wide = torch.randn(5, 10, generator=g, dtype=torch.float64)
+    assert math.isfinite(gaussian_mi(wide, torch.randn(5, generator=g, dtype=torch.float64), ridge=r).item())
