@@ -1,11 +1,16 @@
 """Stage 2: train the allocator modules on top of a frozen VLM (``ARRCOCModule``).
 
 ```
-pixels ──vlm.encode_image──> [B, P+N, Dv] ──vlm.project──> [B, P+N, Dl] ─┐   (frozen, no grad)
-question ──vlm.query_embeddings──> [B, T, Dl] ───────────────────────────┴─ allocator  (trained)
-kept tokens [B, K, Dl] ──vlm.answer_logits──> [B, vocab]   (frozen; the gradient flows through)
+image ──host.encode_image──> [B, P+N, Dv] ──host.project──> [B, P+N, Dl] ─┐   (frozen, no grad)
+question ──host.query──> [B, T, Dl] ──────────────────────────────────────┴─ allocator  (trained)
+kept tokens [B, K, Dl] ──host.answer──> answer loss   (frozen; the gradient flows through)
 ```
 (``allocate_after_projection=False`` allocates among the ViT tokens and projects the kept ones.)
+
+The host (:mod:`arr_coc.training.hosts`) is the embedded base VLM (one-word answers), a
+``transformers`` LLaVA or a Qwen2-VL / Qwen2.5-VL model (multi-token answers of whole
+conversations, teacher forcing); only the allocator's parameters train, the host stays in
+eval mode without gradients.
 
 Loss = ``ce`` * answer cross-entropy (an upper bound on H(answer | tokens, question), so
 minimising it maximises a lower bound on I(tokens; answer)) + ``rate`` * the IB rate term +
@@ -270,8 +275,9 @@ class ARRCOCModule(L.LightningModule):
     """Trains an allocator on a frozen VLM (see the module docstring).
 
     Args:
-        vlm: the frozen base VLM (``encode_image``, ``query_embeddings``, ``project``,
-            ``answer_logits``, ``num_prefix_tokens``, ``grid``).
+        vlm: the frozen host: a :class:`~arr_coc.training.hosts.Host`, a ``BaseVLM``, a
+            ``transformers`` LLaVA or Qwen2-VL / Qwen2.5-VL model (wrapped by
+            :func:`~arr_coc.training.hosts.as_host`); ``self.vlm`` is its ``nn.Module``.
         allocator: any registered allocator (``arr_coc.allocators.create_allocator``).
         optimizer: a partial optimizer (``params`` left open), finished in
             ``configure_optimizers``.
@@ -323,7 +329,10 @@ class ARRCOCModule(L.LightningModule):
         # plain values only in the checkpoint's hyper-parameters (weights_only loading)
         self.save_hyperparameters(logger=False, ignore=["vlm", "allocator", "optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.vlm = vlm
+        from arr_coc.training.hosts import as_host
+
+        self.host = as_host(vlm)  # a plain object: the weights are registered once, as self.vlm
+        self.vlm = self.host.model
         self.vlm.requires_grad_(False)
         self.vlm.eval()
         self.allocator = allocator
@@ -355,10 +364,10 @@ class ARRCOCModule(L.LightningModule):
         if not any(is_lazy(p) for p in self.allocator.parameters()):
             return
         gen = torch.Generator().manual_seed(0)
-        p, (h, w) = int(self.vlm.num_prefix_tokens), self.grid
-        dim = self.vlm.llm_dim if self.allocate_after_projection else self.vlm.vision_dim
+        p, (h, w) = int(self.host.num_prefix_tokens), self.grid
+        dim = self.host.llm_dim if self.allocate_after_projection else self.host.vision_dim
         x = torch.randn(2, p + h * w, dim, generator=gen)
-        q = torch.randn(2, 3, self.vlm.llm_dim, generator=gen)
+        q = torch.randn(2, 3, self.host.llm_dim, generator=gen)
         was_training = self.allocator.training
         self.allocator.train()
         with torch.enable_grad():
@@ -379,57 +388,68 @@ class ARRCOCModule(L.LightningModule):
 
     @property
     def grid(self) -> tuple[int, int]:
-        g = self.vlm.grid
+        """The host's default candidate grid (a batch may report its own, see ``forward``)."""
+        g = self.host.grid
         return (int(g), int(g)) if isinstance(g, int) else (int(g[0]), int(g[1]))
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: Mapping[str, torch.Tensor], budget: int | torch.Tensor | None = None) -> dict[str, Any]:
-        """Run the pipeline on a batch; returns ``logits`` [B, vocab] and the allocation ``out``.
+        """Run the pipeline on a batch.
 
-        batch: ``pixels`` [B, 3, H, W], ``question_ids`` [B, T] long, ``question_mask`` [B, T] bool.
+        Returns ``answer`` (the host's :class:`~arr_coc.training.hosts.HostAnswer`: ``loss``,
+        ``correct`` [B], ``logits``), ``logits``, the allocation ``out``, the candidate
+        ``tokens`` [B, P+N, D], the ``query`` [B, T, Dl] and ``query_mask``, the batch's ``grid``.
+
+        batch: what the host reads; for the embedded base VLM ``pixels`` [B, 3, H, W],
+        ``question_ids`` [B, T] long, ``question_mask`` [B, T] bool, ``answer`` [B] long.
         """
         budget = self.budget if budget is None else budget
-        pixels, q_ids, q_mask = batch["pixels"], batch["question_ids"], batch["question_mask"]
-        p = int(self.vlm.num_prefix_tokens)
         with torch.no_grad():
-            vision_tokens = self.vlm.encode_image(pixels)  # [B, P+N, Dv]
-            tokens = self.vlm.project(vision_tokens) if self.allocate_after_projection else vision_tokens
-            query = self.vlm.query_embeddings(q_ids)  # [B, T, Dl]
+            enc = self.host.encode_image(batch)
+            vision_tokens, grid, p = enc.tokens, enc.grid, int(enc.num_prefix_tokens)  # [B, P+N, Dv]
+            tokens = self.host.project(vision_tokens) if self.allocate_after_projection else vision_tokens
+            query, q_mask = self.host.query(batch)  # [B, T, Dl], [B, T]
         out = self.allocator(
             tokens,
             query=query,
             query_mask=q_mask,
             budget=budget,
-            grid=self.grid,
+            grid=grid,
             num_prefix_tokens=p,
         )
         if self.allocate_after_projection:
             visual = out.tokens  # [B, K, Dl]
-            if self.repool_in_vision_space:
+            if self.repool_in_vision_space and self.host.pooled_in_vision_space:
                 fixed = repool_in_vision_space(
                     out.tokens.detach(), out.positions, out.mask, vision_tokens[:, p:], tokens[:, p:],
-                    self.grid, self.vlm.project,
+                    grid, self.host.project,
                 )
                 visual = visual + (fixed - visual.detach())  # the value of ViT-space pooling, the allocator's gradient
+            prefix = tokens[:, :p]
         else:
-            visual = self.vlm.project(out.tokens)  # [B, K, Dl]
-        logits = self.vlm.answer_logits(
-            visual, out.mask, out.positions if self.use_positions else None, q_ids, q_mask
-        )  # [B, vocab]
-        return {"logits": logits, "out": out, "tokens": tokens, "query": query}
+            visual = self.host.project(out.tokens)  # [B, K, Dl]
+            with torch.no_grad():
+                prefix = self.host.project(vision_tokens[:, :p]) if p else tokens[:, :0]
+        answer = self.host.answer(
+            visual, out.mask, out.positions if self.use_positions else None, batch, prefix=prefix
+        )
+        return {
+            "answer": answer, "logits": answer.logits, "out": out, "tokens": tokens,
+            "query": query, "query_mask": q_mask, "grid": grid, "num_prefix_tokens": p,
+        }
 
     def _loss(self, batch: Mapping[str, torch.Tensor], budget: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         res = self(batch, budget)
-        terms = {"ce": F.cross_entropy(res["logits"].float(), batch["answer"])}
+        terms = {"ce": res["answer"].loss}
         terms.update(
             allocator_loss_terms(
                 self.allocator,
                 res["out"],
                 tokens=res["tokens"],
                 query=res["query"],
-                query_mask=batch["question_mask"],
-                grid=self.grid,
-                num_prefix_tokens=int(self.vlm.num_prefix_tokens),
+                query_mask=res["query_mask"],
+                grid=res["grid"],
+                num_prefix_tokens=res["num_prefix_tokens"],
                 budget=int(budget),
                 rate=self.rate_kind,
                 rate_prior=self.rate_prior,
@@ -441,7 +461,7 @@ class ARRCOCModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         total, terms, res = self._loss(batch, self.budget)
-        b = batch["answer"].shape[0]
+        b = int(res["out"].mask.shape[0])
         for k, v in terms.items():
             self.log(f"train/{k}", v.detach(), batch_size=b)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=b)
@@ -457,24 +477,24 @@ class ARRCOCModule(L.LightningModule):
         t0 = time.perf_counter()
         total, terms, res = self._loss(batch, self.val_budget)
         dt = time.perf_counter() - t0
-        out, logits = res["out"], res["logits"]
-        b = batch["answer"].shape[0]
+        out = res["out"]
+        b = int(out.mask.shape[0])
         self._val_examples += b
         self._val_seconds += dt
-        correct = (logits.argmax(-1) == batch["answer"]).float()
+        correct = res["answer"].correct.float()
         self.log(f"{stage}/acc", correct.mean(), prog_bar=True, batch_size=b, sync_dist=True)
         self.log(f"{stage}/loss", total, batch_size=b, sync_dist=True)
         for k, v in terms.items():
             self.log(f"{stage}/{k}", v, batch_size=b, sync_dist=True)
         self.log(f"{stage}/tokens", out.mask.sum(1).float().mean(), batch_size=b, sync_dist=True)
         if "relevance" in batch:
-            rec = relevance_recall(out.positions, out.mask, batch["relevance"], self.grid)
+            rec = relevance_recall(out.positions, out.mask, batch["relevance"], res["grid"])
             ok = ~torch.isnan(rec)
             if ok.any():
                 self.log(f"{stage}/recall", rec[ok].mean(), batch_size=int(ok.sum()), sync_dist=True)
                 # the same, counting fine (level 0) tokens only: how much is seen at full detail
                 fine = out.mask & (out.positions[..., 2] == 0)
-                rec_fine = relevance_recall(out.positions, fine, batch["relevance"], self.grid)
+                rec_fine = relevance_recall(out.positions, fine, batch["relevance"], res["grid"])
                 self.log(f"{stage}/recall_fine", rec_fine[ok].mean(), batch_size=int(ok.sum()), sync_dist=True)
         if out.gain is not None:
             self.log(f"{stage}/mi_selected_query", out.gain.detach().float().mean(), batch_size=b, sync_dist=True)
@@ -507,6 +527,10 @@ class ARRCOCModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt), "interval": "epoch"}}
 
     # ------------------------------------------------------------------ checkpoints
+    def setup(self, stage: str) -> None:
+        # the frozen host's fingerprint, taken before a strategy (FSDP) shards its weights
+        self._frozen_fingerprint()
+
     def _frozen_fingerprint(self) -> list[float]:
         if self._vlm_fingerprint is None:
             self._vlm_fingerprint = module_fingerprint(self.vlm)
