@@ -140,6 +140,7 @@ class Allocator(nn.Module):
     ``ignores_budget`` - the method keeps every token whatever the budget (``full``);
     ``permutation_equivariant`` - the choice looks only at token content, so permuting the
                          patch tokens permutes the choice (not true of spatial methods);
+    ``reads_host``     - the method reads host signals (``host=``) when a host is given;
     ``in_llm``         - the method prunes inside the LLM: a host that can run the LLM layer
                          by layer calls its ``prune`` between layers (``host.answer_in_llm``);
                          called as a plain allocator it uses its documented fallback.
@@ -150,6 +151,7 @@ class Allocator(nn.Module):
     fixed_budget: bool = True
     ignores_budget: bool = False
     permutation_equivariant: bool = False
+    reads_host: bool = False
     in_llm: bool = False
 
     def select(self, ctx: AllocationContext) -> Selection:  # pragma: no cover - abstract

@@ -3,24 +3,42 @@
 VisionZip (Yang et al., CVPR 2025) splits the budget K into ``K_d`` dominant and ``K_c``
 contextual tokens (54 + 10 of 64, 108 + 20 of 128, 162 + 30 of 192 in the paper; here
 ``K_c = round(K * contextual_ratio)`` with ``contextual_ratio = 10 / 64``, which reproduces
-all three):
+all three). The released code (github dvlab-research/VisionZip, ``visionzip/clip_encoder.py``
+``CLIPVisionTower_VisionZip.forward`` and ``utils.py``), transcribed in the tests:
 
-1. dominant: the ``K_d`` patches with the highest [CLS] attention (our own attention, see
-   :func:`arr_coc.token_scores.cls_attention_scores`; mean patch token when there is no
-   prefix), kept unchanged;
+1. dominant: the ``K_d`` patches with the highest [CLS] attention of the penultimate vision
+   block (``attentions[-2][:, :, 0, 1:]`` summed over heads), kept unchanged;
 2. contextual: of the remaining ``R = N - K_d`` patches, taken in raster order, every
-   ``floor(R / K_c)``-th one (the first ``K_c`` of them) becomes a target; every other
-   remaining patch joins the target it is most similar to (cosine similarity of the tokens;
-   the paper uses the attention keys, which we do not have), and each target becomes one
-   token for its group.
+   ``max(1, R // K_c)``-th one (the first ``K_c`` of them) becomes a target; every other
+   remaining patch joins the target whose *attention key* (layer -2's keys averaged over
+   heads, ``raw_key_states.mean(1)``, L2-normalised) is most similar, and each target
+   becomes one token for its group.
 
-``merge`` decides that token: ``"mean"`` (default) the plain average of the group (the
-target and the patches assigned to it), as the paper describes; ``"released"`` the target
-plus the mean of the patches assigned to it, as the authors' released code computes it.
+With a host (:class:`arr_coc.allocators.host.HostSignals`) both signals come from it:
+``host.vision_attention(layer)`` and ``host.vision_keys(layer)`` (default ``layer=-2``).
+
+``merge`` decides the contextual token: ``"released"`` (default) the target plus the mean
+of the patches assigned to it, as the released code computes it (``target_hidden +
+aggregated_hidden``); ``"mean"`` the plain average of the group (the target and its
+patches), as the paper's text describes.
 
 A contextual token is reported at its target patch's index and position. Step 2 uses the
 raster order of the patches, so this method is spatial: permuting the patch tokens does not
 simply permute its choice.
+
+What still departs from the paper:
+
+- the released code also keeps the [CLS] token for the LLM; our contract never gives the
+  prefix to the LLM, so the whole budget goes to patches;
+- the released code merges layer -2's hidden states before the projector; we merge the
+  tokens we are given (the base VLM's last-layer features after the projector), so a merged
+  token is a mean of projected tokens, not the projection of a mean;
+- without a host (``host=None``) the [CLS] attention is recomputed from the output tokens
+  (:func:`arr_coc.token_scores.cls_attention_scores`, mean patch token when P = 0) and the
+  groups are formed by token cosine similarity instead of key similarity;
+  ``extras["signal"]`` says ``"recomputed"`` instead of ``"host"``;
+- with a host but no [CLS] (P = 0) the attention each patch receives, averaged over all
+  queries, ranks the patches.
 """
 
 from __future__ import annotations
@@ -29,6 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from arr_coc.allocators.base import AllocationContext, Allocator, Selection, topk_indices
+from arr_coc.allocators.cls_attention import host_cls_attention
+from arr_coc.allocators.host import request_signal
 from arr_coc.allocators.registry import register_allocator
 from arr_coc.token_scores import cls_attention_scores, working_dtype
 
@@ -41,13 +61,17 @@ class VisionZipAllocator(Allocator):
 
     Args:
         contextual_ratio: share of the budget spent on contextual (merged) tokens, in [0, 1].
-        merge: ``"mean"`` or ``"released"`` (see the module docstring).
-        num_heads: heads of the [CLS] attention (must divide D).
+        merge: ``"released"`` or ``"mean"`` (see the module docstring).
+        layer: the vision block whose attention and keys are read from the host (-2).
+        num_heads: heads of the fallback [CLS] attention without a host (must divide D).
     """
 
     fixed_budget = True
+    reads_host = True
 
-    def __init__(self, *, contextual_ratio: float = 10 / 64, merge: str = "mean", num_heads: int = 1):
+    def __init__(
+        self, *, contextual_ratio: float = 10 / 64, merge: str = "released", layer: int = -2, num_heads: int = 1
+    ):
         super().__init__()
         if not 0.0 <= contextual_ratio <= 1.0:
             raise ValueError(f"contextual_ratio: expected a value in [0, 1], got {contextual_ratio!r}")
@@ -55,6 +79,7 @@ class VisionZipAllocator(Allocator):
             raise ValueError(f"merge: expected 'mean' or 'released', got {merge!r}")
         self.contextual_ratio = contextual_ratio
         self.merge = merge
+        self.layer = layer
         self.num_heads = num_heads
 
     def split_budget(self, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +92,17 @@ class VisionZipAllocator(Allocator):
         fine = ctx.fine
         b, n, d = fine.shape
         x = fine.to(working_dtype(fine))
-        scores = cls_attention_scores(ctx.prefix, fine, num_heads=self.num_heads)  # [B, N]
+        p = ctx.prefix.shape[1]
+        if ctx.host is not None:
+            scores = host_cls_attention(ctx.host, self.layer, p, n, requester="visionzip", reduce="sum")  # [B, N]
+            keys = request_signal(ctx.host, "vision_keys", self.layer, requester="visionzip")  # [B, P+N, Dk]
+            if keys.dim() != 3 or keys.shape[:2] != (b, p + n):
+                raise ValueError(f"host: vision_keys({self.layer}) must be [B={b}, {p + n}, Dk], got {tuple(keys.shape)}")
+            metric = keys[:, p:].to(x.dtype)
+            signal = "host"
+        else:
+            scores = cls_attention_scores(ctx.prefix, fine, num_heads=self.num_heads)  # [B, N]
+            metric, signal = x, "recomputed"
         n_dom, n_ctx = self.split_budget(ctx.budget)
         dominant = topk_indices(scores, n_dom)  # [B, Kd], -1 padded
         is_dom = torch.zeros(b, n + 1, dtype=torch.bool, device=fine.device)
@@ -81,8 +116,8 @@ class VisionZipAllocator(Allocator):
         # the targets in raster order, [B, Kc] (-1 padded)
         contextual = topk_indices(is_target.to(x.dtype) - torch.arange(n, device=fine.device) / (2 * n), n_ctx)
         # assign each remaining patch to its most similar target (a target to itself)
-        xn = F.normalize(x, dim=-1, eps=1e-8)
-        xt = xn.gather(1, contextual.clamp(min=0)[..., None].expand(-1, -1, d))  # [B, Kc, D]
+        xn = F.normalize(metric, dim=-1, eps=1e-8)
+        xt = xn.gather(1, contextual.clamp(min=0)[..., None].expand(-1, -1, xn.shape[-1]))  # [B, Kc, Dk]
         sim = (xn @ xt.transpose(1, 2)).masked_fill((contextual < 0)[:, None, :], float("-inf"))  # [B, N, Kc]
         if contextual.shape[1]:
             owner = contextual.clamp(min=0).gather(1, sim.argmax(dim=2))  # [B, N]
@@ -105,6 +140,6 @@ class VisionZipAllocator(Allocator):
         return Selection(
             indices=indices,
             tokens=tokens,
-            extras={"scores": scores, "dominant": dominant, "contextual": contextual,
+            extras={"scores": scores, "signal": signal, "dominant": dominant, "contextual": contextual,
                     "contextual_sizes": torch.where(contextual >= 0, group_sizes, torch.zeros_like(group_sizes))},
         )

@@ -258,7 +258,7 @@ def test_bipartite_round_matches_a_reference():
 def test_visionzip_keeps_top_attention_tokens_and_merges_the_rest():
     g = torch.Generator().manual_seed(16)
     tokens = torch.randn(2, 1 + 100, 8, generator=g, dtype=torch.float64)
-    vz = create_allocator("visionzip")
+    vz = create_allocator("visionzip", merge="mean")
     assert [t.tolist() for t in vz.split_budget(torch.tensor([64, 128, 192, 1]))] == [[54, 108, 162, 1], [10, 20, 30, 0]]
     out = vz(tokens, budget=torch.tensor([64, 20]), grid=(10, 10), num_prefix_tokens=1)
     scores = cls_attention_scores(tokens[:, :1], tokens[:, 1:])
@@ -282,8 +282,8 @@ def test_visionzip_keeps_top_attention_tokens_and_merges_the_rest():
             want = x[groups[i]].mean(0) if i in groups else x[i]
             np.testing.assert_allclose(out.tokens[b, pos].numpy(), want, rtol=1e-10)
         assert out.extras["contextual_sizes"][b].sum().item() == len(rest)
-    # the released code's merge: target + mean of the other members of its group
-    released = create_allocator("visionzip", merge="released")(tokens, budget=20, grid=(10, 10), num_prefix_tokens=1)
+    # the released code's merge (the default): target + mean of the other members of its group
+    released = create_allocator("visionzip")(tokens, budget=20, grid=(10, 10), num_prefix_tokens=1)
     x = tokens[1, 1:].numpy()
     s = np_cos(x)
     dominant = set(out.extras["dominant"][1][:17].tolist())

@@ -30,7 +30,7 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], der
 # non-default configurations that change the code path, checked against the same contract
 VARIANTS = {
     "pool[mode=pyramid]": ("pool", {"mode": "pyramid"}),
-    "visionzip[merge=released]": ("visionzip", {"merge": "released"}),
+    "visionzip[merge=mean]": ("visionzip", {"merge": "mean"}),
     "cdpruner[theta=0.5]": ("cdpruner", {"theta": 0.5}),
     "cdpruner[negate_relevance]": ("cdpruner", {"negate_relevance": True}),
     "cls_attention[num_heads=2]": ("cls_attention", {"num_heads": 2}),

@@ -1,0 +1,168 @@
+"""Each host-reading baseline against a transcription of its released code, on shared inputs.
+
+The ``released_*`` functions below are transcriptions of the authors' code (repository and
+function named in each), reduced to the tensors they read; they are deliberately written
+the way the release writes them (loops, batch-wide ops), not the way our allocators do.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arr_coc.allocators import create_allocator
+from arr_coc.allocators.host import SignalUnavailable
+from arr_coc.training.base_host import BaseVLMHost
+from tests.allocators._tiny import tiny_batch, tiny_vlm
+
+
+class StubHost:
+    """A host whose signals are given tensors (``None``: the signal is missing)."""
+
+    def __init__(self, attention=None, keys=None, text=None, text_mask=None, patches=None):
+        self.attention, self.keys = attention, keys
+        self.text, self.text_mask, self.patches = text, text_mask, patches
+        self.asked = []
+
+    def vision_attention(self, layer):
+        self.asked.append(("vision_attention", layer))
+        if self.attention is None:
+            raise SignalUnavailable("host: no 'vision_attention'")
+        return self.attention[layer]
+
+    def vision_keys(self, layer):
+        self.asked.append(("vision_keys", layer))
+        if self.keys is None:
+            raise SignalUnavailable("host: no 'vision_keys'")
+        return self.keys[layer]
+
+    def text_features(self):
+        if self.text is None:
+            raise SignalUnavailable("host: no 'text_features'")
+        return self.text, self.text_mask
+
+    def patch_features(self):
+        if self.patches is None:
+            raise SignalUnavailable("host: no 'patch_features'")
+        return self.patches
+
+
+def random_attention(g, b, h, n, layers=3):
+    """{layer: [B, H, n, n] softmax rows} for layers -layers..-1 (and their positive names)."""
+    att = {}
+    for i in range(layers):
+        a = torch.softmax(3 * torch.randn(b, h, n, n, generator=g, dtype=torch.float64), dim=-1)
+        att[i] = att[i - layers] = a
+    return att
+
+
+def kept(out, row):
+    return sorted(out.indices[row][out.mask[row]].tolist())
+
+
+# ---------------------------------------------------------------------------- FasterVLM
+def released_fastervlm(attentions, select_layer, visual_token_num):
+    """github Theia-4869/FasterVLM: clip_encoder.feature_select + llava_arch.encode_images."""
+    image_attentions = attentions[select_layer]
+    image_attentions = image_attentions[:, :, 0, 1:]
+    image_attentions = image_attentions.mean(dim=1)  # (B, N)
+    token_indices = torch.topk(image_attentions, k=visual_token_num, dim=1)[1]  # (B, T)
+    return token_indices
+
+
+def test_cls_attention_reads_the_towers_cls_attention_at_layer_minus_2():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 1 + 25, 8, generator=g, dtype=torch.float64)
+    att = random_attention(g, 2, 3, 26)
+    host = StubHost(attention=att)
+    out = create_allocator("cls_attention")(tokens, budget=6, grid=(5, 5), num_prefix_tokens=1, host=host)
+    want = released_fastervlm(att, -2, 6)
+    for b in range(2):
+        assert kept(out, b) == sorted(want[b].tolist())
+    assert host.asked == [("vision_attention", -2)] and out.extras["signal"] == "host"
+    # no host: the documented recomputation, labelled as such
+    assert create_allocator("cls_attention")(tokens, budget=6, grid=(5, 5), num_prefix_tokens=1).extras["signal"] == "recomputed"
+    with pytest.raises(ValueError, match="vision_attention"):
+        create_allocator("cls_attention")(tokens, budget=6, grid=(5, 5), num_prefix_tokens=1, host=StubHost())
+    with pytest.raises(ValueError, match="vision_attention"):  # wrong token count
+        create_allocator("cls_attention")(tokens[:, 1:], budget=6, grid=(5, 5), num_prefix_tokens=0, host=StubHost(
+            attention={-2: att[-2][:, :, :, :20]}))
+
+
+@torch.no_grad()
+def test_cls_attention_with_the_base_vlm_host():
+    vlm = tiny_vlm()
+    pixels, ids, mask = tiny_batch(vlm)
+    vision = vlm.encode_image(pixels)
+    host = BaseVLMHost(vlm, pixels, vision, ids, mask)
+    out = create_allocator("cls_attention")(vlm.project(vision), budget=5, grid=vlm.grid, num_prefix_tokens=1, host=host)
+    want = released_fastervlm({-2: host.vision_attention(-2)}, -2, 5)
+    for b in range(3):
+        assert kept(out, b) == sorted(want[b].tolist())
+
+
+# ---------------------------------------------------------------------------- VisionZip
+def released_visionzip(attn_weights, hidden_states, metric, dominant_num, contextual_num):
+    """github dvlab-research/VisionZip, visionzip/clip_encoder.py, CLIPVisionTower_VisionZip.forward
+    (after the tower ran): attn_weights = attentions[-2], hidden_states = hidden_states[-2],
+    metric = layers[-2].metric (keys averaged over heads). Returns (all_indices, tokens)."""
+    cls_idx = 0
+    cls_attention = attn_weights[:, :, cls_idx, cls_idx + 1 :]
+    cls_attention_sum = cls_attention.sum(dim=1)
+    topk_indices = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros((hidden_states.shape[0], 1), dtype=topk_indices.dtype), topk_indices], dim=1)
+    mask = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
+    dominant_tokens = hidden_states.masked_select(~mask.unsqueeze(-1)).view(hidden_states.shape[0], dominant_num + 1, hidden_states.shape[2])
+    metric_filtered = metric[mask].view(hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), metric.shape[2])
+    hidden_states_filtered = hidden_states.masked_select(mask.unsqueeze(-1)).view(
+        hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), hidden_states.shape[2])
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[1] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+    target_tokens = metric_normalized[:, target_indices, :]
+    tokens_to_merge = metric_normalized[:, ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices), :]
+    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+    assign_one_hot = torch.zeros(tokens_to_merge.shape[0], tokens_to_merge.shape[1], contextual_num, dtype=hidden_states_filtered.dtype)
+    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    hidden_to_merge = hidden_states_filtered[:, ~torch.isin(torch.arange(hidden_states_filtered.shape[1]), target_indices), :]
+    aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_to_merge) / counts
+    target_hidden = hidden_states_filtered[:, target_indices, :]
+    contextual_tokens = target_hidden + aggregated_hidden
+    # (the release also returns the [CLS] among the dominant tokens; the contract never passes it on)
+    return all_indices, dominant_tokens, contextual_tokens, mask
+
+
+@pytest.mark.parametrize("budget", [20, 64])
+def test_visionzip_matches_the_released_code(budget):
+    g = torch.Generator().manual_seed(1)
+    n = 100
+    hidden = torch.randn(2, 1 + n, 8, generator=g, dtype=torch.float64)
+    keys = torch.randn(2, 1 + n, 4, generator=g, dtype=torch.float64)
+    att = random_attention(g, 2, 3, 1 + n)
+    host = StubHost(attention=att, keys={-2: keys, 1: keys})
+    vz = create_allocator("visionzip")
+    kd, kc = (int(x[0]) for x in vz.split_budget(torch.tensor([budget])))
+    out = vz(hidden, budget=budget, grid=(10, 10), num_prefix_tokens=1, host=host)
+    all_idx, dom_tok, ctx_tok, rest_mask = released_visionzip(att[-2], hidden, keys, kd, kc)
+    for b in range(2):
+        dominant = sorted((all_idx[b, 1:] - 1).tolist())
+        assert sorted(out.extras["dominant"][b].tolist()) == dominant
+        targets = sorted(out.extras["contextual"][b].tolist())
+        # the released targets, mapped back from the filtered order to patch indices
+        remaining = [i - 1 for i in range(1, n + 1) if rest_mask[b, i]]
+        step = max(1, len(remaining) // kc)
+        assert targets == remaining[::step][:kc]
+        for i in range(int(out.mask[b].sum())):
+            idx = int(out.indices[b, i])
+            if idx in targets:
+                want = ctx_tok[b, targets.index(idx)]
+            else:
+                want = hidden[b, 1 + idx]
+            torch.testing.assert_close(out.tokens[b, i], want, rtol=1e-12, atol=1e-12)
+        # the released dominant tokens (after its [CLS]) are ours, in the same (raster) order
+        is_dom = torch.tensor([int(i) in dominant for i in out.indices[b]])
+        torch.testing.assert_close(out.tokens[b][is_dom], dom_tok[b, 1:])
+    assert out.extras["signal"] == "host" and ("vision_keys", -2) in host.asked
+    with pytest.raises(ValueError, match="vision_keys"):
+        vz(hidden, budget=budget, grid=(10, 10), num_prefix_tokens=1, host=StubHost(attention=att))
