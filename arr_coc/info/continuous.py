@@ -22,12 +22,17 @@ Preprocessing of the k-NN MI estimators (``ksg_mi``, ``ksg_cmi``, ``mi_features`
    determines the original one, so the population MI is unchanged (data processing both
    ways); on discrete data the estimate approaches the plug-in discrete MI. Coordinates without
    ties are left untouched, so continuous data give the exact KSG estimate. The noise is
-   seeded by ``seed`` and by the variable's own values, so ``ksg_mi(x, y) == ksg_mi(y, x)``
-   and ``mi_features(X, y)[j] == ksg_mi(X[:, j], y)``. ``jitter=0`` disables it.
+   seeded by ``seed`` and by a hash of the variable's own values (never by the order of the
+   samples), so different variables get independent noise - a monotone function of a tied
+   variable (``x + 10``, ``x ** 3``) is not given comonotone noise, which would inflate the
+   MI several-fold - identical variables are told apart by their position among the
+   arguments, ``ksg_mi(x, y) == ksg_mi(y, x)`` and ``mi_features(X, y)[j] == ksg_mi(X[:, j], y)``.
+   ``jitter=0`` disables it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -69,23 +74,26 @@ def _standardize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(const, torch.zeros_like(centred), centred / safe), const
 
 
-def _fingerprint(order: torch.Tensor, ties: torch.Tensor) -> int:
-    """A 61-bit integer summarising a sample's order (its stable argsort, ``[n, d]``) and where
-    its ties are (``[n - 1, d]`` bool). Seeds the tie-breaking noise. Neither changes under a
-    monotone rounding of the values, so a column gets the same noise whether it was
-    standardized alone (``ksg_mi``) or beside others (``mi_features``)."""
-    P = (1 << 31) - 1
-    w = (torch.arange(order.numel(), device=order.device) % 65521 + 1).view(order.shape)
-    h = ((order + 1) * w % P).sum() + 7919 * (ties.long() * w[:-1] % P).sum()
-    return int(h) % (1 << 61)
+def _value_key(raw: torch.Tensor) -> int:
+    """A 63-bit hash of a variable's values (``[n, d]``, as float64 bits; ``-0.0`` counts as
+    ``0.0``). Seeds its tie-breaking noise: two variables get independent noise unless their
+    values are identical, and a column gets the same noise whether it is passed alone
+    (``ksg_mi``) or beside others (``mi_features``)."""
+    v = (raw.detach().to(torch.float64) + 0.0).contiguous().cpu().numpy()
+    digest = hashlib.blake2b(v.tobytes(), digest_size=8, person=b"arr_coc-ties").digest()
+    return int.from_bytes(digest, "little") >> 1 ^ (v.shape[1] << 40)
 
 
-def _break_ties(v: torch.Tensor, jitter: float, seed: int, salt: int = 0) -> torch.Tensor:
+def _break_ties(v: torch.Tensor, raw: torch.Tensor, jitter: float, seed: int, salt: int = 0) -> torch.Tensor:
     """Add ``U(-a, a)`` noise, ``a = jitter * (smallest gap between distinct values)``, to the
-    columns of ``v [n, d]`` that hold repeated values (constant columns are left alone)."""
+    columns of ``v [n, d]`` (the standardized ``raw [n, d]``) that hold repeated values
+    (constant columns are left alone). The noise is seeded by ``seed``, by the hash of ``raw``
+    and by ``salt`` (which tells identical variables apart), never by the order of the samples:
+    a monotone function of a tied variable must not receive comonotone noise, which would make
+    the pair look far more dependent than it is."""
     if jitter == 0 or v.shape[0] < 2:
         return v
-    s, order = torch.sort(v, dim=0, stable=True)
+    s = torch.sort(v, dim=0).values
     gaps = s[1:] - s[:-1]
     tied = (gaps == 0).any(dim=0)
     pos = torch.where(gaps > 0, gaps, torch.full_like(gaps, math.inf)).amin(dim=0)
@@ -93,7 +101,7 @@ def _break_ties(v: torch.Tensor, jitter: float, seed: int, salt: int = 0) -> tor
     if not bool(need.any()):
         return v
     g = torch.Generator(device=v.device)
-    g.manual_seed((seed * 1_000_003 + _fingerprint(order, gaps == 0) + salt) % (1 << 63))
+    g.manual_seed((seed * 1_000_003 + _value_key(raw) + 7919 * salt) % (1 << 63))
     u = torch.rand(v.shape, generator=g, device=v.device, dtype=v.dtype) * 2 - 1
     amp = torch.where(need, jitter * pos, torch.zeros_like(pos))
     return v + u * amp
@@ -113,8 +121,9 @@ def _prepare_vars(named: dict[str, torch.Tensor], jitter: float, seed: int) -> t
         consts.append(const)
     if jitter:
         # identical variables get independent noise: the salt counts the identical ones before
+        raws = list(named.values())
         out = [
-            _break_ties(z, jitter, seed, sum(p.shape == z.shape and torch.equal(p, z) for p in out[:i]))
+            _break_ties(z, raws[i], jitter, seed, sum(p.shape == raws[i].shape and torch.equal(p, raws[i]) for p in raws[:i]))
             for i, z in enumerate(out)
         ]
     return out, consts
@@ -402,7 +411,7 @@ def mi_features(
     Xz, const = _standardize(Xs)
     if discrete_target:
         if jitter and _any_ties(Xz):
-            Xz = torch.stack([_break_ties(Xz[:, j : j + 1], jitter, seed)[:, 0] for j in range(F)], dim=1)
+            Xz = torch.stack([_break_ties(Xz[:, j : j + 1], Xs[:, j : j + 1], jitter, seed)[:, 0] for j in range(F)], dim=1)
         labels = check_integer_samples("y", y, n=n)[:, 0]
         value = _ross(Xz, labels, k)
         zero = const | (labels == labels[0]).all()
@@ -410,12 +419,16 @@ def mi_features(
         ys = check_samples("y", y, n=n)
         (yz,), (cy,) = _prepare_vars({"y": ys}, 0, seed)
         if jitter:
-            yz = _break_ties(yz, jitter, seed)
+            yz = _break_ties(yz, ys, jitter, seed)
         xb = Xz.T.contiguous()  # [F, n]
         nx, ny, tied = ksg_counts_2d(xb, yz[:, 0], k)
         if jitter and bool(tied.any()):  # the search sorts every column anyway: de-tie those with ties, count again
             redo = tied.nonzero().squeeze(1).tolist()
-            xt = torch.stack([_break_ties(Xz[:, j : j + 1], jitter, seed)[:, 0] for j in redo])
+            # a column identical to y gets the second noise stream (as the second of two identical
+            # variables does in ksg_mi; KSG is symmetric in x and y, so the values agree exactly)
+            xt = torch.stack(
+                [_break_ties(Xz[:, j : j + 1], Xs[:, j : j + 1], jitter, seed, int(torch.equal(Xs[:, j : j + 1], ys)))[:, 0] for j in redo]
+            )
             nx[redo], ny[redo], _ = ksg_counts_2d(xt, yz[:, 0], k)
         value = _ksg1(nx, ny, k, n)
         zero = const | cy.all()
