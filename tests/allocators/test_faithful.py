@@ -166,3 +166,80 @@ def test_visionzip_matches_the_released_code(budget):
     assert out.extras["signal"] == "host" and ("vision_keys", -2) in host.asked
     with pytest.raises(ValueError, match="vision_keys"):
         vz(hidden, budget=budget, grid=(10, 10), num_prefix_tokens=1, host=StubHost(attention=att))
+
+
+# ---------------------------------------------------------------------------- FastV
+def released_fastv(vlm, visual, question_ids, fastv_k, keep_n):
+    """github pkunlp-icler/FastV, modeling_llama.py LlamaModel.forward (the layer_idx == FASTV_k
+    branch, batch size 1), with transformers' own LlamaModel running the layers: all layers on
+    the full sequence for the attention of layer K-1 and the input of layer K, then a copy of
+    the model holding layers K.. on the kept tokens."""
+    import copy
+
+    inputs, attn, pos = vlm.llm_inputs(visual, None, None, question_ids, None)
+    full = vlm.llm.model(inputs_embeds=inputs, attention_mask=attn, position_ids=pos,
+                         output_attentions=True, output_hidden_states=True, use_cache=False)
+    image_start, image_len, seq_len = 0, visual.shape[1], inputs.shape[1]
+    last_layer_attention = full.attentions[fastv_k - 1]
+    last_layer_attention_avg = torch.mean(last_layer_attention, dim=1)[0]
+    last_layer_attention_avg_last_tok = last_layer_attention_avg[-1]
+    last_layer_attention_avg_last_tok_image = last_layer_attention_avg_last_tok[image_start:image_start + image_len]
+    top_attention_rank_index = last_layer_attention_avg_last_tok_image.topk(keep_n).indices + image_start
+    keep_indexs = torch.cat((torch.arange(image_start), top_attention_rank_index, torch.arange(image_start + image_len, seq_len)))
+    keep_indexs = keep_indexs.sort().values
+    hidden_states = full.hidden_states[fastv_k][:, keep_indexs, :]
+    position_ids = pos[:, keep_indexs]  # the release: keep_indexs (its position ids are sequence indices)
+    tail = copy.deepcopy(vlm.llm.model)
+    tail.layers = torch.nn.ModuleList(list(tail.layers)[fastv_k:])
+    tail.config.num_hidden_layers = len(tail.layers)
+    out = tail(inputs_embeds=hidden_states, attention_mask=torch.ones(1, hidden_states.shape[1], dtype=torch.long),
+               position_ids=position_ids, use_cache=False)
+    return vlm.llm.lm_head(out.last_hidden_state[:, -1]), sorted(top_attention_rank_index.tolist())
+
+
+@pytest.fixture(scope="module")
+def llm_setup():
+    vlm = tiny_vlm()
+    pixels, ids, mask = tiny_batch(vlm)
+    with torch.no_grad():
+        vision = vlm.encode_image(pixels)
+    return vlm, pixels, vision, ids, mask
+
+
+@pytest.mark.parametrize("fastv_k,keep_n", [(2, 5), (1, 9), (3, 1)])
+@torch.no_grad()
+def test_fastv_matches_the_released_code(llm_setup, fastv_k, keep_n):
+    vlm, pixels, vision, ids, mask = llm_setup
+    host = BaseVLMHost(vlm, pixels, vision, ids, mask)
+    visual = vlm.project(vision[:, 1:])
+    fastv = create_allocator("fastv", k=fastv_k)
+    got, trace = host.answer_in_llm(fastv, visual, None, None, ids, mask, keep_n, return_trace=True)
+    for b in (0, 2):  # unpadded questions
+        want, top = released_fastv(vlm, visual[b : b + 1], ids[b : b + 1], fastv_k, keep_n)
+        assert sorted(trace.kept[b][trace.mask[b]].tolist()) == top
+        torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
+    # the padded row is answered as if alone
+    alone = BaseVLMHost(vlm, pixels[1:2], vision[1:2], ids[1:2, :3], mask[1:2, :3])
+    torch.testing.assert_close(
+        alone.answer_in_llm(fastv, visual[1:2], None, None, ids[1:2, :3], mask[1:2, :3], keep_n), got[1:2], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_fastv_budget_semantics_and_fallback(llm_setup):
+    vlm, pixels, vision, ids, mask = llm_setup
+    host = BaseVLMHost(vlm, pixels, vision, ids, mask)
+    visual = vlm.project(vision[:, 1:])
+    fastv = create_allocator("fastv")
+    assert fastv.in_llm and fastv.prune_layers(4) == (1,)
+    # a budget of every token keeps every token: the plain answer
+    torch.testing.assert_close(host.answer_in_llm(fastv, visual, None, None, ids, mask, 16),
+                               vlm.answer_logits(visual, None, None, ids, mask), rtol=1e-5, atol=1e-5)
+    _, trace = host.answer_in_llm(fastv, visual, None, None, ids, mask, torch.tensor([3, 7, 0]), return_trace=True)
+    assert trace.mask.sum(1).tolist() == [3, 7, 0] and trace.counts[0].tolist() == [3, 7, 0]
+    with pytest.raises(ValueError, match="k="):
+        host.answer_in_llm(create_allocator("fastv", k=4), visual, None, None, ids, mask, 3)
+    # as a plain allocator: fastv_like's proxy, flagged
+    out = fastv(vlm.project(vision), query=vlm.query_embeddings(ids), query_mask=mask, budget=4, grid=vlm.grid, num_prefix_tokens=1)
+    ref = create_allocator("fastv_like")(vlm.project(vision), query=vlm.query_embeddings(ids), query_mask=mask, budget=4,
+                                         grid=vlm.grid, num_prefix_tokens=1)
+    assert torch.equal(out.indices, ref.indices) and out.extras["in_llm"] is False
