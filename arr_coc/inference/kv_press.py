@@ -68,14 +68,32 @@ def cmi_keep_indices(
              H a multiple of Hkv (grouped-query attention: head h reads KV head h // (H / Hkv)).
     n_kept:  entries to keep per head, 1 <= n_kept <= L.
 
-    Returns [B, Hkv, n_kept] long, sorted ascending. When ``n_kept <= w`` only the latest
-    ``n_kept`` positions of the window are kept.
+    Returns [B, Hkv, n_kept] long, sorted ascending, every entry a valid position in [0, L)
+    (NaN or inf keys / queries are a ValueError, never a -1 index). When ``n_kept <= w`` only
+    the latest ``n_kept`` positions of the window are kept. The picks do not depend on the
+    common scale of the keys and queries (cosine: per-vector scale-free; rbf: the bandwidth
+    follows the data), so each (row, KV head) is divided by its peak magnitude first: keys
+    near the float32 limits pick what their rescaled copies pick.
     """
-    if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
-        raise ValueError(f"keys: expected a [B, Hkv, L, d] tensor, got {getattr(keys, 'shape', type(keys))}")
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or min(keys.shape) < 1:
+        raise ValueError(f"keys: expected a non-empty [B, Hkv, L, d] tensor, got {getattr(keys, 'shape', type(keys))}")
+    if not keys.is_floating_point():
+        raise ValueError(f"keys: expected a floating-point tensor, got {keys.dtype}")
     b, hkv, length, d = keys.shape
-    if not isinstance(queries, torch.Tensor) or queries.dim() != 4 or queries.shape[0] != b or queries.shape[3] != d:
+    if not isinstance(queries, torch.Tensor) or queries.dim() != 4 or queries.shape[0] != b or queries.shape[3] != d or min(queries.shape) < 1:
         raise ValueError(f"queries: expected a [B={b}, H, w, d={d}] tensor, got {getattr(queries, 'shape', type(queries))}")
+    if not queries.is_floating_point():
+        raise ValueError(f"queries: expected a floating-point tensor, got {queries.dtype}")
+    if not torch.isfinite(keys).all():
+        raise ValueError("keys: expected finite values, found NaN or inf")
+    if not torch.isfinite(queries).all():
+        raise ValueError("queries: expected finite values, found NaN or inf")
+    if not isinstance(per_head, bool):
+        raise ValueError(f"per_head: expected a bool, got {per_head!r}")
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha: expected a float in [0, 1], got {alpha!r}")
     h, w = queries.shape[1], queries.shape[2]
     if h % hkv:
         raise ValueError(f"queries: the number of query heads ({h}) must be a multiple of the KV heads ({hkv})")
@@ -91,16 +109,22 @@ def cmi_keep_indices(
         return idx.expand(b, hkv, n_kept).clone()
     m = length - w
     budget = n_kept - w
-    cand = keys[:, :, :m].float()
-    q = queries.float()
+    cand = keys[:, :, :m].double()
+    q = queries.double()
     if per_head:
         cand_emb = rearrange(cand, "b k m d -> (b k) m d")
         query_emb = rearrange(q, "b (k g) w d -> (b k) (g w) d", k=hkv)
     else:
         cand_emb = cand.mean(dim=1)
         query_emb = rearrange(q, "b h w d -> b (h w) d")
+    # one positive scale per greedy problem: exact (see docstring), and no overflow below
+    peak = torch.maximum(cand_emb.abs().amax(dim=(1, 2)), query_emb.abs().amax(dim=(1, 2)))
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))[:, None, None]
+    cand_emb, query_emb = (cand_emb / peak).float(), (query_emb / peak).float()
     res = greedy_conditional_mi(cand_emb, query_emb, None, budget, alpha=alpha, kernel=kernel, check_finite=False)
     picks = res.indices  # price 0: the budget is always spent, no -1 entries
+    if (picks < 0).any():  # a guard on the invariant above, never a silent -1 position
+        raise ValueError("keys: the greedy stopped before spending its budget (degenerate keys)")
     if per_head:
         picks = rearrange(picks, "(b k) n -> b k n", k=hkv)
     else:

@@ -97,8 +97,17 @@ class MIRouter:
         self.max_batch_size = max_batch_size
 
     def __call__(self, batch: Mapping[str, torch.Tensor], scores: torch.Tensor) -> RoutedOutput:
+        """Route and serve R >= 1 requests.
+
+        The two paths must return the same trailing shape on the same device; their dtypes
+        may differ (the outputs take ``torch.promote_types`` of all of them, e.g. float16 and
+        float32 -> float32). No requests (R = 0) is a ValueError: the outputs' trailing shape
+        would be unknown without calling a path on an empty batch.
+        """
         scores = _check_scores(scores)
         r = scores.shape[0]
+        if r == 0:
+            raise ValueError("scores: expected at least one request (R >= 1), got R = 0")
         if not isinstance(batch, Mapping) or not batch:
             raise ValueError("batch: expected a non-empty mapping of [R, ...] tensors")
         for k, v in batch.items():
@@ -106,15 +115,29 @@ class MIRouter:
                 raise ValueError(f"batch: entry {k!r} must be a tensor with R={r} rows, got {getattr(v, 'shape', type(v))}")
         full = route(scores, self.threshold)
         plan = plan_batches(full, self.max_batch_size)
-        outputs: torch.Tensor | None = None
         seconds = {FULL: 0.0, COMPRESSED: 0.0}
+        results: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         for path, rows in plan:
             t0 = time.perf_counter()
             out = self.paths[path]({k: v[rows] for k, v in batch.items()})
             seconds[path] += time.perf_counter() - t0
-            if not isinstance(out, torch.Tensor) or out.shape[0] != len(rows):
+            if not isinstance(out, torch.Tensor) or out.ndim < 1 or out.shape[0] != len(rows):
                 raise ValueError(f"{path}_path: expected a tensor with {len(rows)} rows, got {getattr(out, 'shape', type(out))}")
-            if outputs is None:
-                outputs = out.new_zeros((r, *out.shape[1:]))
-            outputs[rows] = out
+            if results:
+                first_path, _, first = results[0]
+                if out.shape[1:] != first.shape[1:]:
+                    raise ValueError(
+                        f"{path}_path: returned rows of shape {tuple(out.shape[1:])}, but {first_path}_path "
+                        f"returned {tuple(first.shape[1:])}: both paths must return the same per-request shape"
+                    )
+                if out.device != first.device:
+                    raise ValueError(f"{path}_path: returned a tensor on {out.device}, but {first_path}_path on {first.device}")
+            results.append((path, rows, out))
+        dtype = results[0][2].dtype
+        for _, _, out in results[1:]:
+            dtype = torch.promote_types(dtype, out.dtype)
+        first = results[0][2]
+        outputs = torch.zeros((r, *first.shape[1:]), dtype=dtype, device=first.device)
+        for _, rows, out in results:
+            outputs[rows.to(first.device)] = out.to(dtype)
         return RoutedOutput(outputs=outputs, full=full, batches=plan, seconds=seconds)

@@ -192,3 +192,39 @@ def test_runs_in_kvpress_pipeline():
     assert len(seen) == 4  # two calls x two layers, prefill only
     length = seen[0][0]
     assert seen[:2] == [(length, length)] * 2 and seen[2:] == [(length, compute_n_kept(length, 0.5))] * 2
+
+
+@pytest.mark.parametrize("where", ["keys", "queries"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_keep_indices_refuse_non_finite_input(where, bad):
+    # a NaN key used to come back as -1 positions, which gather reads as the last entry
+    g = torch.Generator().manual_seed(0)
+    keys, queries = torch.randn(1, 2, 12, 4, generator=g), torch.randn(1, 4, 3, 4, generator=g)
+    (keys if where == "keys" else queries)[0, 1, 2, 0] = bad
+    with pytest.raises(ValueError, match=where):
+        cmi_keep_indices(keys, queries, 6, window_size=3)
+
+
+@pytest.mark.parametrize("kernel", ["cosine", "rbf"])
+@pytest.mark.parametrize("scale", [2.0**100, 2.0**-100])
+def test_keep_indices_are_scale_free_and_valid(kernel, scale):
+    # rbf on keys near the float32 limits used to overflow into -1 positions; a power-of-two
+    # scale is exact in float32, so the picks must be identical, not only close
+    g = torch.Generator().manual_seed(1)
+    keys, queries = torch.randn(2, 2, 16, 4, generator=g), torch.randn(2, 4, 3, 4, generator=g)
+    ref = cmi_keep_indices(keys, queries, 8, window_size=3, kernel=kernel)
+    got = cmi_keep_indices(keys * scale, queries * scale, 8, window_size=3, kernel=kernel)
+    assert ((got >= 0) & (got < 16)).all()
+    assert torch.equal(got, ref)
+
+
+def test_keep_indices_bad_options():
+    keys, queries = torch.randn(1, 2, 12, 4), torch.randn(1, 4, 3, 4)
+    with pytest.raises(ValueError, match="alpha"):
+        cmi_keep_indices(keys, queries, 6, window_size=3, alpha=float("nan"))
+    with pytest.raises(ValueError, match="kernel"):
+        cmi_keep_indices(keys, queries, 6, window_size=3, kernel="dot")
+    with pytest.raises(ValueError, match="keys"):
+        cmi_keep_indices(keys.long(), queries, 6, window_size=3)
+    with pytest.raises(ValueError, match="keys"):
+        cmi_keep_indices(keys[:, :, :, :0], queries[..., :0], 6, window_size=3)

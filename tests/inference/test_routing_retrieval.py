@@ -88,6 +88,29 @@ def test_router_bad_input():
         MIRouter(lambda b: b["x"][:1], f, threshold=0.0)({"x": torch.zeros(3, 1)}, torch.ones(3))
 
 
+def test_router_promotes_dtypes_across_paths():
+    # a float64 compressed path beside a float32 full path used to crash in index_put
+    x = torch.arange(6.0)[:, None]
+    scores = torch.tensor([0.9, 0.1, 0.8, 0.2, 0.7, 0.0])
+    res = MIRouter(lambda b: b["x"] * 2, lambda b: (b["x"] / 3).double(), threshold=0.5, max_batch_size=2)({"x": x}, scores)
+    assert res.outputs.dtype == torch.float64
+    want = torch.where(scores[:, None] >= 0.5, (x * 2).double(), (x / 3).double())
+    assert torch.equal(res.outputs, want)  # the compressed rows keep their float64 values exactly
+    # int and half outputs promote to float16 without losing the ints
+    res = MIRouter(lambda b: b["x"].long(), lambda b: b["x"].half(), threshold=0.5)({"x": x}, scores)
+    assert res.outputs.dtype == torch.float16 and torch.equal(res.outputs, x.half())
+
+
+def test_router_refuses_mismatched_shapes_and_no_requests():
+    x = torch.arange(4.0)[:, None]
+    scores = torch.tensor([0.9, 0.1, 0.8, 0.2])
+    with pytest.raises(ValueError, match="compressed_path"):
+        MIRouter(lambda b: b["x"], lambda b: b["x"].repeat(1, 2), threshold=0.5)({"x": x}, scores)
+    # no requests: a ValueError, not outputs=None
+    with pytest.raises(ValueError, match="scores"):
+        MIRouter(lambda b: b["x"], lambda b: b["x"], threshold=0.5)({"x": x[:0]}, scores[:0])
+
+
 # ------------------------------------------------------------------ retrieval
 @pytest.mark.parametrize("chunk", [3, 64, 10_000])
 def test_topk_equals_brute_force(chunk):
