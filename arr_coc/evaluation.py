@@ -251,7 +251,17 @@ def run_allocation(
     encoded: _Encoded | None = None,
     generator: torch.Generator | None = None,
 ) -> AllocationResult:
-    """One batch through ``allocator`` (or :data:`ORACLE`) at ``budget`` and the frozen VLM."""
+    """One batch through ``allocator`` (or :data:`ORACLE`) at ``budget`` and the frozen VLM.
+
+    Allocators that read host signals (``reads_host``) get a
+    :class:`arr_coc.training.base_host.BaseVLMHost` of the batch as ``host=``. In-LLM
+    allocators (``in_llm``: FastV, SparseVLM) do not choose before the LLM: the host runs the
+    LLM with them pruning between layers (``host.answer_in_llm``); the result then reports the
+    visual tokens the last layers saw (positions, mask) for the recall metrics, and
+    ``seconds`` covers that whole LLM forward, pruning included. For host-reading
+    allocators ``seconds`` includes computing the signals they ask for (the vision signals
+    cost one more ViT forward with hooks).
+    """
     from arr_coc.training.module import repool_in_vision_space
 
     enc = encoded if encoded is not None else _encode(vlm, batch)
@@ -269,8 +279,25 @@ def run_allocation(
         visual = fine.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, fine.shape[-1])) * mask[..., None]
         logits = vlm.answer_logits(visual, mask, pos, q_ids, q_mask)
         return AllocationResult(logits, pos, mask, seconds, fits=fits)
+    in_llm = bool(getattr(allocator, "in_llm", False))
+    host = None
+    if in_llm or getattr(allocator, "reads_host", False):
+        from arr_coc.training.base_host import BaseVLMHost
+
+        host = BaseVLMHost(vlm, batch.get("pixels"), enc.vision, q_ids, q_mask)
     t0 = time.perf_counter()
-    out = allocator(enc.projected, query=enc.query, query_mask=q_mask, budget=int(budget), grid=grid, num_prefix_tokens=p)
+    if in_llm:
+        fine = enc.projected[:, p:]
+        logits, trace = host.answer_in_llm(allocator, fine, None, None, q_ids, q_mask, int(budget), return_trace=True)
+        seconds = time.perf_counter() - t0
+        fine_pos = vlm.fine_positions(fine.shape[0], fine.device)  # [B, N, 3]
+        positions = fine_pos.gather(1, trace.kept.clamp(min=0)[..., None].expand(-1, -1, 3))
+        positions = torch.where(trace.mask[..., None], positions, torch.full_like(positions, -1))
+        return AllocationResult(logits, positions, trace.mask, seconds)
+    kwargs = {"host": host} if host is not None else {}
+    out = allocator(
+        enc.projected, query=enc.query, query_mask=q_mask, budget=int(budget), grid=grid, num_prefix_tokens=p, **kwargs
+    )
     seconds = time.perf_counter() - t0
     visual = repool_in_vision_space(
         out.tokens, out.positions, out.mask, enc.vision[:, p:], enc.projected[:, p:], grid, vlm.project

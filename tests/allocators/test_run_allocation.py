@@ -1,0 +1,38 @@
+"""``evaluation.run_allocation`` hands host-reading allocators a host and runs in-LLM ones inside the LLM."""
+
+from __future__ import annotations
+
+import torch
+
+from arr_coc.allocators import create_allocator
+from arr_coc.evaluation import run_allocation
+from arr_coc.training.base_host import BaseVLMHost
+from tests.allocators._tiny import tiny_batch, tiny_vlm
+
+
+@torch.no_grad()
+def test_run_allocation_with_a_host_and_in_llm():
+    vlm = tiny_vlm()
+    pixels, ids, mask = tiny_batch(vlm)
+    batch = {"pixels": pixels, "question_ids": ids, "question_mask": mask}
+    vision = vlm.encode_image(pixels)
+    host = BaseVLMHost(vlm, pixels, vision, ids, mask)
+    # in-LLM: the host's answer, and the kept tokens' positions
+    fastv = create_allocator("fastv").eval()
+    res = run_allocation(vlm, fastv, batch, 5)
+    want, trace = host.answer_in_llm(fastv, vlm.project(vision[:, 1:]), None, None, ids, mask, 5, return_trace=True)
+    torch.testing.assert_close(res.logits, want)
+    assert res.mask.sum(1).tolist() == [5, 5, 5]
+    fine_pos = vlm.fine_positions(3)
+    for b in range(3):
+        kept = trace.kept[b][trace.mask[b]]
+        assert torch.equal(res.positions[b][res.mask[b]], fine_pos[b, kept])
+    # host-reading: the allocator sees the host (its choice is the tower's [CLS] attention top-k)
+    res = run_allocation(vlm, create_allocator("cls_attention").eval(), batch, 4)
+    assert res.out.extras["signal"] == "host"
+    top = host.vision_attention(-2)[:, :, 0, 1:].mean(1).topk(4).indices
+    for b in range(3):
+        assert sorted(res.out.indices[b].tolist()) == sorted(top[b].tolist())
+    # allocators that read no host signal are called as before
+    res = run_allocation(vlm, create_allocator("pool").eval(), batch, 4)
+    assert res.mask.sum(1).tolist() == [4, 4, 4]
