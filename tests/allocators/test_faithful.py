@@ -243,3 +243,56 @@ def test_fastv_budget_semantics_and_fallback(llm_setup):
     ref = create_allocator("fastv_like")(vlm.project(vision), query=vlm.query_embeddings(ids), query_mask=mask, budget=4,
                                          grid=vlm.grid, num_prefix_tokens=1)
     assert torch.equal(out.indices, ref.indices) and out.extras["in_llm"] is False
+
+
+# ---------------------------------------------------------------------------- ToMe
+def released_tome_round(metric, x, r):
+    """github facebookresearch/ToMe, tome/merge.py: bipartite_soft_matching (no class token)
+    and merge_wavg, one round. Returns {patch each output token started as: (token, size)}."""
+    t = metric.shape[1]
+    r = min(r, t // 2)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx = edge_idx[..., r:, :]
+    src_idx = edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+
+    def merge(x, mode="mean"):
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        return torch.cat([unm, dst], dim=1)
+
+    size = torch.ones_like(x[..., 0, None])
+    x = merge(x * size, mode="sum")
+    size = merge(size, mode="sum")
+    x = x / size
+    origin = torch.cat([2 * unm_idx[..., 0], 2 * torch.arange(t // 2)[None].expand(x.shape[0], -1) + 1], 1)
+    return [{int(o): (x[bb, i], float(size[bb, i, 0])) for i, o in enumerate(origin[bb])} for bb in range(x.shape[0])]
+
+
+@pytest.mark.parametrize("n,budget", [(16, 9), (15, 8), (16, 8)])
+def test_tome_matches_the_released_round_on_host_keys(n, budget):
+    g = torch.Generator().manual_seed(n + budget)
+    tokens = torch.randn(2, 1 + n, 6, generator=g, dtype=torch.float64)
+    keys = torch.randn(2, 1 + n, 4, generator=g, dtype=torch.float64)
+    host = StubHost(keys={-1: keys})
+    out = create_allocator("tome")(tokens, budget=budget, grid=(1, n), num_prefix_tokens=1, host=host)
+    assert out.extras["signal"] == "host" and host.asked == [("vision_keys", -1)]
+    want = released_tome_round(keys[:, 1:], tokens[:, 1:], n - budget)
+    for b in range(2):
+        assert sorted(want[b]) == kept(out, b)
+        for i in range(budget):
+            tok, size = want[b][int(out.indices[b, i])]
+            torch.testing.assert_close(out.tokens[b, i], tok)
+            assert out.extras["sizes"][b, i].item() == size
+    # matching on keys, not on the tokens: the same tokens with other keys merge differently
+    plain = create_allocator("tome")(tokens, budget=budget, grid=(1, n), num_prefix_tokens=1)
+    assert plain.extras["signal"] == "tokens"
+    want_plain = released_tome_round(tokens[:, 1:], tokens[:, 1:], n - budget)
+    assert all(sorted(want_plain[b]) == kept(plain, b) for b in range(2))
