@@ -235,10 +235,16 @@ def test_clip_perfect_alignment_approaches_zero_loss_and_saturates():
     expected = -100 + math.log(math.exp(100) + 7)
     assert float(out["loss"].detach()) == pytest.approx(expected, abs=1e-12)
     assert bool(out["saturated"]) and float(out["mi_lower_bound"]) == pytest.approx(math.log(8), abs=1e-12)
-    # float32 at the cap: exp(100) overflows float32 (max ~ exp(88.7)); the loss must not.
-    out32 = ClipLoss(init_logit_scale=math.log(100.0))(e.float(), e.float())
+    # float32 at the cap: exp(100) overflows float32 (max ~ exp(88.7)); neither the loss nor
+    # its gradient may, and both match float64
+    e64 = e.clone().requires_grad_(True)
+    ClipLoss(init_logit_scale=math.log(100.0)).double()(e64, e64)["loss"].backward()
+    e32 = e.float().requires_grad_(True)
+    out32 = ClipLoss(init_logit_scale=math.log(100.0))(e32, e32)
     assert float(out32["loss"].detach()) == pytest.approx(expected, abs=1e-5)
-    assert torch.isinf(torch.exp(torch.tensor(100.0)))  # what a direct softmax would hit
+    out32["loss"].backward()
+    assert torch.isfinite(e32.grad).all()
+    torch.testing.assert_close(e32.grad.double(), e64.grad, atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- SigLIP

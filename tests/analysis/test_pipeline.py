@@ -1,4 +1,5 @@
-"""Stage planning against brute force, the bubble formula, and gradient SNR scaling."""
+"""Stage planning against brute force, the bubble fraction against a simulated schedule, and
+gradient SNR scaling."""
 
 import itertools
 
@@ -11,13 +12,64 @@ from torch import nn
 from arr_coc.analysis import bubble_fraction, gradient_snr, per_example_gradients, plan_stages
 
 
-def test_bubble_fraction_values():
-    assert bubble_fraction(1, 8) == 0.0
-    assert bubble_fraction(4, 1) == pytest.approx(3 / 4)
-    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)
-    # more micro-batches always shrink the bubble
-    fr = [bubble_fraction(4, m) for m in (1, 2, 4, 8, 16, 32)]
-    assert fr == sorted(fr, reverse=True)
+def simulate_pipeline(num_stages, num_microbatches, order, t_fwd=1, t_bwd=1):
+    """Idle fraction of a simulated flushed pipeline: a timeline, not the formula.
+
+    Every stage runs its own ordered task list (forward F_j, backward B_j of micro-batch j),
+    each task as soon as its dependency is done and the stage is free; F_j on stage s needs
+    F_j on s - 1, B_j on s needs B_j on s + 1 (the last stage: its own F_j). GPipe: all
+    forwards, then all backwards. 1F1B (PipeDream-Flush): S - s - 1 warm-up forwards, then
+    one forward / one backward alternately, then the remaining backwards. Idle = stage-time
+    slots in [0, makespan) that run nothing.
+    """
+    s_count, m = num_stages, num_microbatches
+
+    def tasks(s):
+        if order == "gpipe":
+            return [("F", j) for j in range(m)] + [("B", j) for j in range(m)]
+        warm = min(s_count - s - 1, m)
+        seq, f, b = [("F", j) for j in range(warm)], warm, 0
+        while b < m:
+            if f < m:
+                seq.append(("F", f))
+                f += 1
+            seq.append(("B", b))
+            b += 1
+        return seq
+
+    lists = [tasks(s) for s in range(s_count)]
+    pos, free, busy, end = [0] * s_count, [0] * s_count, [0] * s_count, {}
+    remaining = sum(map(len, lists))
+    while remaining:
+        progressed = False
+        for s in range(s_count):
+            if pos[s] == len(lists[s]):
+                continue
+            kind, j = lists[s][pos[s]]
+            if kind == "F":
+                dep = end.get(("F", s - 1, j)) if s > 0 else 0
+            else:
+                dep = end.get(("B", s + 1, j)) if s < s_count - 1 else end.get(("F", s, j))
+            if dep is None:
+                continue
+            dur = t_fwd if kind == "F" else t_bwd
+            end[(kind, s, j)] = free[s] = max(dep, free[s]) + dur
+            busy[s] += dur
+            pos[s] += 1
+            remaining -= 1
+            progressed = True
+        assert progressed, "deadlocked schedule"
+    makespan = max(free)
+    return (s_count * makespan - sum(busy)) / (s_count * makespan)
+
+
+@pytest.mark.parametrize("order", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("t_bwd", [1, 2])
+def test_bubble_fraction_matches_a_simulated_schedule(order, t_bwd):
+    for stages in (1, 2, 3, 4, 7):
+        for micro in (1, 2, 3, 5, 8, 16):
+            simulated = simulate_pipeline(stages, micro, order, t_fwd=1, t_bwd=t_bwd)
+            assert bubble_fraction(stages, micro) == pytest.approx(simulated, abs=1e-12), (stages, micro)
 
 
 def brute_force(compute, nbytes, s, tol):
