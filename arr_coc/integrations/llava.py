@@ -25,8 +25,13 @@ What happens on each call (public methods of the host model only, no patching):
    prefix (``cls_attention``-style methods may use them) and, with ``keep_prefix=True``
    (default), always given to the language model first in the image run, as the model
    was trained; they do not count against the budget.
-4. The query is the input embedding of every real (attended), non-image token of the
-   prompt, in order, with a mask (``query [B, T, D]``, ``query_mask [B, T]``).
+4. The query is the input embedding of the **user's question** (``query [B, T, D]``,
+   ``query_mask [B, T]``): with ``processor=`` given to :func:`wrap`, the tokens the
+   chat template leaves for the user's last question (no system prompt, role headers,
+   image placeholders or generation prompt; :class:`~arr_coc.integrations.query.QuestionFinder`).
+   ``query=`` chooses otherwise: ``"prompt"`` (every real non-image token, the rule
+   without a processor, with a warning), a ``QuestionFinder``, or a callable
+   ``(input_ids, attention_mask) -> [B, L] bool``; a per-call ``query_mask=`` [B, L] wins.
 5. Budget: per image, an int or one value per prompt (``[B]`` tensor or list), applied
    to every image of that prompt. ``budget >= N`` keeps every patch (the allocator
    contract); adaptive allocators may keep fewer.
@@ -73,6 +78,7 @@ from arr_coc.integrations._common import (
     splice_runs,
     text_query,
 )
+from arr_coc.integrations.query import resolve_query_mask, resolve_query_mode
 
 __all__ = ["LlavaAllocation", "ProjectorHook", "ShortenedInputs", "hook_projector", "wrap"]
 
@@ -148,6 +154,8 @@ class LlavaAllocation:
         keep_prefix: bool = True,
         padding_side: str | None = None,
         allocator_dtype: torch.dtype | None = torch.float32,
+        query: Any = None,
+        processor: Any = None,
     ) -> None:
         for attr in ("get_input_embeddings", "get_image_features", "generate", "config"):
             if not hasattr(model, attr):
@@ -177,6 +185,7 @@ class LlavaAllocation:
         self.keep_prefix = keep_prefix
         self.padding_side = padding_side
         self.allocator_dtype = allocator_dtype
+        self.query_mode = resolve_query_mode(query, processor)
 
     # ------------------------------------------------------------------ access
     @property
@@ -261,12 +270,14 @@ class LlavaAllocation:
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
     ) -> ShortenedInputs:
         """Vision, allocation and the shortened sequence, without calling the language model.
 
         input_ids [B, L], attention_mask [B, L] or None, pixel_values [I, C, H, W] or None
         (I images in reading order), labels [B, L] or None; ``budget`` overrides the one
-        given to :func:`wrap` for this call.
+        given to :func:`wrap` for this call; ``query_mask`` [B, L] bool over ``input_ids``
+        names the query tokens for this call (default: the ``query`` rule of :func:`wrap`).
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else input_ids
@@ -306,7 +317,8 @@ class LlavaAllocation:
             grid, prefix = self._layout(pixel_values, n_feat)
             positions, rows = image_runs(image_mask, n_feat, num_images)  # [I, P + N], [I]
             text_mask = real & ~image_mask
-            query, query_mask = text_query(embeds, text_mask)  # [B, T, D], [B, T]
+            qmask = resolve_query_mask(self.query_mode, input_ids, attention_mask, text_mask, explicit=query_mask)
+            query, query_mask = text_query(embeds, qmask)  # [B, T, D], [B, T]
             adt = self.allocator_dtype or feats.dtype
             allocation = self.allocator(
                 feats.to(adt),
@@ -361,6 +373,7 @@ class LlavaAllocation:
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """The host model's forward on the shortened sequence; logits are ``[B, L', V]``.
@@ -379,6 +392,7 @@ class LlavaAllocation:
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
             image_sizes=image_sizes,
+            query_mask=query_mask,
         )
         if s.labels is not None:
             kwargs["labels"] = s.labels
@@ -396,6 +410,7 @@ class LlavaAllocation:
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
         **generation_kwargs: Any,
     ) -> Any:
         """The host model's ``generate`` from the shortened prompt.
@@ -428,6 +443,7 @@ class LlavaAllocation:
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
                 image_sizes=image_sizes,
+                query_mask=query_mask,
             )
         out = self._model.generate(
             input_ids=s.input_ids,
@@ -456,7 +472,8 @@ def wrap(
     """Put ``allocator`` (an instance or a registered name) between projector and LLM.
 
     ``budget``: image tokens per image, an int or one per prompt. ``options``: ``grid``,
-    ``num_prefix_tokens``, ``keep_prefix``, ``padding_side``, ``allocator_dtype`` (see
+    ``num_prefix_tokens``, ``keep_prefix``, ``padding_side``, ``allocator_dtype``,
+    ``query`` and ``processor`` (the query rule, see the module docstring; see
     :class:`LlavaAllocation`). The model is not modified; ``unwrap()`` returns it.
     """
     return LlavaAllocation(model, allocator, budget, **options)

@@ -20,8 +20,10 @@ What happens, per batch (all through public methods of the model):
    token at grid cell ``(r, c)`` gets ``(s, s + r, s + c)`` where ``s`` is the position after
    the preceding text, and the text after an image continues at ``s + max(h/m, w/m)``.
 3. The allocator runs on each image's merged tokens on its merged grid ``(h/m, w/m)`` with
-   zero prefix tokens and the prompt's own text embeddings as the query
-   (:func:`arr_coc.integrations._common.text_query`). The allocator contract is batched
+   zero prefix tokens and the input embeddings of the user's question as the query (with
+   ``processor=``: the tokens the chat template leaves for the user's last question,
+   :class:`~arr_coc.integrations.query.QuestionFinder`; ``query=`` / ``query_mask=``
+   choose otherwise, see :func:`wrap`). The allocator contract is batched
    over examples of one grid, so images are **grouped by merged grid** (images of different
    sizes run in separate allocator calls, images of the same size share one); each image has
    its own budget.
@@ -74,6 +76,7 @@ from arr_coc.integrations._common import (
     infer_padding_side,
     text_query,
 )
+from arr_coc.integrations.query import resolve_query_mask, resolve_query_mode
 
 __all__ = ["SUPPORTED_MODELS", "QwenVLAllocation", "QwenVLOutput", "QwenVLPrepared", "normalize_image_budget", "wrap"]
 
@@ -253,8 +256,10 @@ class QwenVLAllocation:
     processor's inputs; ``budget=`` on a call overrides the default of :func:`wrap`.
     """
 
-    def __init__(self, model: nn.Module, allocator: Allocator | str, budget=None):
+    def __init__(self, model: nn.Module, allocator: Allocator | str, budget=None, *, query: Any = None,
+                 processor: Any = None):
         self.family = _family(model)
+        self.query_mode = resolve_query_mode(query, processor)
         if isinstance(allocator, str):
             allocator = create_allocator(allocator)
         if not callable(allocator):
@@ -337,6 +342,7 @@ class QwenVLAllocation:
         *,
         budget=None,
         padding_side: str | None = None,
+        query_mask: torch.Tensor | None = None,
         **extra: Any,
     ) -> QwenVLPrepared:
         """Run the vision tower and the allocator; build the shortened language-model input.
@@ -344,7 +350,9 @@ class QwenVLAllocation:
         input_ids [B, L], attention_mask [B, L], pixel_values [sum_i t_i h_i w_i, C * tp * p * p],
         image_grid_thw [I, 3] (patch grid of each image), mm_token_type_ids [B, L] (optional;
         checked against the image placeholders, not needed by this transformers version).
-        ``padding_side`` of the result: by default that of the input.
+        ``padding_side`` of the result: by default that of the input. ``query_mask`` [B, L]
+        bool over ``input_ids``: the query tokens of this call (default: the ``query`` rule
+        given to :func:`wrap`).
         """
         attention_mask = self._check_inputs(input_ids, attention_mask, extra)
         bad = sorted(k for k, v in extra.items() if v is not None)
@@ -398,7 +406,8 @@ class QwenVLAllocation:
         sizes = torch.tensor([f.shape[0] for f in feats], dtype=torch.long, device=device)
         budgets = normalize_image_budget(self.budget if budget is None else budget, sizes)
         text_mask = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(self.special_ids, device=device))
-        query, query_mask = text_query(embeds, text_mask)
+        qmask = resolve_query_mask(self.query_mode, input_ids, attention_mask, text_mask, explicit=query_mask)
+        query, query_mask = text_query(embeds, qmask)
 
         # allocation, one call per merged grid
         grids = [(int(h) // self.merge, int(w) // self.merge) for _, h, w in grid_thw.tolist()]
@@ -498,6 +507,7 @@ class QwenVLAllocation:
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         budget=None,
+        query_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> QwenVLOutput:
         """Prefill the shortened sequence. Returns :class:`QwenVLOutput` (logits [B, L', V]).
@@ -508,7 +518,8 @@ class QwenVLAllocation:
         """
         extra = {k: kwargs.pop(k) for k in _NOT_ACCEPTED if k in kwargs}
         prep = self.prepare(
-            input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, budget=budget, **extra
+            input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, budget=budget,
+            query_mask=query_mask, **extra
         )
         lm = self.model.get_decoder()
         out = lm(
@@ -547,6 +558,7 @@ class QwenVLAllocation:
         mm_token_type_ids: torch.Tensor | None = None,
         *,
         budget=None,
+        query_mask: torch.Tensor | None = None,
         **generation_kwargs: Any,
     ):
         """``model.generate`` on the shortened prompt; returns ``input_ids`` + new tokens.
@@ -563,7 +575,7 @@ class QwenVLAllocation:
         extra = {k: generation_kwargs.pop(k) for k in _NOT_ACCEPTED if k in generation_kwargs}
         prep = self.prepare(
             input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, budget=budget,
-            padding_side="left", **extra,
+            padding_side="left", query_mask=query_mask, **extra,
         )
         pos4 = torch.cat([prep.text_position_ids()[None], prep.position_ids], dim=0)  # [4, B, L']
         gen_inputs: dict[str, Any] = {
@@ -610,7 +622,9 @@ class QwenVLAllocation:
         return out.past_key_values
 
 
-def wrap(model: nn.Module, allocator: Allocator | str, *, budget=None) -> QwenVLAllocation:
+def wrap(
+    model: nn.Module, allocator: Allocator | str, *, budget=None, query: Any = None, processor: Any = None
+) -> QwenVLAllocation:
     """Put ``allocator`` between the vision tower and the language model of a Qwen-VL model.
 
     model:     ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
@@ -618,5 +632,11 @@ def wrap(model: nn.Module, allocator: Allocator | str, *, budget=None) -> QwenVL
     allocator: an :class:`~arr_coc.allocators.base.Allocator` or a registered name.
     budget:    merged visual tokens per image: ``None`` (all), an int cap, a fraction in
                (0, 1], or one int per image (``image_grid_thw`` order). Calls may override it.
+    query:     which prompt tokens form the query: ``"question"`` (default when ``processor``
+               is given: the user's last question, found from the chat template), ``"prompt"``
+               (every real text token; the default, with a warning, without a processor), a
+               :class:`~arr_coc.integrations.query.QuestionFinder` or a callable
+               ``(input_ids, attention_mask) -> [B, L] bool``. A per-call ``query_mask=`` wins.
+    processor: the model's processor (or its tokenizer with the chat template).
     """
-    return QwenVLAllocation(model, allocator, budget)
+    return QwenVLAllocation(model, allocator, budget, query=query, processor=processor)

@@ -528,3 +528,51 @@ def test_image_runs_and_splice():
     out, keep = splice_runs(emb, torch.ones(2, 6, dtype=torch.bool), pos, rows, tok, tmask)
     assert out[..., 0].tolist() == [[0, 8, 0, 9, 0, 0], [0, 0, 0, 0, 0, 0]]
     assert keep.tolist() == [[True, True, False, True, False, True], [True, True, True, False, False, True]]
+
+
+# --------------------------------------------------------------------------- question-only query
+class RecordingFull(Allocator):
+    """Keeps everything and records the query it was given."""
+
+    ignores_budget = True
+
+    def forward(self, patch_tokens, query=None, query_mask=None, budget=64, grid=None, num_prefix_tokens=0, **kw):
+        self.seen = (query, query_mask)
+        return create_allocator("full")(patch_tokens, query, query_mask, budget, grid, num_prefix_tokens)
+
+
+@torch.no_grad()
+def test_the_query_is_the_question_only(model):
+    from arr_coc.integrations.query import QuestionFinder
+
+    header, closer = [11, 12], [13, 14]  # "USER:" ... "ASSISTANT:" of a toy template
+    q0, q1 = [30, 31, 32], [40, 41]
+    rows = [[1, 50, 51] + header + [IMG] * N + [7] + q0 + closer,  # system text, image, "\n", question
+            header + q1 + closer]  # text only
+    length = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (length - len(r)) + r for r in rows])
+    mask = (torch.arange(length)[None] >= torch.tensor([length - len(r) for r in rows])[:, None]).long()
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(1, 3, 48, 48)}
+    finder = QuestionFinder(headers=(tuple(header),), closer=tuple(closer), turn_end=(), image_token_id=IMG,
+                            image_suffix=(7,), skip_ids=frozenset({1, IMG}))
+    rec = RecordingFull()
+    table = model.get_input_embeddings().weight
+    ref = llava.wrap(model, "full", query="prompt")(**inputs).logits
+    out = llava.wrap(model, rec, query=finder)(**inputs).logits
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)  # the query changes nothing for `full`
+    query, qmask = rec.seen  # one image, of prompt 0
+    assert qmask.tolist() == [[True, True, True]]
+    torch.testing.assert_close(query[0], table[q0])
+    # an explicit per-call mask wins; a callable works like a finder
+    explicit = torch.zeros_like(mask, dtype=torch.bool)
+    explicit[0, -2:] = True
+    llava.wrap(model, rec, query=finder)(**inputs, query_mask=explicit)
+    torch.testing.assert_close(rec.seen[0][0], table[closer])
+    llava.wrap(model, rec, query=lambda i, m: (i == 50) | (i == 51)).generate(**inputs, max_new_tokens=1)
+    torch.testing.assert_close(rec.seen[0][0], table[[50, 51]])
+    with pytest.warns(UserWarning, match="processor"):
+        llava.wrap(model, "full")
+    with pytest.raises(ValueError, match="processor"):
+        llava.wrap(model, "full", query="question")
+    with pytest.raises(ValueError, match="query_mask"):
+        llava.wrap(model, rec, query=finder)(**inputs, query_mask=explicit[:, 1:])

@@ -461,3 +461,28 @@ def test_gradients_reach_the_vision_tower():
         assert all(g is not None and g.abs().sum() > 0 for g in grads)
     finally:
         model.zero_grad(set_to_none=True)
+
+
+def test_the_query_is_the_question_only():
+    from arr_coc.integrations.query import QuestionFinder
+
+    model = _model("qwen2_vl")
+    inputs = _batch()  # rows: [5, 6, VS, image, VE, 7, 8, 9] and [5, VS, image, VE, 7, 8, 9, 10, 11]
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, tokens, query=None, query_mask=None, **kw):
+            seen.append((query, query_mask))
+            return create_allocator("full")(tokens, query, query_mask, **kw)
+
+    finder = QuestionFinder(headers=((5,),), closer=(9,), turn_end=(), image_token_id=IMG, image_prefix=(VS,),
+                            image_suffix=(VE,), skip_ids=frozenset({VS, VE, IMG}))
+    with torch.no_grad():
+        ref = wrap(model, "full", query="prompt")(**inputs).logits
+        out = wrap(model, Recording(), query=finder)(**inputs).logits
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    table = model.get_input_embeddings().weight
+    (q0, m0), (q1, m1) = seen  # one allocator call per image size, in grid order: image 0, then image 1
+    assert m0.tolist() == [[True, True, True]] and m1.tolist() == [[True, True, False]]
+    torch.testing.assert_close(q0[0], table[[6, 7, 8]])  # after the header 5, without VS / image / VE
+    torch.testing.assert_close(q1[0, :2], table[[7, 8]])  # 10, 11 follow the closer 9
