@@ -36,12 +36,15 @@ the query's twin), and conditioning on a determined variable is a no-op.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GreedyResult", "greedy_conditional_mi", "kernel_matrix", "gaussian_set_mi"]
+from arr_coc.pyramid import pyramid_positions
+
+__all__ = ["GreedyResult", "PyramidGram", "gaussian_set_mi", "greedy_conditional_mi", "kernel_matrix", "pyramid_gram"]
 
 _KERNELS = ("cosine", "rbf")
 
@@ -120,48 +123,6 @@ def _rbf_from_dots(dots: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, e
     return torch.exp(-0.5 * d2 / ell2[:, None, None])
 
 
-def _precomputed_kernels(
-    cand: torch.Tensor,
-    query: torch.Tensor | None,
-    kernel: str,
-    bandwidth: float | None,
-    dtype: torch.dtype,
-    cand_gram: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The whole kernel from one Gram of the raw embeddings (no normalised copy of [B, M, R]).
-
-    ``cand_gram`` [B, M, M]: the raw inner products, when the caller has them more cheaply.
-    Returns gram [B, M, M], diag [B, M] = k(j, j), k_qq [B, T, T] | None, k_qc [B, T, M] | None.
-    """
-    x = cand.to(dtype)
-    g0 = x @ x.transpose(1, 2) if cand_gram is None else cand_gram.to(dtype, copy=True)
-    sq = g0.diagonal(dim1=1, dim2=2).clone()
-    qx = query.to(dtype) if query is not None else None
-    if kernel == "cosine":
-        inv = _inv_norm(sq)
-        gram = g0.mul_(inv[:, :, None]).mul_(inv[:, None, :])
-        diag = (sq > 0).to(dtype)
-        if qx is None:
-            return gram, diag, None, None
-        qinv = _inv_norm(qx.pow(2).sum(-1))
-        k_qq = (qx @ qx.transpose(1, 2)) * qinv[:, :, None] * qinv[:, None, :]
-        k_qc = (qx @ x.transpose(1, 2)) * qinv[:, :, None] * inv[:, None, :]
-        return gram, diag, k_qq, k_qc
-    if bandwidth is None:  # mean squared distance to the mean = mean |x|^2 - |mean x|^2
-        ell2 = sq.mean(1) - g0.mean(dim=(1, 2))
-        ell2 = torch.where(ell2 > 0, ell2, torch.ones_like(ell2))
-    else:
-        ell2 = torch.full(sq.shape[:1], float(bandwidth) ** 2, dtype=dtype, device=x.device)
-    gram = _rbf_from_dots(g0, sq, sq, ell2)
-    diag = torch.ones_like(sq)
-    if qx is None:
-        return gram, diag, None, None
-    qsq = qx.pow(2).sum(-1)
-    k_qq = _rbf_from_dots(qx @ qx.transpose(1, 2), qsq, qsq, ell2)
-    k_qc = _rbf_from_dots(qx @ x.transpose(1, 2), qsq, sq, ell2)
-    return gram, diag, k_qq, k_qc
-
-
 def kernel_matrix(
     x: torch.Tensor, y: torch.Tensor | None = None, *, kernel: str = "cosine", bandwidth: float | torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -185,6 +146,101 @@ def kernel_matrix(
         ell2 = torch.full(x.shape[:1], float(bandwidth) ** 2, dtype=x.dtype, device=x.device)
     s = ell2.sqrt()[:, None, None]
     return _cross("rbf", x / s, y / s)
+
+
+# ---------------------------------------------------------------------- pyramid Gram
+class PyramidGram:
+    """Raw inner products of pyramid candidates, held as the fine tokens' Gram.
+
+    fine_gram: [B, N, N] inner products <x_a, x_b> of the N = H x W fine tokens (raster order).
+    grid:      (H, W).
+    levels:    the pooled levels of the candidates, as in :func:`arr_coc.pyramid.build_pyramid`
+               (candidates: the N fine tokens, then each pooled level in raster order; a pooled
+               candidate is the area average of its patches).
+
+    Inner products are bilinear, so <c_s, c_j> is the average over the patches of s of the
+    fine Gram's rows, pooled over the patches of j like the tokens themselves: a row costs
+    O(P N + M) (P = patches of s) and no [B, M, M] matrix is ever built. ``shape`` is the
+    shape of the candidate Gram it stands for, [B, M, M].
+    """
+
+    def __init__(self, fine_gram: torch.Tensor, grid: tuple[int, int], levels: tuple[int, ...] = (1, 2)):
+        h, w = (int(v) for v in grid)
+        if not isinstance(fine_gram, torch.Tensor) or fine_gram.dim() != 3 or fine_gram.shape[1:] != (h * w, h * w):
+            raise ValueError(
+                f"fine_gram: expected a [B, N, N] tensor with N = H * W = {h * w}, got {getattr(fine_gram, 'shape', type(fine_gram))}"
+            )
+        if any((not isinstance(lv, int)) or lv < 1 for lv in levels):
+            raise ValueError(f"levels: expected positive ints (log2 pooling factors), got {levels!r}")
+        self.fine_gram, self.grid, self.levels = fine_gram, (h, w), tuple(levels)
+        pos, _ = pyramid_positions(self.grid, self.levels, device=fine_gram.device)
+        self.num_candidates = pos.shape[0]
+        side = 2 ** max(self.levels, default=0)
+        d = torch.arange(side, device=fine_gram.device)
+        rr = pos[:, 0, None, None] + d[:, None]  # [M, side, 1] patch rows
+        cc = pos[:, 1, None, None] + d[None, :]  # [M, 1, side] patch columns
+        f = (2 ** pos[:, 2])[:, None, None]
+        inside = (d[:, None] < f) & (d[None, :] < f) & (rr < h) & (cc < w)  # [M, side, side]
+        self._patches = torch.where(inside, rr * w + cc, 0).reshape(self.num_candidates, -1)  # [M, P]
+        inside = inside.reshape(self.num_candidates, -1)
+        self._weights = inside.to(fine_gram.dtype) / inside.sum(1, keepdim=True).to(fine_gram.dtype)  # [M, P]
+        self._pool_t: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.fine_gram.shape[0], self.num_candidates, self.num_candidates)
+
+    def to(self, dtype: torch.dtype) -> PyramidGram:
+        """The same Gram with ``fine_gram`` in ``dtype`` (self when it already is)."""
+        return self if self.fine_gram.dtype == dtype else PyramidGram(self.fine_gram.to(dtype), self.grid, self.levels)
+
+    def _pool(self, u: torch.Tensor) -> torch.Tensor:
+        """u [B, N] over the fine tokens -> [B, M] over the candidates (area averages, as the pyramid)."""
+        if self._pool_t is None:  # [N, M - N]: column j - N holds the patch weights of pooled candidate j
+            n = self.fine_gram.shape[1]
+            pool = torch.zeros(self.num_candidates - n, n, dtype=u.dtype, device=u.device)
+            self._pool_t = pool.scatter_add_(1, self._patches[n:], self._weights[n:].to(u.dtype)).T.contiguous()
+        return torch.cat([u, u @ self._pool_t], 1)
+
+    def rows(self, s: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
+        """<c_s, c_j> [B, M] for one candidate s [B] per example (``flat`` is unused: the row-oracle signature)."""
+        b, n, _ = self.fine_gram.shape
+        patches = self._patches[s]  # [B, P]
+        flat_rows = (patches + torch.arange(b, device=s.device)[:, None] * n).reshape(-1)
+        u = self.fine_gram.reshape(b * n, n).index_select(0, flat_rows).view(b, -1, n)  # [B, P, N]
+        u = torch.bmm(self._weights[s][:, None], u)[:, 0]  # [B, N]: average over the patches of s
+        return self._pool(u)
+
+    def diag(self) -> torch.Tensor:
+        """|c_j|^2 [B, M]: for a pooled candidate, the mean of the fine Gram over its patch pairs."""
+        b, n, _ = self.fine_gram.shape
+        fine = self.fine_gram.diagonal(dim1=1, dim2=2)
+        pat, wts = self._patches[n:], self._weights[n:]  # the pooled candidates
+        if pat.shape[0] == 0:
+            return fine.clone()
+        pairs = (pat[:, :, None] * n + pat[:, None, :]).reshape(-1)  # [Mp P P]
+        g = self.fine_gram.reshape(b, n * n).index_select(1, pairs).view(b, pat.shape[0], -1)
+        wp = (wts[:, :, None] * wts[:, None, :]).reshape(pat.shape[0], -1)
+        return torch.cat([fine, (g * wp).sum(-1)], 1)
+
+    def mean(self) -> torch.Tensor:
+        """Mean of all M x M inner products [B]: a^T G a / M^2, a_i = total weight of fine token i."""
+        n = self.fine_gram.shape[1]
+        a = torch.zeros(n, dtype=self.fine_gram.dtype, device=self.fine_gram.device)
+        a.index_add_(0, self._patches.reshape(-1), self._weights.reshape(-1))
+        return (self.fine_gram @ a).matmul(a) / self.num_candidates**2
+
+    def dense(self) -> torch.Tensor:
+        """The candidate Gram [B, M, M] itself (O(B M^2) memory; for checks and small inputs)."""
+        n = self.fine_gram.shape[1]
+        pool = torch.zeros(self.num_candidates, n, dtype=self.fine_gram.dtype, device=self.fine_gram.device)
+        pool.scatter_add_(1, self._patches, self._weights)
+        return pool @ self.fine_gram @ pool.T
+
+
+def pyramid_gram(fine: torch.Tensor, grid: tuple[int, int], levels: tuple[int, ...] = (1, 2)) -> PyramidGram:
+    """:class:`PyramidGram` of fine tokens [B, N, R] (one [B, N, N] product, in their dtype)."""
+    return PyramidGram(fine @ fine.transpose(1, 2), grid, levels)
 
 
 # ---------------------------------------------------------------------- validation
@@ -238,6 +294,92 @@ def _validate(cand, query, query_mask, budget, alpha, price, kernel, jitter, var
 
 
 # ---------------------------------------------------------------------- the greedy
+def _kernel_setup(
+    cand_emb: torch.Tensor,
+    query_emb: torch.Tensor | None,
+    kernel: str,
+    bandwidth: float | None,
+    dtype: torch.dtype,
+    precompute_kernel: bool,
+    cand_gram: torch.Tensor | PyramidGram | None,
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The kernel the greedy reads, one row at a time.
+
+    Returns (row, diag [B, M] = k(j, j), k_qq [B, T, T] | None, k_qc [B, T, M] | None), where
+    ``row(s, flat)`` gives the kernel rows k(c_s, .) [B, M] of the picks s [B] (``flat`` = the
+    picks' indices into the flattened [B * M]) as a fresh tensor the caller may modify.
+    Three sources of the raw inner products <c_s, c_j>: a [B, M, M] Gram (given, or computed
+    once: one compute-bound product), a :class:`PyramidGram` (rows pooled from the fine
+    tokens' Gram), or one row-vector product with the embeddings per pick (memory-bound).
+    The kernel of a row is then O(M): cosine scales by the inverse norms, RBF exponentiates.
+    """
+    b, m, _ = cand_emb.shape
+    if not precompute_kernel:
+        c, q, diag, c_sq, _ = _prepare(cand_emb, query_emb, kernel, bandwidth, dtype)
+        ct = c.transpose(1, 2).contiguous()  # [B, R, M]: a row vector times it is a kernel row
+        k_qq = _cross(kernel, q, q) if q is not None else None
+        k_qc = _cross(kernel, q, c) if q is not None else None
+        rows_c = c.reshape(b * m, -1)
+
+        def row_from_embeddings(s: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+            dots = torch.bmm(rows_c.index_select(0, flat)[:, None], ct)[:, 0]  # [B, M]
+            if kernel == "cosine":
+                return dots
+            d2 = (c_sq.reshape(-1)[flat][:, None] + c_sq - 2 * dots).clamp_min_(0)
+            return d2.mul_(-0.5).exp_()
+
+        return row_from_embeddings, diag, k_qq, k_qc
+
+    x = cand_emb.to(dtype)
+    if isinstance(cand_gram, PyramidGram):
+        pg = cand_gram.to(dtype)
+        sq = pg.diag()
+        raw_rows = pg.rows
+        gram_mean = pg.mean if kernel == "rbf" and bandwidth is None else None
+    else:
+        g0 = x @ x.transpose(1, 2) if cand_gram is None else cand_gram.to(dtype)
+        sq = g0.diagonal(dim1=1, dim2=2).clone()
+        g_flat = g0.reshape(b * m, m)
+
+        def raw_rows(s: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+            return g_flat.index_select(0, flat)
+
+        gram_mean = (lambda: g0.mean(dim=(1, 2))) if kernel == "rbf" and bandwidth is None else None
+    qx = query_emb.to(dtype) if query_emb is not None else None
+    if kernel == "cosine":
+        inv = _inv_norm(sq)
+        inv_flat = inv.reshape(-1)
+        diag = (sq > 0).to(dtype)
+        k_qq = k_qc = None
+        if qx is not None:
+            qinv = _inv_norm(qx.pow(2).sum(-1))
+            k_qq = (qx @ qx.transpose(1, 2)) * qinv[:, :, None] * qinv[:, None, :]
+            k_qc = (qx @ x.transpose(1, 2)) * qinv[:, :, None] * inv[:, None, :]
+
+        def cosine_row(s: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+            return raw_rows(s, flat).mul_(inv_flat[flat][:, None]).mul_(inv)
+
+        return cosine_row, diag, k_qq, k_qc
+    if gram_mean is not None:  # mean squared distance to the mean = mean |x|^2 - |mean x|^2
+        ell2 = sq.mean(1) - gram_mean()
+        ell2 = torch.where(ell2 > 0, ell2, torch.ones_like(ell2))
+    else:
+        ell2 = torch.full(sq.shape[:1], float(bandwidth) ** 2, dtype=dtype, device=x.device)
+    sq_flat, ell2_c = sq.reshape(-1), ell2[:, None]
+    diag = torch.ones_like(sq)
+    k_qq = k_qc = None
+    if qx is not None:
+        qsq = qx.pow(2).sum(-1)
+        k_qq = _rbf_from_dots(qx @ qx.transpose(1, 2), qsq, qsq, ell2)
+        k_qc = _rbf_from_dots(qx @ x.transpose(1, 2), qsq, sq, ell2)
+
+    def rbf_row(s: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        d2 = (sq_flat[flat][:, None] + sq - 2 * raw_rows(s, flat)).clamp_min_(0)
+        return d2.mul_(-0.5).div_(ell2_c).exp_()
+
+    return rbf_row, diag, k_qq, k_qc
+
+
 @torch.no_grad()
 def greedy_conditional_mi(
     cand_emb: torch.Tensor,
@@ -255,7 +397,7 @@ def greedy_conditional_mi(
     dtype: torch.dtype | None = None,
     precompute_kernel: bool | None = None,
     check_finite: bool = True,
-    cand_gram: torch.Tensor | None = None,
+    cand_gram: torch.Tensor | PyramidGram | None = None,
     unary: torch.Tensor | None = None,
 ) -> GreedyResult:
     """Exact greedy conditional-MI selection (see the module docstring for the model).
@@ -275,12 +417,13 @@ def greedy_conditional_mi(
     var_floor:  conditional variances at or below it count as zero (redundant).
     distortion: D of the coverage term.
     dtype:      compute dtype; default float64 for float64 input, else float32.
-    precompute_kernel: compute the [B, M, M] kernel once (O(M^2 R) compute-bound time,
-                O(M^2) memory) instead of one kernel column per step (O(M K R) time,
-                memory-bound, O(M K) memory). None: on CPU when B M^2 <= 2^26, else columns.
+    precompute_kernel: compute the [B, M, M] Gram once (O(M^2 R) compute-bound time,
+                O(M^2) memory) instead of one kernel row per pick (O(M K R) time,
+                memory-bound, O(M K) memory). None: on CPU when B M^2 <= 2^26, else rows.
     check_finite: validate that the embeddings are finite (callers that already did may skip it).
-    cand_gram:  optional [B, M, M] raw inner products <c_i, c_j> (e.g. pooled from the fine
-                tokens' Gram, cheaper on a pyramid); implies ``precompute_kernel``.
+    cand_gram:  optional raw inner products <c_i, c_j>: a [B, M, M] tensor, or a
+                :class:`PyramidGram` (the fine tokens' Gram of a candidate pyramid, rows
+                pooled on demand: no [M, M] matrix at all); implies ``precompute_kernel``.
     unary:      optional [B, M] nats >= 0 added to the objective of every non-redundant
                 candidate (a query-agnostic prior, e.g. fused propositional / perspectival
                 information). It changes which candidate is picked, never the reported
@@ -307,32 +450,33 @@ def greedy_conditional_mi(
     budget = budget.clamp(max=m)
 
     if cand_gram is not None:
-        if cand_gram.shape != (b, m, m):
+        if tuple(cand_gram.shape) != (b, m, m):
             raise ValueError(f"cand_gram: expected [B={b}, M={m}, M={m}], got {tuple(cand_gram.shape)}")
         precompute_kernel = True
     if precompute_kernel is None:  # CPU: one compute-bound Gram beats K memory-bound passes over [M, R]
         precompute_kernel = device.type == "cpu" and b * m * m <= 2**26
-    ct = c_sq = None
-    if precompute_kernel:
-        gram, diag, k_qq_raw, k_qc_raw = _precomputed_kernels(cand_emb, query_emb, kernel, bandwidth, dtype, cand_gram)
-    else:
-        gram = None
-        c, q, diag, c_sq, _ = _prepare(cand_emb, query_emb, kernel, bandwidth, dtype)
-        ct = c.transpose(1, 2).contiguous()  # [B, R, M]: a row vector times it is a kernel column
-        k_qq_raw = _cross(kernel, q, q) if q is not None else None
-        k_qc_raw = _cross(kernel, q, c) if q is not None else None
-        del c
-    var0 = diag + jitter  # [B, M] Var(j)
-
-    # Two chains stacked on the batch axis (rows :B chain A, B: chain B), one factor
-    # l [2B, T + K, M] in pivot-major layout. Chain B's first T rows are an eigen-factor of
-    # the real query tokens (K_QQ + jitter I; padded tokens zeroed out, eigenvalues at or
-    # below the floor dropped); chain A's are zero, which conditions on nothing.
     t = query_emb.shape[1] if query_emb is not None else 0
     use_query = t > 0  # even at alpha = 0 the total I(c_S ; Q) is reported
+    idx_out = torch.full((b, k_max), -1, dtype=torch.long, device=device)
+    if k_max == 0:
+        z = torch.zeros(b, 0, dtype=dtype, device=device)
+        return GreedyResult(idx_out, z, z.clone(), z.clone(), torch.zeros(b, dtype=dtype, device=device),
+                            torch.zeros(b, dtype=torch.long, device=device))
+    kernel_row, diag, k_qq_raw, k_qc_raw = _kernel_setup(
+        cand_emb, query_emb if use_query else None, kernel, bandwidth, dtype, precompute_kernel, cand_gram
+    )
+    var0 = diag + jitter  # [B, M] Var(j)
+
+    # Chains stacked on the batch axis: rows :B chain B (conditioned on the query first) when
+    # there is a query, the last B rows chain A (picks only). One factor l [T + K, C B, M],
+    # pivot-major (the row written at each step is contiguous): chain B's rows :T are an
+    # eigen-factor of the real query tokens (K_QQ + jitter I; padded tokens zeroed out,
+    # eigenvalues at or below the floor dropped); pick k is row T + k of every chain (chain A's
+    # rows :T stay zero and are never read).
     chains = 2 if use_query else 1
-    l = torch.zeros(chains * b, t + k_max, m, dtype=dtype, device=device)
-    var = var0.repeat(chains, 1)
+    cb = chains * b
+    l = torch.zeros(t + k_max, cb, m, dtype=dtype, device=device)
+    var = var0.repeat(chains, 1)  # [C B, M] conditional variances, chain B first
     if use_query:
         qm = torch.ones(b, t, dtype=torch.bool, device=device) if query_mask is None else query_mask.to(device).bool()
         qmf = qm.to(dtype)
@@ -342,85 +486,101 @@ def greedy_conditional_mi(
         evals, evecs = torch.linalg.eigh(k_qq)
         inv_sqrt = torch.where(evals > var_floor, evals.clamp_min(var_floor).rsqrt(), torch.zeros_like(evals))
         l_q = (evecs.transpose(1, 2) @ k_qc) * inv_sqrt[:, :, None]  # [B, T, M]
-        l[b:, :t] = l_q
-        var[b:] = (var0 - l_q.pow(2).sum(1)).clamp_min(0)
+        l[:t, :b] = l_q.transpose(0, 1)
+        var[:b] = (var0 - l_q.pow(2).sum(1)).clamp_min(0)
 
-    idx_out = torch.full((b, k_max), -1, dtype=torch.long, device=device)
-    g_out = torch.zeros(b, k_max, dtype=dtype, device=device)
-    gq_out = torch.zeros_like(g_out)
-    gx_out = torch.zeros_like(g_out)
-    picked = torch.zeros(b, m, dtype=torch.bool, device=device)
-    done = budget <= 0
+    # Gains are kept doubled (2 I = log of a variance ratio): scaling by 2 is exact in
+    # floating point, so argmax, ties and "gain >= price" are those of the gains themselves.
+    # logs [1 + C, B, M] = [log D, (log Var(j | S, Q),) log Var(j | S)];
+    # gains [3, B, M] = [2 R_j, 2 I(c_j ; Q | c_S), 2 gain_j].
+    logs = torch.empty(1 + chains, b, m, dtype=dtype, device=device)
+    logs[0] = math.log(distortion)
+    log_var = logs[1:].view(cb, m)
+    gains = torch.zeros(3, b, m, dtype=dtype, device=device)
+    gains_flat = gains.view(3, b * m)
+    score = torch.empty(b, m, dtype=dtype, device=device)
+    bias = torch.zeros(b, m, dtype=dtype, device=device)  # -inf once picked
+    bias_flat = bias.view(-1)
+    picks = torch.empty(k_max, b, dtype=torch.long, device=device)
+    picked_gains = torch.empty(k_max, 3, b, dtype=dtype, device=device)
+    cov = torch.empty(cb, 1, m, dtype=dtype, device=device)
     alpha_c = alpha[:, None]
-    half_log_d = 0.5 * math.log(distortion)
-    check_every = 1 if bool((price > 0).any()) or bool((budget != k_max).any()) else k_max + 1
-
+    unary2 = 2 * unary if unary is not None else None
+    price2 = 2 * price
+    row_offset = torch.arange(b, device=device) * m  # flat index of (b, 0) in [B, M]
+    var_chains = var.view(chains, b * m)  # [C, B * M]: chain c's Var(j) of example i at i * M + j
+    jit = torch.full((b,), jitter, dtype=dtype, device=device)
+    var_a = var[cb - b :]
+    # a row stops early only with a price or per-example budgets: then check every step
+    stop_early = bool((price > 0).any()) or bool((budget != k_max).any())
+    done = budget <= 0
+    steps = k_max
     for k in range(k_max):
-        var_a = var[:b]
+        torch.clamp_min(var, var_floor, out=log_var)
+        log_var.log_()
         # var_floor <= distortion, so a redundant candidate (Var(j|S) <= floor) gets 0 from both terms
-        log_va = var_a.clamp_min(var_floor).log()
-        cov_gain = (0.5 * log_va - half_log_d).clamp_min(0)
         if use_query:
-            q_gain = (0.5 * (log_va - var[b:].clamp_min(var_floor).log())).clamp_min(0)
-            gain = torch.lerp(cov_gain, q_gain, alpha_c)
+            torch.sub(logs[2:3], logs[0:2], out=gains[0:2])  # [log Var_A - log D, log Var_A - log Var_B]
+            gains[0:2].clamp_min_(0)
+            torch.lerp(gains[0], gains[1], alpha_c, out=gains[2])
         else:
-            q_gain = torch.zeros_like(cov_gain)
-            gain = (1 - alpha_c) * cov_gain
-        if unary is not None:
-            gain = torch.where(gain > 0, gain + unary, gain)
-        # positive gains first; among zero gains, the largest residual variance
-        score = torch.where(gain > 0, gain, var_a.clamp(0, 1) - 2).masked_fill_(picked, -math.inf)
-        s = score.argmax(dim=1)  # [B]
-        s1 = s[:, None]
-        g = gain.gather(1, s1)[:, 0]
-        cont = ~done & (k < budget) & (g >= price)
-        idx_out[:, k] = torch.where(cont, s, -1)
-        g_out[:, k] = torch.where(cont, g, 0)
-        gq_out[:, k] = torch.where(cont, q_gain.gather(1, s1)[:, 0], 0)
-        gx_out[:, k] = torch.where(cont, cov_gain.gather(1, s1)[:, 0], 0)
-        done = done | ~cont
-        if k == k_max - 1 or ((k + 1) % check_every == 0 and bool(done.all())):
+            torch.sub(logs[1], logs[0], out=gains[0]).clamp_min_(0)
+            torch.mul(gains[0], 1 - alpha_c, out=gains[2])
+        if unary2 is not None:
+            gains[2].add_(unary2 * (gains[2] > 0))
+        s = torch.add(gains[2], bias, out=score).argmax(dim=1)  # [B]
+        flat = s + row_offset
+        torch.index_select(gains_flat, 1, flat, out=picked_gains[k])
+        if bool((picked_gains[k, 2] <= 0).any()):
+            # no positive gain left in some row: among zero gains, the largest residual variance
+            fallback = ((var_a.clamp(0, 1) - 2) + bias).argmax(dim=1)
+            s = torch.where(picked_gains[k, 2] > 0, s, fallback)
+            flat = s + row_offset
+            torch.index_select(gains_flat, 1, flat, out=picked_gains[k])
+        picks[k] = s
+        if stop_early:
+            done = done | (k >= budget) | (picked_gains[k, 2] < price2)
+            if bool(done.all()):
+                steps = k + 1
+                break
+        if k == k_max - 1:
             break
-        picked.scatter_(1, s1, True)
-        # kernel column of the pick (one row-vector product), then one Cholesky column per chain
-        if gram is not None:
-            kcol = gram.gather(1, s[:, None, None].expand(-1, 1, m))[:, 0]  # row s = column s
+        bias_flat.index_fill_(0, flat, -math.inf)
+        # kernel row of the pick, then one Cholesky row per chain
+        kr = kernel_row(s, flat)
+        kr.view(-1).index_add_(0, flat, jit)
+        kr = kr[:, None]  # [B, 1, M]
+        r = t + k
+        s_idx = s[:, None, None]
+        if use_query:  # chain B: the query rows and the picks so far
+            prev = l[:r, :b].transpose(0, 1)  # [B, T + k, M]
+            ls = prev.gather(2, s_idx.expand(b, r, 1))
+            torch.baddbmm(kr, ls.transpose(1, 2), prev, alpha=-1, out=cov[:b])
+        if k > 0:  # chain A: the picks so far
+            prev = l[t:r, cb - b :].transpose(0, 1)  # [B, k, M]
+            ls = prev.gather(2, s_idx.expand(b, k, 1))
+            torch.baddbmm(kr, ls.transpose(1, 2), prev, alpha=-1, out=cov[cb - b :])
         else:
-            cs = ct.gather(2, s[:, None, None].expand(-1, ct.shape[1], 1))  # [B, R, 1]
-            kcol = torch.bmm(cs.transpose(1, 2), ct)[:, 0]  # [B, M]
-            if kernel == "rbf":
-                kcol = torch.exp(-0.5 * (c_sq + c_sq.gather(1, s1) - 2 * kcol).clamp_min(0))
-        kcol = kcol.scatter_add(1, s1, torch.full_like(g[:, None], jitter))
-        ss = s.repeat(chains)
-        _cholesky_step(l, var, kcol.repeat(chains, 1), ss, t + k, var_floor)
+            cov[cb - b :] = kr
+        vs = var_chains.index_select(1, flat).view(cb)  # [C B] Var(s | previous pivots)
+        # a pivot at or below the floor is already determined: conditioning on it is a no-op
+        inv = vs.clamp_min(var_floor).rsqrt_().mul_(vs > var_floor)
+        col = torch.mul(cov[:, 0], inv[:, None], out=l[r])
+        var.addcmul_(col, col, value=-1).clamp_min_(0)
+        var_chains.index_fill_(1, flat, 0.0)  # a pick is known exactly
 
+    picks, picked_gains = picks[:steps].T, picked_gains[:steps].permute(1, 2, 0)  # [B, K'], [3, B, K']
+    ks = torch.arange(steps, device=device)
+    cont = (ks[None] < budget[:, None]) & (picked_gains[2] >= price2[:, None])
+    cont = cont.cumprod(1).bool()  # a row that stopped stays stopped
+    half = torch.where(cont[None], picked_gains * 0.5, 0.0)
+    idx_out[:, :steps] = torch.where(cont, picks, -1)
+    g_out = torch.zeros(3, b, k_max, dtype=dtype, device=device)
+    g_out[:, :, :steps] = half
+    gx_out, gq_out, g_out = g_out.unbind(0)  # without a query, the query gains stayed 0
     total = gq_out.sum(1)
     counts = (idx_out >= 0).sum(1)
     return GreedyResult(idx_out, g_out, gq_out, gx_out, total, counts)
-
-
-def _cholesky_step(
-    l: torch.Tensor, var: torch.Tensor, kcol: torch.Tensor, s: torch.Tensor, k: int, var_floor: float
-) -> None:
-    """Condition every chain on its pivot s [C]: write row k of l [C, T + K, M], update var [C, M] in place.
-
-    cov(j, s | previous pivots) = k(j, s) - sum_i l[i, j] l[i, s]; the new factor row is
-    cov / sqrt(Var(s | previous)); a pivot at or below the floor is already determined and
-    conditioning on it is a no-op.
-    """
-    s1 = s[:, None]
-    if k > 0:
-        prev = l[:, :k]  # [C, k, M]
-        ls = prev.gather(2, s[:, None, None].expand(-1, k, 1))  # [C, k, 1]
-        cov = kcol - torch.bmm(ls.transpose(1, 2), prev)[:, 0]
-    else:
-        cov = kcol
-    vs = var.gather(1, s1)  # [C, 1]
-    inv = torch.where(vs > var_floor, vs.clamp_min(var_floor).rsqrt(), torch.zeros_like(vs))
-    col = cov * inv
-    l[:, k] = col
-    var.sub_(col * col).clamp_(min=0)
-    var.scatter_(1, s1, 0.0)  # a pick is known exactly
 
 
 # ---------------------------------------------------------------------- closed form

@@ -37,12 +37,27 @@ import torch
 from torch import nn
 
 from arr_coc.adapter import QualityAdapter, distillation_loss, relaxed_topk
-from arr_coc.allocators.base import AllocationContext, Allocator, Selection, topk_indices
+from arr_coc.allocators.base import (
+    AllocationContext,
+    Allocator,
+    Selection,
+    topk_indices,
+)
 from arr_coc.allocators.registry import register_allocator
-from arr_coc.attending import gaussian_set_mi, greedy_conditional_mi
+from arr_coc.attending import (
+    PyramidGram,
+    gaussian_set_mi,
+    greedy_conditional_mi,
+    pyramid_gram,
+)
 from arr_coc.balancing import Balancer, soft_keep
-from arr_coc.knowing import ParticipatoryScorer, PerspectivalScorer, PropositionalScorer, ScorerOutput, pyramid_scores
-from arr_coc.pyramid import build_pyramid
+from arr_coc.knowing import (
+    ParticipatoryScorer,
+    PerspectivalScorer,
+    PropositionalScorer,
+    ScorerOutput,
+    pyramid_scores,
+)
 
 __all__ = ["ArrCocAdapterAllocator", "ArrCocAllocator"]
 
@@ -137,25 +152,22 @@ class ArrCocAllocator(Allocator):
         )
         return out, bal
 
-    def _pyramid_gram(self, ctx: AllocationContext, emb: torch.Tensor) -> torch.Tensor | None:
-        """Raw Gram [B, M, M] of the candidate embeddings from the fine tokens' Gram, pooled.
+    def _pyramid_gram(self, ctx: AllocationContext, emb: torch.Tensor) -> PyramidGram | None:
+        """Raw Gram of the candidate embeddings, held as the fine tokens' Gram [B, N, N].
 
         The scorer's candidate map is linear, so a pooled candidate's embedding is the mean of
-        its children's and its inner products are means of theirs: an N x N Gram plus pooling
-        instead of an M x M Gram (M = 756 vs N = 576 on a 24 x 24 grid: ~40% fewer flops).
-        Only on CPU, where the greedy precomputes its kernel anyway.
+        its children's and its inner products are means of theirs: an N x N Gram, pooled
+        row by row as the greedy reads them (:class:`arr_coc.attending.PyramidGram`), instead
+        of an M x M Gram (M = 756 vs N = 576 on a 24 x 24 grid: ~40% fewer flops, and no
+        M x M matrix is built). Only on CPU, where the greedy precomputes its kernel anyway.
         """
         if not self.pyramid_levels or emb.device.type != "cpu" or not isinstance(self.scorer, ParticipatoryScorer):
             return None
         b, m = emb.shape[:2]
         if b * m * m > 2**26:
             return None
-        n = ctx.num_fine
         dtype = torch.float64 if emb.dtype == torch.float64 else torch.float32
-        fine = emb[:, :n].to(dtype)
-        g_ff = fine @ fine.transpose(1, 2)  # [B, N, N]
-        g_mf = build_pyramid(g_ff, ctx.grid, self.pyramid_levels).candidates  # rows pooled: [B, M, N]
-        return build_pyramid(g_mf.transpose(1, 2), ctx.grid, self.pyramid_levels).candidates.transpose(1, 2)
+        return pyramid_gram(emb[:, : ctx.num_fine].to(dtype), ctx.grid, self.pyramid_levels)
 
     def _fused_unary(self, ctx: AllocationContext) -> torch.Tensor | None:
         """[B, M] nats: the fused query-agnostic information of each candidate (see ``fuse``)."""
