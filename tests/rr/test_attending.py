@@ -332,3 +332,228 @@ def test_fused_scorers_change_the_selection_and_check_their_names():
     assert not torch.equal(plain.indices, fused.indices)
     with pytest.raises(ValueError, match="fuse"):
         create_allocator("arr_coc", fuse=("semantic",))
+
+
+# ---------------------------------------------------------------------- straightforward reference
+def _reference_kernel(c, q, kernel):
+    """k over [candidates; query] of one example (float64), the greedy's model without jitter."""
+    x = torch.cat([c, q]).double()
+    if kernel == "cosine":
+        norms = x.norm(dim=-1, keepdim=True)
+        u = torch.where(norms > 0, x / norms.clamp_min(1e-300), torch.zeros_like(x))
+        return u @ u.T
+    ell2 = (c.double() - c.double().mean(0)).pow(2).sum(-1).mean()
+    ell2 = ell2 if ell2 > 0 else torch.ones((), dtype=torch.float64)
+    return torch.exp(-0.5 * torch.cdist(x, x).pow(2) / ell2)
+
+
+def _reference_conditional_variances(sig, given_cov, given_idx, m):
+    """Var(j | Z, c_given) [m] by one linear solve, Z a set of variables with covariance
+    given_cov = (Cov(Z) [z, z], Cov(Z, c) [z, M]) (or None), c_given the candidates at given_idx."""
+    zz, zc = given_cov if given_cov is not None else (sig.new_zeros(0, 0), sig.new_zeros(0, m))
+    g = list(given_idx)
+    top = torch.cat([zz, zc[:, g]], 1)
+    bottom = torch.cat([zc[:, g].T, sig[g][:, g]], 1)
+    cov_gg = torch.cat([top, bottom], 0)  # covariance of (Z, c_given)
+    cov_gj = torch.cat([zc, sig[g][:, :m]], 0)  # [z + |g|, m]
+    diag = sig.diagonal()[:m]
+    if cov_gg.shape[0] == 0:
+        return diag.clone()
+    sol = torch.linalg.solve(cov_gg, cov_gj)
+    return diag - (cov_gj * sol).sum(0)
+
+
+def _reference_steps(c, q, qmask, picks, alpha, unary, kernel, jitter, var_floor, distortion):
+    """Follow the given picks of one example, conditioning by solves on the set-level definitions.
+
+    Per step: (gain [M], query gain [M], coverage gain [M], Var(j | S) [M]) of every candidate
+    (picked ones -inf gain), where S holds the earlier picks that were not yet determined
+    (Var > var_floor) in that chain, and chain B conditions on the query's eigen-directions
+    with eigenvalue > var_floor (the greedy's model).
+    """
+    m = c.shape[0]
+    q = q[qmask] if q is not None else c.new_zeros(0, c.shape[1])
+    t = q.shape[0]
+    sig = _reference_kernel(c, q, kernel) + jitter * torch.eye(m + t, dtype=torch.float64)
+    zq = None
+    if t:
+        evals, evecs = torch.linalg.eigh(sig[m:, m:])
+        keep = evals > var_floor
+        w = evecs[:, keep]
+        zq = (torch.diag(evals[keep]), w.T @ sig[m:, :m])
+    given_a, given_b, out = [], [], []
+    for s in picks:
+        va = _reference_conditional_variances(sig, None, given_a, m).clamp_min(0)
+        vb = _reference_conditional_variances(sig, zq, given_b, m).clamp_min(0) if t else va
+        picked = [p for p, _ in out]
+        va[picked] = 0
+        vb[picked] = 0
+        lva = va.clamp_min(var_floor).log()
+        cov_gain = (0.5 * (lva - math.log(distortion))).clamp_min(0)
+        q_gain = (0.5 * (lva - vb.clamp_min(var_floor).log())).clamp_min(0) if t else torch.zeros_like(va)
+        gain = alpha * q_gain + (1 - alpha) * cov_gain
+        if unary is not None:
+            gain = torch.where(gain > 0, gain + unary.double(), gain)
+        gain[picked] = -math.inf
+        out.append((s, (gain, q_gain, cov_gain, va)))
+        if s is None:  # a look one step past the last pick
+            break
+        if va[s] > var_floor:
+            given_a.append(s)
+        if t and vb[s] > var_floor:
+            given_b.append(s)
+    return [v for _, v in out]
+
+
+def _assert_matches_reference(res, c, q, qmask, budget, alpha, price, unary, kernel, jitter, var_floor, distortion, tol):
+    """Each pick is an argmax of the reference gain (exactly the argmax when the runner-up is
+    more than tol behind; when every gain is 0, a largest residual variance), the reported
+    gains are the reference's, and each row stops where the budget or the price says."""
+    b = c.shape[0]
+    for i in range(b):
+        n = int(res.counts[i])
+        picks = res.indices[i, :n].tolist()
+        assert (res.indices[i, n:] == -1).all()
+        assert len(set(picks)) == n
+        qm = qmask[i] if qmask is not None else torch.ones(q.shape[1], dtype=torch.bool) if q is not None else None
+        a = float(alpha[i]) if isinstance(alpha, torch.Tensor) else float(alpha)
+        p = float(price[i]) if isinstance(price, torch.Tensor) else float(price)
+        # one step past the last pick (when a candidate is left) tells why the row stopped
+        follow = picks + [None] if n < c.shape[1] else picks
+        steps = _reference_steps(
+            c[i], q[i] if q is not None else None, qm, follow, a,
+            unary[i] if unary is not None else None, kernel, jitter, var_floor, distortion,
+        )
+        for k, s in enumerate(picks):
+            gain, q_gain, cov_gain, va = steps[k]
+            best = gain.max().item()
+            if best > 0:
+                assert gain[s].item() >= best - tol, (i, k, s, gain[s].item(), best)
+                top2 = gain.topk(2).values if gain.numel() > 1 else gain
+                if top2.numel() > 1 and top2[0] - top2[1] > tol:
+                    assert s == int(gain.argmax()), (i, k)
+            else:  # every candidate redundant: a largest residual variance among the unpicked
+                unpicked = torch.isfinite(gain)
+                assert va[s].clamp(0, 1).item() >= va[unpicked].clamp(0, 1).max().item() - tol
+            assert res.gains[i, k].item() == pytest.approx(max(gain[s].item(), 0.0), abs=tol)
+            assert res.query_gains[i, k].item() == pytest.approx(q_gain[s].item(), abs=tol)
+            assert res.coverage_gains[i, k].item() == pytest.approx(cov_gain[s].item(), abs=tol)
+            assert gain[s].item() >= p - tol  # a kept pick is worth its price
+        bud = int(budget[i]) if isinstance(budget, torch.Tensor) else int(budget)
+        if n < min(bud, c.shape[1]):  # stopped early: the best remaining gain is below the price
+            assert steps[n][0].max().item() < p + tol
+        torch.testing.assert_close(res.total[i], res.query_gains[i].sum(), atol=1e-12, rtol=0)
+
+
+def _tie_inputs(g, b, m, r, t, dtype):
+    """Random candidates with exact duplicates, a scaled duplicate, a zero vector and a query twin."""
+    c = torch.randn(b, m, r, generator=g, dtype=torch.float64)
+    c[:, 5] = c[:, 2]  # exact duplicate
+    c[:, 7] = 3.0 * c[:, 1]  # same direction (a duplicate under the cosine kernel)
+    c[:, 9] = 0.0  # zero vector: no variance under the cosine kernel
+    q = torch.randn(b, t, r, generator=g, dtype=torch.float64)
+    q[:, 0] = 2.0 * c[:, 4]  # the query's twin among the candidates
+    return c.to(dtype), q.to(dtype)
+
+
+@pytest.mark.parametrize("kernel", ["cosine", "rbf"])
+@pytest.mark.parametrize("source", ["gram", "columns", "given", "pyramid"])
+def test_optimised_greedy_equals_straightforward_reference(kernel, source):
+    """The incremental greedy against set-level conditional variances from linear solves
+    (float64, tight tolerance), with ties, duplicates, a zero vector, a query twin, per-example
+    budgets, prices, alphas, padded query tokens and a unary prior."""
+    from arr_coc.attending import pyramid_gram
+    from arr_coc.pyramid import build_pyramid
+
+    g = torch.Generator().manual_seed(11)
+    b, r, t = 4, 12, 3
+    if source == "pyramid":
+        fine = torch.randn(b, 4 * 6, r, generator=g, dtype=torch.float64)
+        fine[:, 5] = fine[:, 2]
+        c = build_pyramid(fine, (4, 6), (1, 2)).candidates  # 24 + 6 + 2 candidates
+        q = torch.randn(b, t, r, generator=g, dtype=torch.float64)
+        q[:, 0] = 2.0 * c[:, 25]  # a pooled candidate's twin
+    else:
+        c, q = _tie_inputs(g, b, 30, r, t, torch.float64)
+    m = c.shape[1]
+    budget = torch.tensor([m, 9, 0, 14])
+    alpha = torch.tensor([1.0, 0.6, 0.3, 0.0], dtype=torch.float64)
+    price = torch.tensor([0.0, 0.0, 0.1, 0.02], dtype=torch.float64)
+    qmask = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    unary = torch.rand(b, m, generator=g, dtype=torch.float64) * 0.05
+    unary[0] = 0.0
+    kw = dict(kernel=kernel, jitter=1e-6, var_floor=1e-4, distortion=1e-2)
+    extra = {}
+    if source == "columns":
+        extra["precompute_kernel"] = False
+    elif source == "given":
+        extra["cand_gram"] = c @ c.transpose(1, 2)
+    elif source == "pyramid":
+        extra["cand_gram"] = pyramid_gram(fine, (4, 6), (1, 2))
+    res = greedy_conditional_mi(c, q, qmask, budget, alpha, price, unary=unary, **kw, **extra)
+    assert res.counts[0] == m and res.counts[2] == 0
+    _assert_matches_reference(res, c, q, qmask, budget, alpha, price, unary, **kw, tol=1e-8)
+    # coverage only (no query): one chain
+    res = greedy_conditional_mi(c, None, None, budget, alpha, price, **kw, **extra)
+    _assert_matches_reference(res, c, None, None, budget, alpha, price, None, **kw, tol=1e-8)
+
+
+def test_float32_greedy_matches_the_float64_reference():
+    """float32 compute (the default for float32 input) picks what the float64 reference picks,
+    with gains within float32 accuracy, while the residual variances stay well above float32
+    noise (embedding rank 64 > budget 20, as with D = 1024 and K = 64). Near the floor (the
+    span exhausted) float32 cancellation reaches 1e-2 nats in a log ratio: use float64 there."""
+    g = torch.Generator().manual_seed(12)
+    c, q = _tie_inputs(g, 3, 40, 64, 4, torch.float32)
+    budget = torch.tensor([20, 17, 12])
+    alpha = torch.tensor([0.9, 0.5, 1.0])
+    kw = dict(kernel="cosine", jitter=1e-6, var_floor=1e-4, distortion=1e-2)
+    res = greedy_conditional_mi(c, q, None, budget, alpha, **kw)
+    assert res.gains.dtype == torch.float32
+    _assert_matches_reference(res, c.double(), q.double(), None, budget, alpha.double(), 0.0, None, **kw, tol=1e-5)
+    ref64 = greedy_conditional_mi(c.double(), q.double(), None, budget, alpha.double(), **kw)
+    canon = torch.arange(-1, 40)  # the same picks up to exchanging the (exactly tied) duplicates
+    canon[1 + 5], canon[1 + 7] = 2, 1
+    assert torch.equal(canon[1 + res.indices], canon[1 + ref64.indices])
+    torch.testing.assert_close(res.total.double(), ref64.total, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------- pyramid Gram
+@pytest.mark.parametrize("grid, levels", [((4, 6), (1, 2)), ((5, 7), (1, 2)), ((3, 3), (1,)), ((4, 4), ())])
+def test_pyramid_gram_is_the_gram_of_the_pyramid_candidates(grid, levels):
+    from arr_coc.attending import PyramidGram, pyramid_gram
+    from arr_coc.pyramid import build_pyramid
+
+    g = torch.Generator().manual_seed(13)
+    fine = torch.randn(2, grid[0] * grid[1], 5, generator=g, dtype=torch.float64)
+    cand = build_pyramid(fine, grid, levels).candidates  # ceil-mode pooling at ragged edges
+    want = cand @ cand.transpose(1, 2)
+    pg = pyramid_gram(fine, grid, levels)
+    assert pg.shape == tuple(want.shape)
+    torch.testing.assert_close(pg.dense(), want)
+    torch.testing.assert_close(pg.diag(), want.diagonal(dim1=1, dim2=2))
+    torch.testing.assert_close(pg.mean(), want.mean(dim=(1, 2)))
+    for s in ([0, 3], [cand.shape[1] - 1, min(grid[0] * grid[1], cand.shape[1] - 2)]):
+        torch.testing.assert_close(pg.rows(torch.tensor(s)), want[torch.arange(2), torch.tensor(s)])
+    assert pg.to(torch.float32).fine_gram.dtype == torch.float32 and pg.to(torch.float64) is pg
+    with pytest.raises(ValueError, match="fine_gram"):
+        PyramidGram(torch.zeros(2, 5, 5), grid, levels)
+    with pytest.raises(ValueError, match="levels"):
+        PyramidGram(pg.fine_gram, grid, (0,))
+
+
+def test_pyramid_gram_greedy_equals_dense_gram_greedy():
+    from arr_coc.attending import pyramid_gram
+    from arr_coc.pyramid import build_pyramid
+
+    g = torch.Generator().manual_seed(14)
+    fine = torch.randn(3, 8 * 8, 16, generator=g, dtype=torch.float64)
+    q = torch.randn(3, 4, 16, generator=g, dtype=torch.float64)
+    cand = build_pyramid(fine, (8, 8), (1, 2)).candidates
+    for kernel in ("cosine", "rbf"):
+        dense = greedy_conditional_mi(cand, q, None, 20, alpha=0.8, kernel=kernel)
+        pyr = greedy_conditional_mi(cand, q, None, 20, alpha=0.8, kernel=kernel, cand_gram=pyramid_gram(fine, (8, 8)))
+        assert torch.equal(dense.indices, pyr.indices)
+        torch.testing.assert_close(dense.gains, pyr.gains)
+    with pytest.raises(ValueError, match="cand_gram"):
+        greedy_conditional_mi(cand, q, None, 5, cand_gram=pyramid_gram(fine, (8, 8), (1,)))
