@@ -122,3 +122,100 @@ def test_missing_files_and_unknown_answers(task, tmp_path):
         collate([item])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         export_llava([dict(item, answer="circle", image=torch.full((3, 8, 8), 2.0))], tmp_path / "bad")
+
+
+# ------------------------------------------------------------------ whole conversations (real hosts)
+def _hosts():
+    pytest.importorskip("transformers")
+    from tests.training import test_hosts
+
+    return test_hosts
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_whole_conversations_label_every_assistant_turn(family, tmp_path):
+    from arr_coc.training.llava_data import ChatCollator, LlavaConversationDataset
+
+    th = _hosts()
+    build, px, end, n_image = (
+        (th.tiny_llava, th.LLAVA_PX, "</s>", 36) if family == "llava" else (th.tiny_qwen2_vl, th.QWEN_PX, "<|im_end|>", 16)
+    )
+    _, proc = build()
+    tok = proc.tokenizer
+    path = th.write_conversations(tmp_path, size=40)
+    ds = LlavaConversationDataset(path, tmp_path, image_size=px)
+    assert len(ds) == len(th.RECORDS) and ds[0]["image"].shape == (3, px, px)
+    assert ds[0]["turns"] == [("what shape is the red object ?", "circle"), ("how many blue object ?", "two")]
+    assert ds[0]["image_text"] == ("", "what shape is the red object ?")
+    assert ds[1]["image_text"] == ("what colour is the square ?", "")
+    batch = ChatCollator(proc)([ds[i] for i in range(len(ds))])
+    image_id = tok.convert_tokens_to_ids(proc.image_token)
+    for b, rec in enumerate(th.RECORDS):
+        ids, labels, mask = batch["input_ids"][b], batch["labels"][b], batch["attention_mask"][b].bool()
+        answers = [t["value"] for t in rec["conversations"][1::2]]
+        questions = [" ".join(t["value"].replace("<image>", " ").split()) for t in rec["conversations"][0::2]]
+        # the targets: every answer and its end-of-turn token, in order; nothing else
+        expected = tok(" ".join(f"{a} {end}" for a in answers), add_special_tokens=False)["input_ids"]
+        assert labels[labels != -100].tolist() == expected
+        assert torch.equal(ids[labels != -100], labels[labels != -100])
+        assert ((labels != -100) <= mask).all()
+        # one contiguous image run of the host's size, before or after the question's words
+        cols = (ids == image_id).nonzero().flatten()
+        assert cols.numel() == n_image and int(cols[-1] - cols[0]) == n_image - 1
+        first_word = tok.convert_tokens_to_ids(questions[0].split()[0])
+        word_col = int((ids == first_word).nonzero()[0])
+        assert (word_col > cols[-1]) == rec["conversations"][0]["value"].startswith("<image>")
+        # the query: the user's questions only
+        q = batch["question_ids"][b][batch["question_mask"][b]]
+        assert q.tolist() == tok("\n".join(questions), add_special_tokens=False)["input_ids"]
+    if family == "qwen2_vl":
+        assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * 4 and batch["pixel_values"].shape == (4 * 64, 24)
+    else:
+        assert batch["pixel_values"].shape == (4, 3, px, px)
+
+
+def test_conversation_relevance_truncation_and_the_data_config_entry(tmp_path):
+    from arr_coc.training.chat_datamodule import LlavaChatDataModule, llava_data_module
+    from arr_coc.training.llava_data import ChatCollator, LlavaConversationDataset
+
+    th = _hosts()
+    _, proc = th.tiny_llava()
+    rec = dict(th.RECORDS[0], relevance=[[[1, 0], [0, 0]], [[0, 0], [0, 1]]])
+    path = th.write_conversations(tmp_path, records=[rec, th.RECORDS[1]])
+    ds = LlavaConversationDataset(path, tmp_path, image_size=th.LLAVA_PX)
+    assert ds[0]["relevance"].tolist() == [[True, False], [False, True]] and "relevance" not in ds[1]
+    full = ChatCollator(proc)([ds[0]])
+    cut = ChatCollator(proc, max_length=40)([ds[0]])
+    assert cut["input_ids"].shape[1] == 40 and torch.equal(cut["input_ids"], full["input_ids"][:, :40])
+    with pytest.raises(ValueError, match="max_length"):
+        ChatCollator(proc, max_length=20)([ds[0]])
+    # a template whose turns do not extend each other cannot locate the answers
+    last_only = "{{ messages[-1]['content'][-1].get('text', '') }}"
+    with pytest.raises(ValueError, match="chat_template"):
+        ChatCollator(proc, chat_template=last_only)([ds[0]])
+    # conf/data/llava.yaml's entry: a processor -> whole conversations, none -> one-word turns
+    dm = llava_data_module(train_json=path, image_folder=tmp_path, processor=proc, image_size=th.LLAVA_PX,
+                           val_fraction=0.5, batch_size=2, tokenizer=None)
+    assert isinstance(dm, LlavaChatDataModule) and len(dm.split("train")) == 1 and len(dm.split("val")) == 1
+    assert set(next(iter(dm.train_dataloader()))) >= {"input_ids", "labels", "pixel_values", "question_ids"}
+    plain = llava_data_module(train_json=path, image_folder=tmp_path, tokenizer=proc.tokenizer, batch_size=2)
+    assert type(plain) is LlavaDataModule and len(plain.split("train")) + len(plain.split("val")) == 3
+    with pytest.raises(ValueError, match="first_turn_only"):
+        llava_data_module(train_json=path, image_folder=tmp_path, processor=proc, first_turn_only=True)
+
+
+@pytest.mark.parametrize(
+    "conversations, match",
+    [
+        ([{"from": "human", "value": "<image> <image> q"}, {"from": "gpt", "value": "a"}], "exactly one"),
+        ([{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "a"},
+          {"from": "human", "value": "<image> r"}, {"from": "gpt", "value": "b"}], "turn 2"),
+        ([{"from": "human", "value": "<image> q"}], "alternating"),
+    ],
+)
+def test_malformed_conversations_are_refused(tmp_path, conversations, match):
+    from arr_coc.training.llava_data import LlavaConversationDataset
+
+    (tmp_path / "c.json").write_text(json.dumps([{"image": "x.png", "conversations": conversations}]))
+    with pytest.raises(ValueError, match=match):
+        LlavaConversationDataset(tmp_path / "c.json", tmp_path)
