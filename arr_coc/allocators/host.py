@@ -130,8 +130,8 @@ class LLMLayerState:
     visual_mask: [B, Kc] bool, which of the first Kc slots hold a real visual token.
     text_mask:   [B, Tt] bool, which of the last Tt slots hold a real text token (question
                  tokens, then the readout, always real, last).
-    input_hidden: [B, L, D] the layer's input hidden states (SparseVLM reads the first layer's
-                 input, i.e. the embeddings, to choose its text raters).
+    inputs_embeds: [B, L0, D] the LLM's input sequence before layer 0 and before any pruning
+                 (SparseVLM chooses its text raters from it; at stage 0 its layout is hidden's).
     budget:      [B] long, the number of visual tokens that must remain at the end.
     origin:      [B, Kc] long, for each visual slot the index of the input visual token it
                  stands for (a recycled token: its cluster centre's), -1 where padded.
@@ -145,7 +145,7 @@ class LLMLayerState:
     attention: torch.Tensor
     visual_mask: torch.Tensor
     text_mask: torch.Tensor
-    input_hidden: torch.Tensor
+    inputs_embeds: torch.Tensor
     budget: torch.Tensor
     origin: torch.Tensor
     stage: int = 0

@@ -292,7 +292,6 @@ class BaseVLMHost:
             mask4 = additive_causal_mask(key_mask, h.dtype)
             cos_sin = model.rotary_emb(h, position_ids=pos)
             att = llm_layer_attention(layer, h, mask4, cos_sin) if li in prune_at else None
-            h_in = h
             out = layer(h, attention_mask=mask4, position_ids=pos, position_embeddings=cos_sin)
             h = out[0] if isinstance(out, tuple) else out
             if att is None:
@@ -304,7 +303,7 @@ class BaseVLMHost:
                 attention=att,
                 visual_mask=key_mask[:, :kc],
                 text_mask=key_mask[:, kc:],
-                input_hidden=h_in,
+                inputs_embeds=inputs,
                 budget=budget_t,
                 origin=origin,
                 stage=prune_at.index(li),

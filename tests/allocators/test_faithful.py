@@ -296,3 +296,157 @@ def test_tome_matches_the_released_round_on_host_keys(n, budget):
     assert plain.extras["signal"] == "tokens"
     want_plain = released_tome_round(tokens[:, 1:], tokens[:, 1:], n - budget)
     assert all(sorted(want_plain[b]) == kept(plain, b) for b in range(2))
+
+
+# ---------------------------------------------------------------------------- SparseVLM
+def released_cluster_and_merge(x, cluster_num, generator):
+    """github Gumpest/SparseVLMs, llava/model/language_model/utils.py cluster_and_merge
+    (the density noise drawn from ``generator`` instead of the global RNG)."""
+    import einops as ein
+
+    B, N, C = x.shape
+    x1 = ein.rearrange(x, "b l r -> b l () r")
+    x2 = ein.rearrange(x, "b l r -> b () l r")
+    distance = (x1 - x2).norm(dim=-1, p=2)
+    dist_matrix = distance / (C ** 0.5)
+    dist_nearest, index_nearest = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
+    density = (-(dist_nearest ** 2).mean(dim=-1)).exp()
+    density = density + torch.rand(density.shape[1:], generator=generator)[None].to(density.dtype) * 1e-6
+    mask = density[:, None, :] > density[:, :, None]
+    mask = mask.type(x.dtype)
+    dist_max = dist_matrix.flatten(1).max(dim=-1)[0][:, None, None]
+    dist, index_parent = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1)
+    score = dist * density
+    _, index_down = torch.topk(score, k=cluster_num, dim=-1)
+    dist_matrix = dist_matrix[torch.arange(B)[:, None], index_down]  # index_points
+    idx_cluster = dist_matrix.argmin(dim=1)
+    idx_batch = torch.arange(B)[:, None].expand(B, cluster_num)
+    idx_tmp = torch.arange(cluster_num)[None, :].expand(B, cluster_num)
+    idx_cluster[idx_batch.reshape(-1), index_down.reshape(-1)] = idx_tmp.reshape(-1)
+    token_weight = x.new_ones(B, N, 1)
+    idx = idx_cluster + torch.arange(B)[:, None] * cluster_num
+    all_weight = token_weight.new_zeros(B * cluster_num, 1)
+    all_weight.index_add_(dim=0, index=idx.reshape(B * N), source=token_weight.reshape(B * N, 1))
+    all_weight = all_weight + 1e-6
+    norm_weight = token_weight / all_weight[idx]
+    x_merged = x.new_zeros(B * cluster_num, C)
+    source = x * norm_weight
+    x_merged.index_add_(dim=0, index=idx.reshape(B * N), source=source.reshape(B * N, C).type(x.dtype))
+    return x_merged.reshape(B, cluster_num, C), index_down
+
+
+def segment_model(vlm, start):
+    """transformers' own LlamaModel holding layers start.. of the base VLM's LLM (a copy)."""
+    import copy
+
+    seg = copy.deepcopy(vlm.llm.model)
+    seg.layers = torch.nn.ModuleList(list(seg.layers)[start:])
+    seg.config.num_hidden_layers = len(seg.layers)
+    return seg
+
+
+def released_sparsevlm(vlm, visual, visual_positions, question_ids, pruning_loc, plan, seed=0):
+    """github Gumpest/SparseVLMs LlamaDynamicvitModel.forward (v1.0, batch size 1) with
+    score.attn_postprocess_topk, on transformers' own LlamaModel run segment by segment.
+    ``plan(stage, v_token_num) -> kept count`` replaces the release's hard-coded table."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs, _, pos = vlm.llm_inputs(visual, None, visual_positions, question_ids, None)
+    v_token_start, v_token_num = 0, visual.shape[1]
+    text_token_start = v_token_start + v_token_num
+    v_t = inputs[:, v_token_start:text_token_start, :]
+    t_t = inputs[:, text_token_start:, :]
+    m_v_t = v_t @ t_t.transpose(1, 2)
+    m_v_t = m_v_t.softmax(2).mean(1)
+    t_token_idx = torch.where(m_v_t > m_v_t.mean())
+    hidden_states, position_ids, start, kept_log = inputs, pos, 0, []
+    for stage, layer_idx in enumerate(pruning_loc):
+        seg = segment_model(vlm, start)
+        out = seg(inputs_embeds=hidden_states, attention_mask=torch.ones(hidden_states.shape[:2], dtype=torch.long),
+                  position_ids=position_ids, output_attentions=True, output_hidden_states=True, use_cache=False)
+        self_attn_weights = out.attentions[layer_idx - start].mean(1)
+        layer_output = out.hidden_states[layer_idx + 1 - start]
+        cur_t_idx = t_token_idx[1] + text_token_start
+        relation_vis_text = self_attn_weights[:, cur_t_idx, v_token_start:v_token_start + v_token_num].mean(1)
+        keep_n = plan(stage, v_token_num)
+        pred_score_vis = torch.zeros_like(relation_vis_text, dtype=bool)
+        _, indices = torch.topk(relation_vis_text, keep_n, dim=1)
+        pred_score_vis[0][indices] = 1
+        policy = torch.ones(1, hidden_states.shape[1], dtype=hidden_states.dtype)
+        policy[:, v_token_start:text_token_start] = pred_score_vis.type(dtype=hidden_states.dtype)
+        total_sparse_token_idx = torch.where(policy == 0)[1].unsqueeze(0)
+        select_token_idx = torch.where(policy == 1)[1].unsqueeze(0)
+        select_vis_token_num = int(pred_score_vis.sum())
+        if total_sparse_token_idx.shape[1] > 0:
+            total_sparse_token = layer_output[:, total_sparse_token_idx[0]]
+            merge_token_idx_stage1 = torch.where(pred_score_vis == 0)[1]
+            merge_token_stage1 = relation_vis_text[0][merge_token_idx_stage1]
+            merge_token_num_stage1 = int(merge_token_idx_stage1.shape[0] * 0.3) + 1
+            merge_token_stage2_idx = merge_token_stage1.topk(merge_token_num_stage1)[1]
+            merge_token_stage2 = total_sparse_token[:, merge_token_stage2_idx, :]
+            cluster_num = int(merge_token_stage2.shape[1] / 10) + 1
+            merge_sparse_token, _ = released_cluster_and_merge(merge_token_stage2, cluster_num, gen)
+            select_token = layer_output[:, select_token_idx[0]]
+            hidden_states = torch.cat((select_token[:, :v_token_start + select_vis_token_num], merge_sparse_token,
+                                       select_token[:, v_token_start + select_vis_token_num:]), dim=1)
+            sel_pos = position_ids[:, select_token_idx[0]]
+            position_ids = torch.cat((sel_pos[:, :select_vis_token_num], torch.zeros(1, cluster_num, dtype=torch.long),
+                                      sel_pos[:, select_vis_token_num:]), dim=1)  # kept position ids (see the docstring)
+            v_token_num = select_vis_token_num + cluster_num
+        else:
+            hidden_states = layer_output[:, select_token_idx[0]]
+            position_ids = position_ids[:, select_token_idx[0]]
+            v_token_num = select_vis_token_num
+        text_token_start = v_token_start + v_token_num
+        kept_log.append(v_token_num)
+        start = layer_idx + 1
+    seg = segment_model(vlm, start)
+    out = seg(inputs_embeds=hidden_states, attention_mask=torch.ones(hidden_states.shape[:2], dtype=torch.long),
+              position_ids=position_ids, use_cache=False)
+    return vlm.llm.lm_head(out.last_hidden_state[:, -1]), kept_log
+
+
+@pytest.mark.parametrize("budget", [3, 7])
+@torch.no_grad()
+def test_sparsevlm_matches_the_released_code(llm_setup, budget):
+    vlm, pixels, vision, ids, mask = llm_setup
+    # a 16-token image gives too few pruned tokens for several clusters; repeat it to 48 tokens
+    visual = vlm.project(vision[:, 1:]).repeat(1, 3, 1) + 0.01 * torch.randn(3, 48, 32, generator=torch.Generator().manual_seed(5))
+    positions = vlm.fine_positions(3).repeat(1, 3, 1)
+    host = BaseVLMHost(vlm, pixels, vision, ids, mask)
+    sv = create_allocator("sparsevlm")
+    layers = sv.prune_layers(4)
+    assert layers == (0, 1, 2)
+
+    def plan(stage, v_now):
+        return sv.plan(v_now, sv.stage_total(48, budget, stage, len(layers)))[0]
+
+    got, trace = host.answer_in_llm(sv, visual, None, positions, ids, mask, budget, return_trace=True)
+    assert trace.mask.sum(1).tolist() == [budget] * 3
+    for b in (0, 2):  # unpadded questions
+        want, counts = released_sparsevlm(vlm, visual[b : b + 1], positions[b : b + 1], ids[b : b + 1], layers, plan)
+        assert [int(c[b]) for c in trace.counts] == counts and counts[-1] == budget
+        torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_sparsevlm_pieces():
+    from arr_coc.allocators.sparsevlm import dpc_knn_merge, recycled_count, select_raters
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 23, 5, generator=g, dtype=torch.float64)
+    want, centres = released_cluster_and_merge(x, 3, torch.Generator().manual_seed(9))
+    noise = torch.rand(23, generator=torch.Generator().manual_seed(9)) * 1e-6
+    got, got_centres = dpc_knn_merge(x[0], 3, noise.double())
+    torch.testing.assert_close(got, want[0])
+    assert got_centres.tolist() == centres[0].tolist()
+    assert [recycled_count(p) for p in (0, 1, 29, 30, 100, 510)] == [0, 1, 1, 2, 4, 16]
+    # raters: padded text tokens never rate, and the mean is over the real ones
+    v, t = torch.randn(2, 6, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    tm = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    r = select_raters(v, torch.ones(2, 6, dtype=torch.bool), t, tm)
+    m = torch.softmax(v[1] @ t[1, :3].T, dim=1).mean(0)
+    assert r[1].tolist() == (m > m.mean()).tolist() + [False, False]
+    sv = create_allocator("sparsevlm")
+    assert [sv.stage_total(576, 64, s, 3) for s in range(3)] == [round(576 * (64 / 576) ** (1 / 3)), round(576 * (64 / 576) ** (2 / 3)), 64]
+    kept, c = sv.plan(300, 64)
+    assert kept + c == 64 and c == recycled_count(300 - kept)
+    assert sv.prune_layers(32) == (2, 6, 15) and sv.prune_layers(8) == (0, 2, 4)
