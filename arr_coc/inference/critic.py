@@ -23,18 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arr_coc.inference._checks import check_int, check_matrix, check_real, check_vlm_pixels, check_vlm_question
 from arr_coc.losses import InfoNCELoss
 
 __all__ = ["InfoNCECritic", "pointwise_mi", "train_critic", "vlm_features"]
-
-
-def _check_matrix(name: str, x: object, dim: int | None = None) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.ndim != 2 or (dim is not None and x.shape[1] != dim):
-        want = f"[*, {dim}]" if dim is not None else "[*, D]"
-        raise ValueError(f"{name}: expected a {want} tensor, got {getattr(x, 'shape', type(x))}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name}: expected finite values, found NaN or Inf")
-    return x
 
 
 class InfoNCECritic(nn.Module):
@@ -46,8 +38,8 @@ class InfoNCECritic(nn.Module):
     def __init__(self, query_dim: int, image_dim: int, *, dim: int = 64, hidden: int = 128, temperature: float = 0.1):
         super().__init__()
         for name, v in (("query_dim", query_dim), ("image_dim", image_dim), ("dim", dim), ("hidden", hidden)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+            check_int(name, v)
+        check_real("temperature", temperature, lo=0.0, lo_open=True)
         self.query_dim, self.image_dim = query_dim, image_dim
         self.g = nn.Sequential(nn.Linear(query_dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.h = nn.Sequential(nn.Linear(image_dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
@@ -57,23 +49,42 @@ class InfoNCECritic(nn.Module):
     def scale(self) -> torch.Tensor:
         return 1.0 / torch.as_tensor(self.loss.temperature)
 
-    def embed_query(self, q: torch.Tensor) -> torch.Tensor:
-        """[B, Dq] -> [B, dim] unit vectors."""
-        return F.normalize(self.g(_check_matrix("query", q, self.query_dim)), dim=-1)
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.g[0].weight.dtype
 
-    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, Dx] -> [N, dim] unit vectors."""
-        return F.normalize(self.h(_check_matrix("images", x, self.image_dim)), dim=-1)
+    def _embed(self, mlp: nn.Module, name: str, x: torch.Tensor, width: int) -> torch.Tensor:
+        x = check_matrix(name, x, width, self._dtype)
+        z = mlp(x)
+        if not torch.isfinite(z).all():
+            raise ValueError(f"{name}: the critic's embedding overflowed (values too large for {self._dtype})")
+        return _unit(z)
+
+    def embed_query(self, q: torch.Tensor, *, name: str = "query") -> torch.Tensor:
+        """[B, Dq] -> [B, dim] unit vectors (a zero embedding stays zero)."""
+        return self._embed(self.g, name, q, self.query_dim)
+
+    def embed_image(self, x: torch.Tensor, *, name: str = "images") -> torch.Tensor:
+        """[N, Dx] -> [N, dim] unit vectors (a zero embedding stays zero)."""
+        return self._embed(self.h, name, x, self.image_dim)
 
     def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Critic matrix f(q_i, x_j): q [B, Dq], x [N, Dx] -> [B, N] (nats up to c(q))."""
-        return self.embed_query(q) @ self.embed_image(x).T * self.scale
+        return self.embed_query(q, name="q") @ self.embed_image(x, name="x").T * self.scale
 
     def pair_scores(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """f(q_i, x_i) for paired rows: [B, Dq], [B, Dx] -> [B]."""
-        if q.shape[0] != x.shape[0]:
-            raise ValueError(f"images: expected {q.shape[0]} rows to pair with the queries, got {x.shape[0]}")
-        return (self.embed_query(q) * self.embed_image(x)).sum(-1) * self.scale
+        eq, ex = self.embed_query(q, name="q"), self.embed_image(x, name="x")
+        if eq.shape[0] != ex.shape[0]:
+            raise ValueError(f"x: expected {eq.shape[0]} rows to pair with q, got {ex.shape[0]}")
+        return (eq * ex).sum(-1) * self.scale
+
+
+def _unit(z: torch.Tensor) -> torch.Tensor:
+    """Rows onto the unit sphere, exactly scale-free: each row is divided by its peak
+    magnitude before the norm, so huge or tiny finite rows neither overflow nor underflow."""
+    peak = z.abs().amax(dim=-1, keepdim=True)
+    return F.normalize(z / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=-1)
 
 
 @torch.no_grad()
@@ -83,11 +94,18 @@ def pointwise_mi(critic: InfoNCECritic, q: torch.Tensor, x: torch.Tensor, refere
     q [B, Dq], x [B, Dx] paired rows; reference [N, Dx] samples of the image marginal p(x).
     Returns [B].
     """
-    reference = _check_matrix("reference", reference, critic.image_dim)
+    if not isinstance(critic, InfoNCECritic):
+        raise ValueError(f"critic: expected an InfoNCECritic, got {type(critic).__name__}")
+    reference = check_matrix("reference", reference, critic.image_dim)
     if reference.shape[0] < 1:
         raise ValueError("reference: expected at least one image")
-    pos = critic.pair_scores(q, x)
-    marg = torch.logsumexp(critic(q, reference), dim=1) - math.log(reference.shape[0])
+    eq = critic.embed_query(q, name="q")
+    ex = critic.embed_image(x, name="x")
+    if eq.shape[0] != ex.shape[0]:
+        raise ValueError(f"x: expected {eq.shape[0]} rows to pair with q, got {ex.shape[0]}")
+    scale = critic.scale.to(eq.dtype)
+    pos = (eq * ex).sum(-1) * scale
+    marg = torch.logsumexp(eq @ critic.embed_image(reference, name="reference").T * scale, dim=1) - math.log(reference.shape[0])
     return pos - marg
 
 
@@ -106,14 +124,16 @@ def train_critic(
     queries [N, Dq], images [N, Dx], N >= 2 (one question per image, so in-batch negatives
     are other images). Returns the critic (eval mode) and the InfoNCE bound (nats) per step.
     """
-    queries = _check_matrix("queries", queries)
-    images = _check_matrix("images", images)
+    queries = check_matrix("queries", queries, dtype=torch.float32)
+    images = check_matrix("images", images, dtype=torch.float32)
     n = queries.shape[0]
     if images.shape[0] != n or n < 2:
         raise ValueError(f"images: expected {n} rows (>= 2) paired with the queries, got {images.shape[0]}")
-    for name, v in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    if queries.shape[1] < 1 or images.shape[1] < 1:
+        raise ValueError(f"queries, images: expected at least one feature column, got {queries.shape[1]}, {images.shape[1]}")
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("dim", dim), ("seed", seed)):
+        check_int(name, v, 0 if name == "seed" else 1)
+    check_real("lr", lr, lo=0.0, lo_open=True)
     if batch_size < 2:
         raise ValueError(f"batch_size: expected >= 2 (in-batch negatives), got {batch_size}")
     gen = torch.Generator().manual_seed(seed)
@@ -125,6 +145,8 @@ def train_critic(
     for _ in range(steps):
         idx = torch.randperm(n, generator=gen)[: min(batch_size, n)]
         out = critic.loss(critic.g(queries[idx]), critic.h(images[idx]))
+        if not torch.isfinite(out["loss"]):
+            raise ValueError("queries, images: the InfoNCE loss became non-finite (features too large, or lr too high)")
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -140,6 +162,14 @@ def vlm_features(
 
     pixels [B, 3, H, W] in [0, 1]; question_ids / question_mask [B, T] (right-padded).
     """
+    if not isinstance(vlm, nn.Module) or not hasattr(vlm, "query_embeddings") or not hasattr(vlm, "encode_image"):
+        raise ValueError(f"vlm: expected an arr_coc BaseVLM, got {type(vlm).__name__}")
+    if pixels is not None:
+        check_vlm_pixels(vlm, pixels)
+    if question_ids is not None:
+        check_vlm_question(vlm, question_ids, question_mask)
+    elif question_mask is not None:
+        raise ValueError("question_mask: given without question_ids")
     q = x = None
     if question_ids is not None:
         emb = vlm.query_embeddings(question_ids)

@@ -45,6 +45,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half
 
 from arr_coc.attending import greedy_conditional_mi
+from arr_coc.inference._checks import check_vlm_question
 
 __all__ = ["CMIPress", "cmi_keep_indices", "compressed_answer_logits", "kv_cache_entries"]
 
@@ -197,6 +198,8 @@ class CMIPress(BasePress):
 
 def kv_cache_entries(cache: DynamicCache) -> int:
     """Total cached (position, head) entries over layers and KV heads of one batch row."""
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(f"cache: expected a transformers DynamicCache, got {type(cache).__name__}")
     return sum(int(layer.keys.shape[1] * layer.keys.shape[2]) for layer in cache.layers)
 
 
@@ -223,6 +226,19 @@ def compressed_answer_logits(
     (logits [B, V], kv_entries [B] long: cached (position, KV head) entries summed over
     layers after compression).
     """
+    if not isinstance(vlm, nn.Module) or not hasattr(vlm, "check_answer_inputs") or not hasattr(vlm, "llm"):
+        raise ValueError(f"vlm: expected an arr_coc BaseVLM, got {type(vlm).__name__}")
+    if not isinstance(visual, torch.Tensor) or visual.ndim != 3 or min(visual.shape) < 1:
+        raise ValueError(f"visual: expected a non-empty [B, K, Dl] tensor, got {getattr(visual, 'shape', type(visual))}")
+    if not visual.is_floating_point() or not torch.isfinite(visual).all():
+        raise ValueError("visual: expected finite floating-point tokens")
+    check_vlm_question(vlm, question_ids, question_mask, batch=visual.shape[0])
+    if visual_positions is not None:
+        if not isinstance(visual_positions, torch.Tensor) or visual_positions.is_floating_point() or visual_positions.is_complex():
+            raise ValueError(f"visual_positions: expected an integer [B, K, 3] tensor, got {getattr(visual_positions, 'dtype', type(visual_positions))}")
+        if visual_positions.shape == (*visual.shape[:2], 3) and bool((visual_positions < 0).any()):
+            raise ValueError("visual_positions: expected non-negative (row, col, level)")
+    visual = visual.to(vlm.llm.get_input_embeddings().weight.dtype)
     _, visual_positions, question_mask = vlm.check_answer_inputs(
         visual, None, visual_positions, question_ids, question_mask
     )
