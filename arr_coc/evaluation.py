@@ -55,6 +55,7 @@ __all__ = [
     "build_eval_batches",
     "evaluate_allocators",
     "full_accuracy",
+    "full_correctness",
     "oracle_allocation",
     "retained_percent",
     "run_allocation",
@@ -68,7 +69,9 @@ CATEGORIES: dict[str, str] = {
     "colour": "single_object",
     "side": "single_object",
     "nearest": "relational",
+    "compare": "relational",
     "count": "counting",
+    "exists": "existence",
 }
 
 
@@ -89,7 +92,7 @@ def build_eval_batches(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     ds = EmbeddedVQADataset(task, start, size)
-    collate = VQACollator(tokenizer, QUESTION_TYPES)
+    collate = VQACollator(tokenizer, getattr(task, "question_types", QUESTION_TYPES))
     return [collate([ds[i] for i in range(s, min(s + batch_size, size))]) for s in range(0, size, batch_size)]
 
 
@@ -307,12 +310,17 @@ def run_allocation(
 
 
 @torch.no_grad()
-def full_accuracy(vlm: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
-    """Accuracy with all N fine tokens (the reference of ``retained_pct``)."""
+def full_correctness(vlm: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """[E] float 0/1: whether each example is answered right with all N fine tokens."""
     correct = [
         (vlm(b["pixels"], b["question_ids"], b["question_mask"]).argmax(-1) == b["answer"]).float() for b in batches
     ]
-    return float(torch.cat(correct).mean())
+    return torch.cat(correct)
+
+
+def full_accuracy(vlm: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
+    """Accuracy with all N fine tokens (the reference of ``retained_pct``)."""
+    return float(full_correctness(vlm, batches).mean())
 
 
 @torch.no_grad()
@@ -325,8 +333,12 @@ def evaluate_allocators(
     question_types: Sequence[str] | None = None,
     seed: int = 0,
     progress: bool = True,
+    per_question: dict[tuple[str, int], torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Every allocator at every budget over ``batches``; one row dict per (allocator, budget).
+
+    per_question: a dict to fill with (name, budget) -> [E] float 0/1 correctness per example,
+    in the order of ``batches`` (and ("full", 0) for all fine tokens), for paired tests.
 
     allocators: name -> an Allocator (in eval mode) or :data:`ORACLE`. Each image is
     encoded once per batch and shared by all allocators. The oracle's random fill is seeded
@@ -346,7 +358,10 @@ def evaluate_allocators(
     for a in allocators.values():
         if isinstance(a, nn.Module):
             a.eval()
-    full_acc = full_accuracy(vlm, batches)
+    full_correct = full_correctness(vlm, batches)
+    full_acc = float(full_correct.mean())
+    if per_question is not None:
+        per_question[("full", 0)] = full_correct
     acc: dict[tuple[str, int], dict[str, list]] = {
         (name, k): {"correct": [], "recall": [], "recall_fine": [], "tokens": [], "qt": [], "sec": 0.0, "fits": []}
         for name in allocators
@@ -377,6 +392,8 @@ def evaluate_allocators(
     rows = []
     for (name, k), slot in acc.items():
         correct = torch.cat(slot["correct"])
+        if per_question is not None:
+            per_question[(name, int(k))] = correct
         row = {"allocator": name, "budget": int(k)}
         row.update(
             summarize(

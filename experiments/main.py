@@ -47,12 +47,15 @@ log = logging.getLogger(__name__)
 # columns of the headline table: (row key, header)
 TABLE_COLUMNS = (
     ("accuracy", "accuracy"),
+    ("ci", "95% interval"),
     ("retained_pct", "% of full"),
     ("recall", "relevance recall"),
     ("tokens", "tokens used"),
     ("alloc_ms", "alloc ms / example"),
 )
 CATEGORY_COLUMNS = ("acc_single_object", "acc_relational", "acc_counting")
+# rows that are references, not allocators
+REFERENCE_ROWS = ("full", "oracle")
 # the strongest published baselines the issue compares against (same harness)
 PUBLISHED_BASELINES = ("cdpruner", "divprune", "visionzip")
 
@@ -118,7 +121,6 @@ def train_allocator(vlm, allocator, cfg: DictConfig, *, seed: int, overrides: Ma
 
     from arr_coc.training.datamodule import EmbeddedVQADataModule
     from arr_coc.training.module import ARRCOCModule
-    from arr_coc.training.task import VQATask
     from arr_coc.training.tokenizer import build_tokenizer
 
     t = cfg.train
@@ -127,7 +129,7 @@ def train_allocator(vlm, allocator, cfg: DictConfig, *, seed: int, overrides: Ma
     weights = _container(t.loss_weights)
     weights.update(over.get("loss_weights", {}) or {})
     L.seed_everything(seed, workers=True, verbose=False)
-    task = VQATask(seed=int(cfg.data.task_seed), image_size=int(cfg.data.image_size), grid=int(cfg.data.grid))
+    task = build_eval_task(cfg, int(cfg.train.get("task_seed", cfg.data.task_seed)))
     dm = EmbeddedVQADataModule(
         task, build_tokenizer(task), train_size=int(t.train_size), val_size=0, test_size=0,
         batch_size=int(over.get("batch_size", t.batch_size)), seed=seed,
@@ -146,6 +148,15 @@ def train_allocator(vlm, allocator, cfg: DictConfig, *, seed: int, overrides: Ma
     trainer.fit(module, datamodule=dm)
     allocator.eval()
     return float(trainer.callback_metrics.get("train/loss", float("nan")))
+
+
+def build_eval_task(cfg: DictConfig, seed: int):
+    """The embedded task named by ``cfg.data`` (``task``: clutter | sort_of_clevr) with ``seed``."""
+    from arr_coc.training.tasks import build_task
+
+    name = str(cfg.data.get("task", "sort_of_clevr"))
+    spec = {"name": name, "image_size": int(cfg.data.image_size), "grid": int(cfg.data.grid)}
+    return build_task(spec, seed)
 
 
 # ---------------------------------------------------------------------------- aggregation
@@ -180,6 +191,62 @@ def _fmt(row: Mapping[str, Any], key: str, digits: int) -> str:
     return s
 
 
+def _ci(row: Mapping[str, Any]) -> str:
+    lo, hi = row.get("ci_lo"), row.get("ci_hi")
+    if lo is None or hi is None or math.isnan(lo):
+        return "-"
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def add_intervals(agg: list[dict[str, Any]], correct: Mapping[tuple[str, int], list[torch.Tensor]], budgets) -> None:
+    """Add ``ci_lo`` / ``ci_hi`` (bootstrap over questions and seeds) to every aggregated row."""
+    from arr_coc.stats import bootstrap_interval
+
+    for r in agg:
+        key = (r["allocator"], int(r["budget"]))
+        if key in correct:
+            r["ci_lo"], r["ci_hi"] = bootstrap_interval(torch.stack(correct[key]))
+
+
+def paired_tests(
+    agg: Sequence[Mapping[str, Any]], correct: Mapping[tuple[str, int], list[torch.Tensor]], budgets, *, trained=()
+) -> list[dict[str, Any]]:
+    """Per budget: the best ``arr_coc*`` row vs the strongest other non-reference row."""
+    from arr_coc.stats import mcnemar, paired_bootstrap
+
+    out = []
+    for k in budgets:
+        at = [r for r in agg if r["budget"] == k and r["allocator"] not in REFERENCE_ROWS]
+        ours = [r for r in at if r["allocator"].startswith("arr_coc")]
+        others = [r for r in at if not r["allocator"].startswith("arr_coc")]
+        if not ours or not others:
+            continue
+        a = max(ours, key=lambda r: r["accuracy"])
+        b = max(others, key=lambda r: r["accuracy"])
+        ca, cb = torch.stack(correct[(a["allocator"], k)]), torch.stack(correct[(b["allocator"], k)])
+        d, (lo, hi), p = paired_bootstrap(ca, cb)
+        nb, nc, p_mc = mcnemar(ca[0], cb[0])
+        out.append({"budget": k, "ours": a["allocator"], "other": b["allocator"], "diff": d, "lo": lo, "hi": hi,
+                    "p_bootstrap": p, "ours_only": nb, "other_only": nc, "p_mcnemar": p_mc,
+                    "n": int(ca.shape[1]), "seeds": int(max(ca.shape[0], cb.shape[0]))})
+    return out
+
+
+def paired_table(paired: Sequence[Mapping[str, Any]]) -> str:
+    from arr_coc.reporting import markdown_table
+
+    if not paired:
+        return "(no arr_coc row and other allocator to compare)"
+    body = [
+        [p["budget"], f"`{p['ours']}`", f"`{p['other']}`", f"{p['diff']:+.3f}", f"[{p['lo']:+.3f}, {p['hi']:+.3f}]",
+         f"{p['p_bootstrap']:.3g}", f"{p['ours_only']} / {p['other_only']}", f"{p['p_mcnemar']:.3g}", p["n"], p["seeds"]]
+        for p in paired
+    ]
+    return markdown_table(
+        ["budget", "best arr_coc", "strongest other", "difference", "95% interval", "p (bootstrap)",
+         "only ours / only other right", "p (McNemar)", "questions", "seeds"], body)
+
+
 def headline_table(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], num_tokens: int) -> str:
     from arr_coc.reporting import markdown_table
 
@@ -189,7 +256,8 @@ def headline_table(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], num
     for r in rows:
         body.append(
             [r["allocator"], f"{r['budget']} (1/{num_tokens / max(r['budget'], 1):.0f})"]
-            + [_fmt(r, "accuracy", 3), _fmt(r, "retained_pct", 1), _fmt(r, "recall", 3), _fmt(r, "tokens", 1), _fmt(r, "alloc_ms", 3)]
+            + [_fmt(r, "accuracy", 3), _ci(r), _fmt(r, "retained_pct", 1), _fmt(r, "recall", 3), _fmt(r, "tokens", 1),
+               _fmt(r, "alloc_ms", 3)]
         )
     return markdown_table(["allocator", "budget"] + [h for _, h in TABLE_COLUMNS], body)
 
@@ -356,7 +424,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from arr_coc.reporting import commit, environment, write_report
     from arr_coc.training.base_vlm import BaseVLM
     from arr_coc.training.hub import save_allocator
-    from arr_coc.training.task import QUESTION_TYPES, VQATask
     from arr_coc.training.tokenizer import build_tokenizer
 
     t_start = time.perf_counter()
@@ -379,7 +446,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         base_note = f" (stage-1 step {best.get('step')}, its own val accuracy {best.get('val_acc', float('nan')):.3f})"
     vlm.requires_grad_(False)
     num_tokens = int(vlm.num_patches)
-    task = VQATask(seed=int(cfg.data.task_seed), image_size=int(cfg.data.image_size), grid=int(cfg.data.grid))
+    task = build_eval_task(cfg, int(cfg.data.task_seed))
+    question_types = list(task.question_types)
     tok = build_tokenizer(task)
     ev = cfg.eval
     batches = build_eval_batches(task, tok, start=int(ev.start), size=int(ev.size), batch_size=int(ev.batch_size))
@@ -390,6 +458,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seconds["load"] = time.perf_counter() - t_start
 
     rows: list[dict[str, Any]] = []
+    correct: dict[tuple[str, int], list[torch.Tensor]] = {}  # (label, budget) -> per seed [Q] 0/1
     train_losses: dict[str, list[float]] = {}
     allocators: dict[str, Any] = {}
     for si, seed in enumerate(seeds):
@@ -409,15 +478,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 spec = specs[label]
                 save_allocator(allocators[label], _path(save_to[label]), name=spec["name"], config=spec["kwargs"])
         seconds["train"] = seconds.get("train", 0.0) + time.perf_counter() - t0
-        evaluated: dict[str, Any] = dict(allocators)
+        # a deterministic, untrained allocator gives the same answers under every seed: evaluate it once
+        evaluated: dict[str, Any] = {
+            lab: a for lab, a in allocators.items() if si == 0 or lab in train_labels or specs[lab]["name"] == "random"
+        }
         if cfg.include_oracle:
             evaluated[ORACLE] = ORACLE
         t0 = time.perf_counter()
-        for r in evaluate_allocators(vlm, evaluated, batches, budgets, seed=seed, progress=bool(cfg.progress)):
+        per_q: dict[tuple[str, int], torch.Tensor] = {}
+        for r in evaluate_allocators(
+            vlm, evaluated, batches, budgets, question_types=question_types, seed=seed,
+            progress=bool(cfg.progress), per_question=per_q,
+        ):
             r["seed"] = seed
             rows.append(r)
+        for key, c in per_q.items():
+            correct.setdefault(key, []).append(c)
         seconds["evaluate"] = seconds.get("evaluate", 0.0) + time.perf_counter() - t0
     agg = aggregate(rows)
+    trained = {lab for lab in train_losses}
+    add_intervals(agg, correct, budgets)
+    paired = paired_tests(agg, correct, budgets, trained=trained)
 
     # ------------------------------------------------------------------ outputs
     out_dir = _path(cfg.results_dir)
@@ -461,10 +542,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f" ({environment()}).",
         "## Allocator x budget\n\n`alloc ms / example`: the allocator call alone (batch "
         f"{int(ev.batch_size)}), not the ViT or the LLM. `% of full`: accuracy / full-token accuracy. "
+        "`95% interval`: percentile bootstrap over the questions and (for trained rows) the training seeds. "
         "`relevance recall`: fraction of the ground-truth relevant patches covered by the kept tokens "
         "(a pooled token covers its region). The oracle reads the ground-truth relevance mask "
         "(relevant fine patches first, random fill): a reference, not an allocator.\n\n"
-        + headline_table(agg, budgets, num_tokens),
+        + "### References\n\n" + headline_table([r for r in agg if r["allocator"] in REFERENCE_ROWS], budgets, num_tokens)
+        + "\n\n### Training-free allocators\n\n"
+        + headline_table([r for r in agg if r["allocator"] not in REFERENCE_ROWS and r["allocator"] not in trained], budgets, num_tokens)
+        + (
+            "\n\n### Trained allocators (stage 2 on the frozen VLM)\n\n"
+            + headline_table([r for r in agg if r["allocator"] in trained], budgets, num_tokens)
+            if trained else ""
+        ),
+        "## Paired tests\n\nAt each budget, the best `arr_coc` row against the strongest other allocator "
+        "(references excluded): the accuracy difference with its paired-bootstrap 95% interval and p-value "
+        "(questions and seeds resampled together) and the exact McNemar test on the first seed's questions.\n\n"
+        + paired_table(paired),
         "## Where each allocator stands\n\n" + verdict(agg, budgets),
     ]
     if oracle_fit:
@@ -474,8 +567,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             + "."
         )
     parts.append(
-        "## Accuracy by question type\n\nsingle_object = shape, colour, side; relational = nearest; "
-        "counting = count.\n\n" + type_table(agg, budgets, QUESTION_TYPES)
+        "## Accuracy by question type\n\nsingle_object = shape, colour, side; relational = nearest, compare; "
+        "counting = count; existence = exists.\n\n" + type_table(agg, budgets, question_types)
     )
     if cfg.plots:
         parts.append(
@@ -483,7 +576,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             + "\n".join(f"![{k}]({p.name})" for k, p in files.items() if k.endswith("png"))
         )
     files["md"] = write_report(name, str(cfg.title), command, "\n\n".join(parts) + "\n", results_dir=out_dir)
-    return {"rows": rows, "table": agg, "files": files, "seconds": seconds}
+    return {"rows": rows, "table": agg, "files": files, "seconds": seconds, "paired": paired}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="main")

@@ -15,13 +15,16 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import main as main_job  # noqa: E402
 
 from arr_coc.training.hub import load_allocator  # noqa: E402
-from tests.training._helpers import micro_vlm  # noqa: E402
+from tests.training._helpers import micro_vlm, micro_vlm_v2  # noqa: E402
 
 
-def _cfg(tmp_path, *extra):
+V1_DATA = ("data.task=sort_of_clevr", "data.image_size=64", "data.grid=8", "data.task_seed=1", "train.task_seed=1")
+
+
+def _cfg(tmp_path, *extra, v2: bool = False):
     vlm_dir = tmp_path / "vlm"
     if not vlm_dir.exists():
-        micro_vlm(0).save_pretrained(vlm_dir)
+        (micro_vlm_v2(0) if v2 else micro_vlm(0)).save_pretrained(vlm_dir)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(
             "main",
@@ -43,6 +46,7 @@ def _cfg(tmp_path, *extra):
                 "grid_examples=2",
                 "progress=false",
                 "seeds=[0]",
+                *(() if v2 else V1_DATA),
                 *extra,
             ],
         )
@@ -109,3 +113,21 @@ def test_verdict_says_when_arr_coc_is_not_the_best_row():
     text = main_job.verdict(agg, [7])
     assert "rank 2 of 3" in text and "best row `divprune` 0.650" in text
     assert "strongest published baseline `divprune` 97.5%" in text
+
+
+def test_tiny_v2_run_reports_intervals_and_paired_tests(tmp_path):
+    """Benchmark v2's layout: the clutter task, references / training-free / trained tables, a
+    95% interval per row and, per budget, a paired test of arr_coc against the best other row."""
+    out = main_job.run(_cfg(tmp_path, "allocators=[full,random,pool,arr_coc]", "budgets=[16]", "plots=false", v2=True))
+    md = out["files"]["md"].read_text()
+    assert "### References" in md and "### Training-free allocators" in md and "### Trained allocators" in md
+    assert "## Paired tests" in md and "95% interval" in md
+    (p,) = out["paired"]
+    assert p["ours"] == "arr_coc" and p["other"] in ("random", "pool") and p["n"] == 12
+    assert 0.0 <= p["p_mcnemar"] <= 1.0 and p["lo"] <= p["diff"] <= p["hi"]
+    rows = {(r["allocator"], r["budget"]): r for r in out["table"]}
+    for key in (("random", 16), ("oracle", 16), ("arr_coc", 16)):
+        assert rows[key]["ci_lo"] <= rows[key]["accuracy"] <= rows[key]["ci_hi"]
+    text = out["files"]["csv"].read_text()
+    for col in ("acc_compare", "acc_exists", "acc_count", "recall"):
+        assert col in text.splitlines()[2]

@@ -87,12 +87,21 @@ class BaseVLMConfig:
     shape_classes: int = 0
     answer_words: list[str] = field(default_factory=list)
     llm_config: dict[str, Any] | None = None
+    # benchmark v2: the vision tower's paired CLIP text tower (frozen, for text-conditioned
+    # baselines) and the joint space's width; None / 0 on the v1 base VLM
+    text_tower: dict[str, Any] | None = None
+    clip_embed_dim: int = 0
+    # how to rebuild the task the model was trained on (arr_coc.training.tasks.build_task)
+    task_spec: dict[str, Any] | None = None
 
     @classmethod
     def for_task(cls, task, tokenizer, **overrides) -> "BaseVLMConfig":
         """The default config for a task and its tokenizer (aux heads sized for its labels)."""
+        from arr_coc.training.clutter_task import COLOURS_V2, SHAPES_V2, ClutterVQATask
         from arr_coc.training.task import COLOURS, SHAPES
         from arr_coc.training.tokenizer import readout_id
+
+        colours, shapes = (COLOURS_V2, SHAPES_V2) if isinstance(task, ClutterVQATask) else (COLOURS, SHAPES)
 
         vision = overrides.pop("vision", None) or VisionConfig(
             img_size=task.image_size, patch_size=task.image_size // task.grid
@@ -103,8 +112,8 @@ class BaseVLMConfig:
             vocab_size=len(tokenizer),
             pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id),
             readout_token_id=readout_id(tokenizer),
-            colour_classes=2 + len(COLOURS),
-            shape_classes=2 + len(SHAPES),
+            colour_classes=2 + len(colours),
+            shape_classes=2 + len(shapes),
             answer_words=list(task.answer_words()),
             **overrides,
         )
@@ -184,6 +193,15 @@ class BaseVLM(nn.Module):
         self.grid = encoder_grid(self.vision)
         self.num_prefix_tokens = int(getattr(self.vision, "num_prefix_tokens", 0))
         self.position = VisualPositionEmbedding(dl, self.grid, config.num_levels, config.fourier_octaves)
+        self.text_tower = self.visual_projection = self.text_projection = None
+        if config.text_tower is not None:
+            from arr_coc.training.clip import TextTower, TextTowerConfig
+
+            if config.clip_embed_dim < 1:
+                raise ValueError(f"config.clip_embed_dim: expected >= 1 with a text tower, got {config.clip_embed_dim}")
+            self.text_tower = TextTower(TextTowerConfig(**config.text_tower))
+            self.visual_projection = nn.Linear(dv, config.clip_embed_dim, bias=False)
+            self.text_projection = nn.Linear(self.text_tower.config.dim, config.clip_embed_dim, bias=False)
         self.colour_head = nn.Linear(dv, config.colour_classes) if config.colour_classes else None
         self.shape_head = nn.Linear(dv, config.shape_classes) if config.shape_classes else None
         self.register_buffer("pixel_mean", torch.tensor(config.vision.mean).view(1, 3, 1, 1), persistent=False)
@@ -222,6 +240,48 @@ class BaseVLM(nn.Module):
         if tokens.ndim != 3 or tokens.shape[-1] != self.vision_dim:
             raise ValueError(f"tokens: expected [B, K, {self.vision_dim}], got {tuple(tokens.shape)}")
         return self.projector(tokens)
+
+    # ------------------------------------------------------------------ the CLIP text tower (v2)
+    @property
+    def has_text_tower(self) -> bool:
+        """Whether the vision tower came with a paired CLIP text tower (benchmark v2)."""
+        return self.text_tower is not None
+
+    def _need_text_tower(self) -> None:
+        if self.text_tower is None:
+            raise ValueError("vlm: this base VLM has no CLIP text tower (a v1 checkpoint); text signals need a v2 one")
+
+    def instruction_features(self, question_ids: torch.Tensor, question_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """question_ids [B, T] -> [B, T, Dj]: the text tower's per-token features of the
+        instruction in the CLIP joint space, L2-normalised (zeros at padding)."""
+        from arr_coc.training.clip import token_text_features
+
+        self._need_text_tower()
+        return token_text_features(self.text_tower, self.text_projection, question_ids, question_mask)
+
+    def instruction_embedding(self, question_ids: torch.Tensor, question_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """question_ids [B, T] -> [B, Dj]: the CLIP text embedding of the instruction (eos pooled)."""
+        from arr_coc.training.clip import pooled_text_features
+
+        self._need_text_tower()
+        return pooled_text_features(self.text_tower, self.text_projection, question_ids, question_mask)
+
+    def patch_features(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        """vision_tokens [B, P + N, Dv] (from :meth:`encode_image`) -> [B, N, Dj]: the patch
+        tokens in the CLIP joint space, L2-normalised."""
+        from arr_coc.training.clip import projected_tokens
+
+        self._need_text_tower()
+        return projected_tokens(self.visual_projection, vision_tokens[:, self.num_prefix_tokens :])
+
+    def load_clip(self, clip) -> None:
+        """Copy a trained :class:`~arr_coc.training.clip.ClipModel`'s vision tower, text tower
+        and projections into this model (stage 1 of benchmark v2 starts from them)."""
+        self._need_text_tower()
+        self.vision.load_state_dict(clip.vision.state_dict())
+        self.text_tower.load_state_dict(clip.text.state_dict())
+        self.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+        self.text_projection.load_state_dict(clip.text_projection.state_dict())
 
     # ------------------------------------------------------------------ language side
     def query_embeddings(self, question_ids: torch.Tensor) -> torch.Tensor:
@@ -273,6 +333,42 @@ class BaseVLM(nn.Module):
         question_mask = question_mask.bool()
         return visual_mask, visual_positions, question_mask
 
+    def llm_inputs(
+        self,
+        visual: torch.Tensor,
+        visual_mask: torch.Tensor | None,
+        visual_positions: torch.Tensor | None,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The LLM's input sequence ``[K visual] [T question] [READ]`` (see the module docstring).
+
+        Returns (inputs_embeds [B, K + T + 1, Dl], attention_mask [B, K + T + 1] long,
+        position_ids [B, K + T + 1] long). Visual tokens occupy positions 0 .. K - 1 of the
+        sequence; the readout (whose hidden state gives the answer) is the last one. Hosts that
+        run the LLM's layers themselves (in-LLM pruning) start from these.
+        """
+        visual_mask, visual_positions, question_mask = self.check_answer_inputs(
+            visual, visual_mask, visual_positions, question_ids, question_mask
+        )
+        b, k, _ = visual.shape
+        device = visual.device
+
+        embed = self.llm.get_input_embeddings()
+        vis = visual + self.position(visual_positions.masked_fill(~visual_mask[..., None], -1)).to(visual.dtype)
+        vis = vis * visual_mask[..., None]
+        q_emb = embed(question_ids)
+        read_ids = torch.full((b, 1), self.config.readout_token_id, dtype=torch.long, device=device)
+        readout = embed(read_ids) + (q_emb * question_mask[..., None]).sum(1, keepdim=True)
+        inputs = torch.cat([vis, q_emb, readout], dim=1)
+        attn = torch.cat(
+            [visual_mask, question_mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1
+        ).long()
+        n_q = question_mask.long().sum(1, keepdim=True)
+        q_pos = torch.cumsum(question_mask.long(), dim=1) * question_mask.long()
+        pos_ids = torch.cat([torch.zeros(b, k, dtype=torch.long, device=device), q_pos, n_q + 1], dim=1)
+        return inputs, attn, pos_ids
+
     def answer_logits(
         self,
         visual: torch.Tensor,
@@ -288,26 +384,8 @@ class BaseVLM(nn.Module):
         With ``return_attention=True`` also returns the readout token's attention over the
         visual tokens in every layer: a list of [B, heads, K] (needs eager attention).
         """
-        visual_mask, visual_positions, question_mask = self.check_answer_inputs(
-            visual, visual_mask, visual_positions, question_ids, question_mask
-        )
-        b, k, _ = visual.shape
-        device = visual.device
-        t = question_ids.shape[1]
-
-        embed = self.llm.get_input_embeddings()
-        vis = visual + self.position(visual_positions.masked_fill(~visual_mask[..., None], -1)).to(visual.dtype)
-        vis = vis * visual_mask[..., None]
-        q_emb = embed(question_ids)
-        read_ids = torch.full((b, 1), self.config.readout_token_id, dtype=torch.long, device=device)
-        readout = embed(read_ids) + (q_emb * question_mask[..., None]).sum(1, keepdim=True)
-        inputs = torch.cat([vis, q_emb, readout], dim=1)
-        attn = torch.cat(
-            [visual_mask, question_mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1
-        ).long()
-        n_q = question_mask.long().sum(1, keepdim=True)
-        q_pos = torch.cumsum(question_mask.long(), dim=1) * question_mask.long()
-        pos_ids = torch.cat([torch.zeros(b, k, dtype=torch.long, device=device), q_pos, n_q + 1], dim=1)
+        inputs, attn, pos_ids = self.llm_inputs(visual, visual_mask, visual_positions, question_ids, question_mask)
+        k = visual.shape[1]
         out = self.llm.model(
             inputs_embeds=inputs,
             attention_mask=attn,
@@ -322,7 +400,6 @@ class BaseVLM(nn.Module):
         if out.attentions is None:
             raise ValueError("return_attention: the LLM returned no attentions (use attn_implementation='eager')")
         att = [a[:, :, -1, :k] for a in out.attentions]
-        del t
         return logits, att
 
     def forward(self, pixels: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor | None = None):

@@ -208,7 +208,7 @@ class EmbeddedVQADataModule(_LoaderMixin, L.LightningDataModule):
         self.task, self.tokenizer = task, tokenizer
         self.sizes = (train_size, val_size, test_size)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, int(seed)
-        self.question_types = list(QUESTION_TYPES)
+        self.question_types = list(getattr(task, "question_types", QUESTION_TYPES))
         self.collate = VQACollator(tokenizer, self.question_types)
 
     def split(self, name: str) -> EmbeddedVQADataset:

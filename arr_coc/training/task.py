@@ -162,6 +162,8 @@ class VQATask:
         noise: std of the background's Gaussian noise.
     """
 
+    question_types: tuple[str, ...] = QUESTION_TYPES
+
     def __init__(
         self,
         seed: int = 0,

@@ -50,10 +50,11 @@ import torch.nn.functional as F
 from arr_coc.pyramid import build_pyramid, raster_key
 from arr_coc.training.backbones import LLMConfig, VisionConfig
 from arr_coc.training.base_vlm import BaseVLM, BaseVLMConfig, candidate_regions
-from arr_coc.training.task import QUESTION_TYPES, VQABatch, VQATask
+from arr_coc.training.task import VQABatch
+from arr_coc.training.tasks import build_task
 from arr_coc.training.tokenizer import build_tokenizer, load_tokenizer
 
-__all__ = ["evaluate", "main", "parse_args", "random_allocation", "train"]
+__all__ = ["evaluate", "main", "parse_args", "random_allocation", "relevance_preserving_allocation", "train"]
 
 SINGLE_OBJECT = ("shape", "colour", "side")
 
@@ -64,6 +65,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", default="experiments/runs/base_vlm", help="log + resumable state")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=("sort_of_clevr", "clutter"), default="sort_of_clevr",
+                   help="sort_of_clevr: the v1 task; clutter: benchmark v2 (arr_coc.training.clutter_task)")
+    p.add_argument("--clip", default=None,
+                   help="a stage-0 CLIP folder (arr_coc.training.train_clip): its vision tower is loaded and frozen, "
+                   "its text tower carried along (frozen) for text-conditioned baselines")
+    p.add_argument("--drop", choices=("image", "question"), default="image",
+                   help="image: one random allocation per image (v1); question: one per question that then adds the "
+                   "fine token of every relevant cell it left uncovered (answers always stay visible)")
+    p.add_argument("--keep-dist", choices=("uniform", "loguniform"), default="uniform",
+                   help="the kept fraction f of a dropped row: U(keep_min, 1) or exp U(log keep_min, 0)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--object-cells", type=int, default=1)
@@ -74,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llm-layers", type=int, default=2)
     p.add_argument("--llm-heads", type=int, default=4)
     p.add_argument("--llm-init", type=float, default=0.1, help="Llama initializer_range")
+    p.add_argument("--attn", choices=("eager", "sdpa"), default="eager",
+                   help="the LLM's attention kernel (eager: attention weights available, which the v1 recipe supervises)")
     p.add_argument("--images-per-step", type=int, default=32)
     p.add_argument("--questions-per-image", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -118,18 +131,21 @@ def random_allocation(
     *,
     full_prob: float = 0.5,
     keep_min: float = 0.05,
+    log_uniform: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random allocations: (indices [I, K] long with -1 padding, mask [I, K] bool), raster order.
 
     positions: [M, 3] candidate positions (fine first). A row is the N fine tokens with
-    probability ``full_prob``; otherwise ``round(f N)`` candidates, f ~ U(keep_min, 1), drawn
-    without replacement with per-image random preferences for each level (Gumbel top-k).
+    probability ``full_prob``; otherwise ``round(f N)`` candidates, f ~ U(keep_min, 1) (or
+    ``exp U(log keep_min, 0)`` with ``log_uniform``), drawn without replacement with per-image
+    random preferences for each level (Gumbel top-k).
     """
     m = positions.shape[0]
     levels = positions[:, 2]
     n_levels = int(levels.max()) + 1
     full = torch.rand(num_images, generator=generator) < full_prob
-    frac = keep_min + (1.0 - keep_min) * torch.rand(num_images, generator=generator)
+    u = torch.rand(num_images, generator=generator)
+    frac = torch.exp(math.log(keep_min) * (1.0 - u)) if log_uniform else keep_min + (1.0 - keep_min) * u
     k = torch.where(full, torch.full_like(frac, num_fine), (frac * num_fine).round().clamp(min=1)).long()
     bias = 1.5 * torch.randn(num_images, n_levels, generator=generator)
     gumbel = -torch.log(-torch.log(torch.rand(num_images, m, generator=generator).clamp(1e-9, 1 - 1e-9)))
@@ -144,6 +160,38 @@ def random_allocation(
     idx = top.gather(1, order)
     mask = mask.gather(1, order)
     return idx.masked_fill(~mask, -1), mask
+
+
+def relevance_preserving_allocation(
+    relevance: torch.Tensor,
+    positions: torch.Tensor,
+    num_fine: int,
+    grid: tuple[int, int],
+    generator: torch.Generator,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-question random allocations that keep every relevant cell visible.
+
+    relevance: [Q, N] bool (the question's relevant fine cells). A :func:`random_allocation`
+    per question, then the fine token of every relevant cell that no kept candidate covers is
+    added (a pooled token covering it counts), and the row is put back in raster order. The
+    label never changes: what the answer depends on is always there, what is dropped is any
+    subset of the rest, so the LLM learns to answer from the evidence whatever else is missing
+    (counting included). Returns (indices [Q, K] long with -1 padding, mask [Q, K] bool).
+    """
+    idx, mask = random_allocation(relevance.shape[0], positions, num_fine, grid, generator, **kwargs)
+    covered = (candidate_regions(grid, positions[idx.clamp(min=0)]) & mask[..., None]).any(1)  # [Q, N]
+    missing = relevance & ~covered
+    n_miss = int(missing.sum(1).max()) if missing.numel() else 0
+    if n_miss == 0:
+        return idx, mask
+    extra = missing.long().topk(n_miss, dim=1)  # the missing cells first (fine index = cell index)
+    extra_mask = extra.values.bool()
+    idx = torch.cat([idx, extra.indices.masked_fill(~extra_mask, -1)], 1)
+    mask = torch.cat([mask, extra_mask], 1)
+    key = raster_key(positions[idx.clamp(min=0)], grid).masked_fill(~mask, torch.iinfo(torch.long).max)
+    order = key.argsort(dim=1)
+    return idx.gather(1, order), mask.gather(1, order)
 
 
 def _answer_ids(tok, answers: list[str]) -> torch.Tensor:
@@ -161,7 +209,9 @@ def _gather(candidates: torch.Tensor, positions: torch.Tensor, idx: torch.Tensor
 
 def step_losses(vlm: BaseVLM, tok, batch: VQABatch, args, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """All training losses of one batch (answer CE + aux patch CE + attention supervision)."""
-    tokens = vlm.encode_image(batch.images)
+    frozen_vision = not any(q.requires_grad for q in vlm.vision.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_vision):
+        tokens = vlm.encode_image(batch.images)
     p = vlm.num_prefix_tokens
     fine = tokens[:, p:]
     losses: dict[str, torch.Tensor] = {}
@@ -173,24 +223,31 @@ def step_losses(vlm: BaseVLM, tok, batch: VQABatch, args, generator: torch.Gener
         aux = aux + F.cross_entropy(shape.flatten(0, 1), batch.shape_map.flatten())
     losses["aux"] = aux
     pyr = build_pyramid(fine, vlm.grid)
-    idx, mask = random_allocation(
-        fine.shape[0], pyr.positions, pyr.num_fine, vlm.grid, generator,
-        full_prob=args.full_prob, keep_min=args.keep_min,
-    )
-    sel, pos = _gather(pyr.candidates, pyr.positions, idx, mask)
-    visual = vlm.project(sel)
     qi = batch.image_index
+    drop = dict(full_prob=args.full_prob, keep_min=args.keep_min, log_uniform=getattr(args, "keep_dist", "uniform") == "loguniform")
+    if getattr(args, "drop", "image") == "question":
+        idx, mask = relevance_preserving_allocation(batch.relevance.flatten(1), pyr.positions, pyr.num_fine, vlm.grid, generator, **drop)
+        sel, pos = _gather(pyr.candidates[qi], pyr.positions, idx, mask)
+        visual = vlm.project(sel)
+    else:
+        idx, mask = random_allocation(fine.shape[0], pyr.positions, pyr.num_fine, vlm.grid, generator, **drop)
+        sel, pos = _gather(pyr.candidates, pyr.positions, idx, mask)
+        visual, mask, pos = vlm.project(sel)[qi], mask[qi], pos[qi]
     enc = tok(batch.questions, padding=True, return_tensors="pt")
-    logits, att = vlm.answer_logits(
-        visual[qi], mask[qi], pos[qi], enc["input_ids"], enc["attention_mask"], return_attention=True
-    )
+    want_attn = args.attn_weight > 0 or getattr(args, "count_attn_weight", 0.0) > 0
+    out = vlm.answer_logits(visual, mask, pos, enc["input_ids"], enc["attention_mask"], return_attention=want_attn)
+    logits, att = out if want_attn else (out, None)
     target_ids = _answer_ids(tok, batch.answers)
     losses["answer"] = F.cross_entropy(logits, target_ids)
     losses["acc"] = (logits.argmax(-1) == target_ids).float().mean().detach()
-    # attention supervision on the readout token
-    regions = candidate_regions(vlm.grid, pos[qi])  # [Q, K, N]
-    anchor = (regions & batch.anchor.flatten(1)[:, None, :]).any(-1) & mask[qi]
-    target = (regions & batch.target.flatten(1)[:, None, :]).any(-1) & mask[qi]
+    losses["attn"] = torch.zeros(())
+    if att is None:  # benchmark v2: nothing points the LLM's attention anywhere
+        losses["total"] = losses["answer"] + args.aux_weight * losses["aux"]
+        return losses
+    # attention supervision on the readout token (the v1 recipe)
+    regions = candidate_regions(vlm.grid, pos)  # [Q, K, N]
+    anchor = (regions & batch.anchor.flatten(1)[:, None, :]).any(-1) & mask
+    target = (regions & batch.target.flatten(1)[:, None, :]).any(-1) & mask
     supervised = torch.tensor([t != "count" for t in batch.qtypes])
     attn_loss = torch.zeros(())
     for layer, rel in ((0, anchor), (len(att) - 1, target)):
@@ -200,7 +257,7 @@ def step_losses(vlm: BaseVLM, tok, batch: VQABatch, args, generator: torch.Gener
             attn_loss = attn_loss + (-torch.log(mass[ok] + 1e-6)).mean()
     if getattr(args, "count_attn_weight", 0.0) > 0 and len(att[0].shape) == 3 and att[0].shape[1] > 1:
         full_rows = (mask.sum(1) == pyr.num_fine) & (pos[..., 2].clamp(min=0).sum(1) == 0)
-        is_count = torch.tensor([t == "count" for t in batch.qtypes]) & full_rows[qi]
+        is_count = torch.tensor([t == "count" for t in batch.qtypes]) & full_rows
         if is_count.any():
             n = batch.target.flatten(1).sum(1).float() / float(getattr(args, "object_cells", 1) ** 2)
             want = (n / 8.0).clamp(max=0.95)
@@ -213,7 +270,7 @@ def step_losses(vlm: BaseVLM, tok, batch: VQABatch, args, generator: torch.Gener
 
 
 @torch.no_grad()
-def evaluate(vlm: BaseVLM, tok, batch: VQABatch, *, chunk: int = 256) -> dict[str, float]:
+def evaluate(vlm: BaseVLM, tok, batch: VQABatch, *, question_types=None, chunk: int = 256) -> dict[str, float]:
     """Accuracy at full tokens, overall and per question type (plus patch-head accuracy)."""
     vlm.eval()
     tokens = torch.cat([vlm.encode_image(batch.images[i : i + chunk]) for i in range(0, len(batch.images), chunk)])
@@ -228,7 +285,7 @@ def evaluate(vlm: BaseVLM, tok, batch: VQABatch, *, chunk: int = 256) -> dict[st
     correct = (torch.cat(preds) == target).float()
     out = {"val_acc": float(correct.mean())}
     types = np.array(batch.qtypes)
-    for t in QUESTION_TYPES:
+    for t in question_types or sorted(set(batch.qtypes)):
         sel = torch.from_numpy(types == t)
         out[f"val_{t}"] = float(correct[sel].mean()) if sel.any() else float("nan")
     colour, shape = vlm.patch_logits(tokens)
@@ -242,7 +299,7 @@ def evaluate(vlm: BaseVLM, tok, batch: VQABatch, *, chunk: int = 256) -> dict[st
 
 @torch.no_grad()
 def evaluate_budgets(
-    vlm: BaseVLM, tok, batch: VQABatch, *, seed: int = 0, chunk: int = 256
+    vlm: BaseVLM, tok, batch: VQABatch, *, seed: int = 0, question_types=None, chunk: int = 256
 ) -> dict[str, dict[str, float]]:
     """Accuracy per question type under simple allocations (sanity checks of the base model).
 
@@ -275,7 +332,7 @@ def evaluate_budgets(
             preds.append(logits.argmax(-1))
         correct = (torch.cat(preds) == target).float()
         row = {"all": float(correct.mean()), "tokens": int(idx.shape[1])}
-        for t in QUESTION_TYPES:
+        for t in question_types or sorted(set(batch.qtypes)):
             sel_t = torch.from_numpy(types == t)
             row[t] = float(correct[sel_t].mean()) if sel_t.any() else float("nan")
         out[name] = row
@@ -290,18 +347,50 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build(args) -> tuple[VQATask, object, BaseVLM]:
-    task = VQATask(args.seed, image_size=args.image_size, grid=args.grid, object_cells=args.object_cells)
+def _task_spec(args) -> dict:
+    if args.task == "clutter":
+        return {"name": "clutter", "image_size": args.image_size, "grid": args.grid}
+    return {"name": "sort_of_clevr", "image_size": args.image_size, "grid": args.grid, "object_cells": args.object_cells}
+
+
+def split_task(args, split: str):
+    """The task of a split: train (seed), validation (seed + 1,000,003), test (seed + 2,000,003)."""
+    offset = {"train": 0, "val": 1_000_003, "test": 2_000_003}[split]
+    return build_task(_task_spec(args), args.seed + offset)
+
+
+def build(args) -> tuple[object, object, BaseVLM]:
+    """The training task, its tokenizer and a fresh base VLM. With ``--clip`` the vision tower
+    and the text tower come from the stage-0 CLIP (sizes from its config) and are frozen."""
+    task = split_task(args, "train")
     tok = build_tokenizer(task)
-    vision = VisionConfig(
-        img_size=args.image_size, patch_size=args.image_size // args.grid,
-        embed_dim=args.vit_dim, depth=args.vit_depth, num_heads=args.vit_heads,
-    )
     llm = LLMConfig(
         hidden_size=args.llm_dim, num_layers=args.llm_layers, num_heads=args.llm_heads,
-        intermediate_size=2 * args.llm_dim, initializer_range=args.llm_init,
+        intermediate_size=2 * args.llm_dim, initializer_range=args.llm_init, attn_implementation=args.attn,
     )
-    vlm = BaseVLM(BaseVLMConfig.for_task(task, tok, vision=vision, llm=llm))
+    if args.clip is None:
+        vision = VisionConfig(
+            img_size=args.image_size, patch_size=args.image_size // args.grid,
+            embed_dim=args.vit_dim, depth=args.vit_depth, num_heads=args.vit_heads,
+        )
+        vlm = BaseVLM(BaseVLMConfig.for_task(task, tok, vision=vision, llm=llm, task_spec=_task_spec(args)))
+        return task, tok, vlm
+    from dataclasses import asdict
+
+    from arr_coc.training.clip import ClipModel
+
+    clip = ClipModel.from_pretrained(args.clip)
+    if len(load_tokenizer(args.clip)) != len(tok):
+        raise ValueError(f"--clip: its tokenizer does not match the task's ({args.clip})")
+    cfg = BaseVLMConfig.for_task(
+        task, tok, vision=clip.config.vision, llm=llm, task_spec=_task_spec(args),
+        text_tower=asdict(clip.config.text), clip_embed_dim=clip.config.embed_dim,
+    )
+    cfg.colour_classes = cfg.shape_classes = 0  # the tower is frozen: its auxiliary heads stayed in stage 0
+    vlm = BaseVLM(cfg)
+    vlm.load_clip(clip)
+    for module in (vlm.vision, vlm.text_tower, vlm.visual_projection, vlm.text_projection):
+        module.requires_grad_(False)
     return task, tok, vlm
 
 
@@ -310,9 +399,10 @@ def train(args) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     task, tok, vlm = build(args)
-    val_task = VQATask(args.seed + 1_000_003, image_size=args.image_size, grid=args.grid, object_cells=args.object_cells)
-    val = val_task.fixed_batch(args.val_images, 4)
-    opt = torch.optim.AdamW(vlm.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    qtypes_all = list(task.question_types)
+    val = split_task(args, "val").fixed_batch(args.val_images, 4)
+    trainable = [q for q in vlm.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     run_dir, out_dir = Path(args.run_dir), Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "training_log.csv"
@@ -329,7 +419,7 @@ def train(args) -> dict[str, float]:
     elif log_path.exists():
         log_path.unlink()
     fields = ["step", "minutes", "questions_seen", "stage", "lr", "loss", "answer_loss", "aux_loss", "attn_loss",
-              "train_acc", "val_acc", *[f"val_{t}" for t in QUESTION_TYPES], "patch_colour_acc", "patch_shape_acc"]
+              "train_acc", "val_acc", *[f"val_{t}" for t in qtypes_all], "patch_colour_acc", "patch_shape_acc"]
     if not log_path.exists():
         with log_path.open("w", newline="") as f:
             csv.DictWriter(f, fieldnames=fields).writeheader()
@@ -346,7 +436,7 @@ def train(args) -> dict[str, float]:
         losses = step_losses(vlm, tok, batch, args, gen)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         step += 1
         seen += len(batch.questions)
@@ -361,7 +451,7 @@ def train(args) -> dict[str, float]:
                 flush=True,
             )
         if step % args.eval_every == 0 or step == last:
-            metrics = evaluate(vlm, tok, val)
+            metrics = evaluate(vlm, tok, val, question_types=qtypes_all)
             minutes = (time.time() - start) / 60.0
             row = {
                 "step": step, "minutes": round(minutes, 2), "questions_seen": seen, "stage": stage,
@@ -407,7 +497,7 @@ def plot_learning_curve(log_csv: str | Path, png: str | Path) -> Path:
     seen = [int(r["questions_seen"]) / 1000 for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(seen, [float(r["val_acc"]) for r in rows], "k-", lw=2, label="all")
-    for t in QUESTION_TYPES:
+    for t in [k[len("val_"):] for k in rows[0] if k.startswith("val_") and k != "val_acc"]:
         ax.plot(seen, [float(r[f"val_{t}"]) for r in rows], lw=1, label=t)
     switch = [s for s, r0, r1 in zip(seen[1:], rows, rows[1:]) if r0["stage"] != r1["stage"]]
     for s in switch:
@@ -433,9 +523,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
         vlm = BaseVLM.from_pretrained(args.out)
         tok = load_tokenizer(args.out)
-        test_task = VQATask(args.seed + 2_000_003, image_size=args.image_size, grid=args.grid, object_cells=args.object_cells)
+        test_task = split_task(args, "test")
         test = test_task.fixed_batch(args.test_images, 4)
-        result = evaluate_budgets(vlm, tok, test, seed=args.seed)
+        result = evaluate_budgets(vlm, tok, test, seed=args.seed, question_types=list(test_task.question_types))
         result["_meta"] = {"test_questions": len(test.questions), "task_seed": test_task.seed, "stream": 7}
         (Path(args.out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))

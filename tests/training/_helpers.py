@@ -82,3 +82,28 @@ def micro_vlm(seed: int = 0):
         vision=VisionConfig(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2),
         llm=LLMConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
     )
+
+
+def micro_vlm_v2(seed: int = 0):
+    """A benchmark-v2-shaped BaseVLM: 128 x 128 clutter scenes on a 16 x 16 grid, width 32 (one
+    ViT block, one Llama layer), with a one-layer CLIP text tower; random weights."""
+    from dataclasses import asdict
+
+    from arr_coc.training.backbones import LLMConfig, VisionConfig
+    from arr_coc.training.base_vlm import BaseVLM, BaseVLMConfig
+    from arr_coc.training.clip import TextTowerConfig
+    from arr_coc.training.clutter_task import ClutterVQATask
+    from arr_coc.training.tasks import task_spec
+    from arr_coc.training.tokenizer import build_tokenizer, readout_id
+
+    torch.manual_seed(seed)
+    task = ClutterVQATask(0)
+    tok = build_tokenizer(task)
+    text = TextTowerConfig(vocab_size=len(tok), pad_token_id=int(tok.pad_token_id), eos_token_id=readout_id(tok), dim=32, depth=1, heads=2)
+    cfg = BaseVLMConfig.for_task(
+        task, tok,
+        vision=VisionConfig(img_size=128, patch_size=8, embed_dim=32, depth=1, num_heads=2),
+        llm=LLMConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        text_tower=asdict(text), clip_embed_dim=16, task_spec=task_spec(task),
+    )
+    return BaseVLM(cfg)
