@@ -30,8 +30,9 @@ reference: with ``allocator=full`` both give the same generations and log-likeli
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -110,6 +111,24 @@ def build_allocator(name: str, kwargs: dict[str, Any]) -> Allocator:
         ) from err
 
 
+def wrap_options(target: Callable[..., Any], processor: Any, query: str | None) -> dict[str, Any]:
+    """Keywords for a plug-in's ``wrap``: the processor (the question-only query) where it takes one.
+
+    ``target`` is the callable whose signature decides (``wrap`` or the class it builds);
+    ``query`` (a model argument) is passed only when given, and raises ``ValueError`` where
+    the plug-in has no ``query`` option.
+    """
+    params = inspect.signature(target).parameters
+    out: dict[str, Any] = {}
+    if "processor" in params:
+        out["processor"] = processor
+    if query is not None:
+        if "query" not in params:
+            raise ValueError(f"query: this plug-in ({target.__qualname__}) has no query option")
+        out["query"] = query
+    return out
+
+
 def _dtype(value: Any) -> torch.dtype | str:
     if value is None or value == "auto":
         return "auto"
@@ -137,6 +156,9 @@ class AllocatedVLM(lmms):
     system_prompt: family default when not given (see the subclass).
     max_new_tokens: generation cap when the task gives none (default 128).
     unwrapped:    ``true`` runs the plain host (no allocator): the reference run.
+    query:        which prompt tokens the allocator reads as the query, where the plug-in
+                  has the option (``prompt``: every text token); by default the plug-in's
+                  own rule, given the processor (the user's question).
     anything else: a keyword of the allocator (``alpha=0.5``, ``levels=[1,2]``).
     """
 
@@ -158,6 +180,7 @@ class AllocatedVLM(lmms):
         system_prompt: str | None = None,
         max_new_tokens: int = 128,
         unwrapped: bool = False,
+        query: str | None = None,
         trust_remote_code: bool = False,
         **allocator_kwargs: Any,
     ) -> None:
@@ -176,6 +199,7 @@ class AllocatedVLM(lmms):
         self.allocator_name = allocator
         self.allocator_module: Allocator = build_allocator(allocator, allocator_kwargs)
         self.unwrapped = bool(unwrapped)
+        self.query = query
         self.max_new_tokens = max_new_tokens
         self.system_prompt = self._resolve_system_prompt(system_prompt) if system_prompt else system_prompt
 

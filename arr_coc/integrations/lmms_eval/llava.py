@@ -23,7 +23,7 @@ import torch
 
 from arr_coc.allocators import Allocator
 from arr_coc.integrations import llava
-from arr_coc.integrations.lmms_eval.base import AllocatedVLM
+from arr_coc.integrations.lmms_eval.base import AllocatedVLM, wrap_options
 
 __all__ = ["ArrCocLlava", "VICUNA_CHAT_TEMPLATE"]
 
@@ -90,4 +90,5 @@ class ArrCocLlava(AllocatedVLM):
         else:
             tokens = budget
         self.budget_tokens = tokens
-        return llava.wrap(model, allocator, budget=tokens)
+        options = wrap_options(llava.LlavaAllocation.__init__, self.processor, self.query)
+        return llava.wrap(model, allocator, budget=tokens, **options)

@@ -24,7 +24,7 @@ import torch
 
 from arr_coc.allocators import Allocator
 from arr_coc.integrations import qwen_vl
-from arr_coc.integrations.lmms_eval.base import AllocatedVLM
+from arr_coc.integrations.lmms_eval.base import AllocatedVLM, wrap_options
 
 __all__ = ["ArrCocQwenVL", "MODEL_TYPES"]
 
@@ -84,4 +84,4 @@ class ArrCocQwenVL(AllocatedVLM):
         return model, processor
 
     def _wrap(self, model: torch.nn.Module, allocator: Allocator, budget: int | float | None) -> qwen_vl.QwenVLAllocation:
-        return qwen_vl.wrap(model, allocator, budget=budget)
+        return qwen_vl.wrap(model, allocator, budget=budget, **wrap_options(qwen_vl.wrap, self.processor, self.query))

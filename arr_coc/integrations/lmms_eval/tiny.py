@@ -19,8 +19,9 @@ python -m lmms_eval --model arr_coc_llava \\
   64 visual tokens), saved with a processor that ``AutoProcessor`` loads back.
 - :func:`export_vqa_task`: questions of :class:`arr_coc.training.task.VQATask` as a parquet
   file (``image``, ``question``, ``answer``, ``choices``, ``label``) and two lmms-eval task
-  YAMLs over it: ``arr_coc_vqa_gen`` (``generate_until``, exact match) and ``arr_coc_vqa_mc``
-  (``multiple_choice`` over the answer words, accuracy from log-likelihoods).
+  YAMLs over it (the ``datasets`` cache goes beside the file): ``arr_coc_vqa_gen``
+  (``generate_until``, exact match) and ``arr_coc_vqa_mc`` (``multiple_choice`` over the
+  answer words, accuracy from log-likelihoods).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def _task_yaml(name: str, data: Path, output_type: str) -> str:
         "dataset_kwargs:\n"
         "  data_files:\n"
         f"    test: {data}\n"
+        f"  cache_dir: {data.parent / '.datasets_cache'}\n"
         "test_split: test\n"
         f"output_type: {output_type}\n"
         "doc_to_visual: image\n"
