@@ -172,8 +172,8 @@ class PyramidGram:
             )
         if any((not isinstance(lv, int)) or lv < 1 for lv in levels):
             raise ValueError(f"levels: expected positive ints (log2 pooling factors), got {levels!r}")
-        self.fine_gram, self.grid, self.levels = fine_gram, (h, w), tuple(levels)
-        pos, _ = pyramid_positions(self.grid, self.levels, device=fine_gram.device)
+        self.fine_gram, self.grid, self.levels = fine_gram.contiguous(), (h, w), tuple(levels)
+        pos, self._level_sizes = pyramid_positions(self.grid, self.levels, device=fine_gram.device)
         self.num_candidates = pos.shape[0]
         side = 2 ** max(self.levels, default=0)
         d = torch.arange(side, device=fine_gram.device)
@@ -185,6 +185,7 @@ class PyramidGram:
         inside = inside.reshape(self.num_candidates, -1)
         self._weights = inside.to(fine_gram.dtype) / inside.sum(1, keepdim=True).to(fine_gram.dtype)  # [M, P]
         self._pool_t: torch.Tensor | None = None
+        self._row_offset: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -205,23 +206,30 @@ class PyramidGram:
     def rows(self, s: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
         """<c_s, c_j> [B, M] for one candidate s [B] per example (``flat`` is unused: the row-oracle signature)."""
         b, n, _ = self.fine_gram.shape
-        patches = self._patches[s]  # [B, P]
-        flat_rows = (patches + torch.arange(b, device=s.device)[:, None] * n).reshape(-1)
-        u = self.fine_gram.reshape(b * n, n).index_select(0, flat_rows).view(b, -1, n)  # [B, P, N]
-        u = torch.bmm(self._weights[s][:, None], u)[:, 0]  # [B, N]: average over the patches of s
+        if self._row_offset is None or self._row_offset.shape[0] != b:
+            self._row_offset = torch.arange(b, device=s.device)[:, None] * n
+        patches = self._patches.index_select(0, s).add_(self._row_offset)  # [B, P] rows of the flattened Gram
+        u = self.fine_gram.view(b * n, n).index_select(0, patches.view(-1)).view(b, -1, n)  # [B, P, N]
+        u = torch.bmm(self._weights.index_select(0, s)[:, None], u)[:, 0]  # [B, N]: average over the patches of s
         return self._pool(u)
 
     def diag(self) -> torch.Tensor:
         """|c_j|^2 [B, M]: for a pooled candidate, the mean of the fine Gram over its patch pairs."""
         b, n, _ = self.fine_gram.shape
-        fine = self.fine_gram.diagonal(dim1=1, dim2=2)
-        pat, wts = self._patches[n:], self._weights[n:]  # the pooled candidates
-        if pat.shape[0] == 0:
-            return fine.clone()
-        pairs = (pat[:, :, None] * n + pat[:, None, :]).reshape(-1)  # [Mp P P]
-        g = self.fine_gram.reshape(b, n * n).index_select(1, pairs).view(b, pat.shape[0], -1)
-        wp = (wts[:, :, None] * wts[:, None, :]).reshape(pat.shape[0], -1)
-        return torch.cat([fine, (g * wp).sum(-1)], 1)
+        parts = [self.fine_gram.diagonal(dim1=1, dim2=2)]
+        side = 2 ** max(self.levels, default=0)
+        start = n
+        for level, count in zip(self.levels, self._level_sizes[1:]):  # per level: f * f patch slots, not side^2
+            f = 2**level
+            slots = (torch.arange(f, device=self._patches.device)[:, None] * side
+                     + torch.arange(f, device=self._patches.device)).reshape(-1)
+            pat = self._patches[start : start + count][:, slots]  # [Ml, f f]
+            wts = self._weights[start : start + count][:, slots]
+            pairs = (pat[:, :, None] * n + pat[:, None, :]).reshape(-1)  # [Ml f^2 f^2]
+            g = self.fine_gram.view(b, n * n).index_select(1, pairs).view(b, count, -1)
+            parts.append((g * (wts[:, :, None] * wts[:, None, :]).reshape(count, -1)).sum(-1))
+            start += count
+        return torch.cat(parts, 1)
 
     def mean(self) -> torch.Tensor:
         """Mean of all M x M inner products [B]: a^T G a / M^2, a_i = total weight of fine token i."""
@@ -354,7 +362,7 @@ def _kernel_setup(
         if qx is not None:
             qinv = _inv_norm(qx.pow(2).sum(-1))
             k_qq = (qx @ qx.transpose(1, 2)) * qinv[:, :, None] * qinv[:, None, :]
-            k_qc = (qx @ x.transpose(1, 2)) * qinv[:, :, None] * inv[:, None, :]
+            k_qc = (x @ qx.transpose(1, 2)).transpose(1, 2) * qinv[:, :, None] * inv[:, None, :]
 
         def cosine_row(s: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
             return raw_rows(s, flat).mul_(inv_flat[flat][:, None]).mul_(inv)
@@ -371,7 +379,7 @@ def _kernel_setup(
     if qx is not None:
         qsq = qx.pow(2).sum(-1)
         k_qq = _rbf_from_dots(qx @ qx.transpose(1, 2), qsq, qsq, ell2)
-        k_qc = _rbf_from_dots(qx @ x.transpose(1, 2), qsq, sq, ell2)
+        k_qc = _rbf_from_dots((x @ qx.transpose(1, 2)).transpose(1, 2), qsq, sq, ell2)
 
     def rbf_row(s: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         d2 = (sq_flat[flat][:, None] + sq - 2 * raw_rows(s, flat)).clamp_min_(0)
@@ -509,8 +517,10 @@ def greedy_conditional_mi(
     price2 = 2 * price
     row_offset = torch.arange(b, device=device) * m  # flat index of (b, 0) in [B, M]
     var_chains = var.view(chains, b * m)  # [C, B * M]: chain c's Var(j) of example i at i * M + j
-    jit = torch.full((b,), jitter, dtype=dtype, device=device)
     var_a = var[cb - b :]
+    cov_b, cov_a, cov_rows = cov[:b], cov[cb - b :], cov[:, 0]
+    g_cov, g_query, g_sum = gains.unbind(0)
+    log_d_and_b, log_a = logs[0:chains], logs[chains:]
     # a row stops early only with a price or per-example budgets: then check every step
     stop_early = bool((price > 0).any()) or bool((budget != k_max).any())
     done = budget <= 0
@@ -519,53 +529,51 @@ def greedy_conditional_mi(
         torch.clamp_min(var, var_floor, out=log_var)
         log_var.log_()
         # var_floor <= distortion, so a redundant candidate (Var(j|S) <= floor) gets 0 from both terms
+        # [log Var_A - log D, log Var_A - log Var_B] (the second only with a query), clamped at 0
+        torch.sub(log_a, log_d_and_b, out=gains[:chains]).clamp_min_(0)
         if use_query:
-            torch.sub(logs[2:3], logs[0:2], out=gains[0:2])  # [log Var_A - log D, log Var_A - log Var_B]
-            gains[0:2].clamp_min_(0)
-            torch.lerp(gains[0], gains[1], alpha_c, out=gains[2])
+            torch.lerp(g_cov, g_query, alpha_c, out=g_sum)
         else:
-            torch.sub(logs[1], logs[0], out=gains[0]).clamp_min_(0)
-            torch.mul(gains[0], 1 - alpha_c, out=gains[2])
+            torch.mul(g_cov, 1 - alpha_c, out=g_sum)
         if unary2 is not None:
-            gains[2].add_(unary2 * (gains[2] > 0))
-        s = torch.add(gains[2], bias, out=score).argmax(dim=1)  # [B]
+            g_sum.add_(unary2 * (g_sum > 0))
+        s = torch.add(g_sum, bias, out=score).argmax(dim=1)  # [B]
         flat = s + row_offset
-        torch.index_select(gains_flat, 1, flat, out=picked_gains[k])
-        if bool((picked_gains[k, 2] <= 0).any()):
+        pg = torch.index_select(gains_flat, 1, flat, out=picked_gains[k])  # [3, B]
+        if bool((pg[2] <= 0).any()):
             # no positive gain left in some row: among zero gains, the largest residual variance
             fallback = ((var_a.clamp(0, 1) - 2) + bias).argmax(dim=1)
-            s = torch.where(picked_gains[k, 2] > 0, s, fallback)
+            s = torch.where(pg[2] > 0, s, fallback)
             flat = s + row_offset
-            torch.index_select(gains_flat, 1, flat, out=picked_gains[k])
+            torch.index_select(gains_flat, 1, flat, out=pg)
         picks[k] = s
         if stop_early:
-            done = done | (k >= budget) | (picked_gains[k, 2] < price2)
+            done = done | (k >= budget) | (pg[2] < price2)
             if bool(done.all()):
                 steps = k + 1
                 break
         if k == k_max - 1:
             break
         bias_flat.index_fill_(0, flat, -math.inf)
-        # kernel row of the pick, then one Cholesky row per chain
-        kr = kernel_row(s, flat)
-        kr.view(-1).index_add_(0, flat, jit)
-        kr = kr[:, None]  # [B, 1, M]
+        # kernel row of the pick, then one Cholesky row per chain. The row's own entry (where
+        # the jitter would go) only ever feeds column s of the factor, which no later step reads.
+        kr = kernel_row(s, flat)[:, None]  # [B, 1, M]
         r = t + k
         s_idx = s[:, None, None]
         if use_query:  # chain B: the query rows and the picks so far
             prev = l[:r, :b].transpose(0, 1)  # [B, T + k, M]
             ls = prev.gather(2, s_idx.expand(b, r, 1))
-            torch.baddbmm(kr, ls.transpose(1, 2), prev, alpha=-1, out=cov[:b])
+            torch.baddbmm(kr, ls.transpose(1, 2), prev, alpha=-1, out=cov_b)
         if k > 0:  # chain A: the picks so far
             prev = l[t:r, cb - b :].transpose(0, 1)  # [B, k, M]
             ls = prev.gather(2, s_idx.expand(b, k, 1))
-            torch.baddbmm(kr, ls.transpose(1, 2), prev, alpha=-1, out=cov[cb - b :])
+            torch.baddbmm(kr, ls.transpose(1, 2), prev, alpha=-1, out=cov_a)
         else:
-            cov[cb - b :] = kr
+            cov_a.copy_(kr)
         vs = var_chains.index_select(1, flat).view(cb)  # [C B] Var(s | previous pivots)
         # a pivot at or below the floor is already determined: conditioning on it is a no-op
         inv = vs.clamp_min(var_floor).rsqrt_().mul_(vs > var_floor)
-        col = torch.mul(cov[:, 0], inv[:, None], out=l[r])
+        col = torch.mul(cov_rows, inv[:, None], out=l[r])
         var.addcmul_(col, col, value=-1).clamp_min_(0)
         var_chains.index_fill_(1, flat, 0.0)  # a pick is known exactly
 
