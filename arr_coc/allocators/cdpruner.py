@@ -7,13 +7,39 @@ conditional diversity for token pruning in MLLMs") keeps the subset S maximising
     L = diag(r) S diag(r),   S_ij = cos(x_i, x_j),
     r_i = relevance of image token i to the instruction,
 
-so that the subset is both relevant (large r) and diverse (S_S far from singular). Here
-``r`` is the mean cosine similarity of token i to the real query tokens, min-max normalised
-per image to [0, 1] (the paper's recipe; a constant relevance row becomes all ones).
-Optionally (``theta``) the quality is reweighted ``r <- exp(theta / (2 (1 - theta)) r)``
-(Chen et al., 2018's relevance/diversity trade-off, also in CDPruner's release). Some
-released configurations negate the relevance for particular models; ``negate_relevance``
-reproduces that.
+so that the subset is both relevant (large r) and diverse (S_S far from singular).
+
+The released LLaVA code (github Theia-4869/CDPruner, ``llava/model/llava_arch.py``
+``encode_images`` and ``multimodal_encoder/clip_encoder.py``), transcribed in the tests:
+
+    image_normalized = mm_projector(features) / norm;  similarity = image_normalized @ image_normalized^T
+    image_embeds = visual_projection(post_layernorm(features)) / norm        # (B, N, C), CLIP space
+    text_embeds = CLIPTextModelWithProjection(instruction).text_embeds / norm  # (M, C), pooled, one per 77 tokens
+    relevance = (-(image_embeds @ text_embeds^T)).mean(-1)                    # note the minus sign
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance[:, :, None] * similarity * relevance[:, None, :];  fast greedy MAP
+
+With a host (:class:`arr_coc.allocators.host.HostSignals`) the relevance is computed this
+way from ``host.patch_features()`` (the patches in the CLIP joint space) and the text
+tower's embedding of the instruction: ``host.text_embedding()`` (pooled, ``text="pooled"``,
+the default: what the release reads) or the mean over the real tokens of
+``host.text_features()`` (``text="tokens"``), normalised per image with the release's
+``+ 1e-6``. ``negate_relevance`` chooses the sign: the release negates (``True``); the
+default here is ``False`` (relevance = similarity), pending the lead's decision on
+validation; the tests check both against the transcription.
+
+Without a host, ``r`` is the mean cosine similarity of token i to the real query tokens
+(the LLM's word embeddings, or ``query_proj`` of them), min-max normalised per image to
+[0, 1] (a constant relevance row becomes all ones), and ``extras["signal"]`` says
+``"query"`` instead of ``"host"``. Optionally (``theta``) the quality is reweighted
+``r <- exp(theta / (2 (1 - theta)) r)`` (Chen et al., 2018's relevance/diversity trade-off,
+commented out in CDPruner's release).
+
+What still departs from the release: its image embeddings come from layer -2's features
+(LLaVA's select layer), ours from the tower's output tokens (what our LLM reads); its
+min / max of the relevance run over the whole batch (batch size 1 in its evaluation), ours
+per image; its greedy has no tolerance and breaks ties by index, ours treats residuals below
+``1000 eps`` as zero and breaks exact ties by content (identical picks otherwise).
 
 MAP inference is the fast greedy algorithm of Chen, Zhang & Zhou (NeurIPS 2018): keep the
 incremental Cholesky factor of ``L_S`` and each candidate's residual ``d_i^2 = L_ii -
@@ -39,6 +65,7 @@ from torch import nn
 
 from arr_coc.allocators.base import AllocationContext, Allocator, Selection
 from arr_coc.allocators.fastv_like import query_in_token_space
+from arr_coc.allocators.host import request_signal
 from arr_coc.allocators.registry import register_allocator
 from arr_coc.token_scores import (
     argmax_with_tiebreak,
@@ -56,11 +83,12 @@ __all__ = [
 ]
 
 
-def normalized_relevance(relevance: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
-    """Per-row min-max normalisation [B, N] -> [B, N] in [0, 1]; a (near-)constant row -> ones."""
+def normalized_relevance(relevance: torch.Tensor, *, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:
+    """Per-row min-max normalisation [B, N] -> [B, N]: ``(r - min + offset) / (max - min)``
+    (``offset = 1e-6`` is the release's); a (near-)constant row -> ones."""
     lo = relevance.amin(dim=1, keepdim=True)
     span = relevance.amax(dim=1, keepdim=True) - lo
-    return torch.where(span > eps, (relevance - lo) / span.clamp(min=eps), torch.ones_like(relevance))
+    return torch.where(span > eps, (relevance - lo + offset) / span.clamp(min=eps), torch.ones_like(relevance))
 
 
 def conditional_kernel(fine: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
@@ -133,35 +161,71 @@ class CDPrunerAllocator(Allocator):
     Args:
         theta: None (default) uses the normalised relevance as the quality; a value in
             (0, 1) uses ``exp(theta / (2 (1 - theta)) r)``.
-        negate_relevance: rank by negated query similarity (a model-specific quirk of some
-            released configurations).
-        query_proj: optional module mapping query features Dq -> D.
+        negate_relevance: rank by negated similarity, as the released LLaVA code does.
+        text: with a host, ``"pooled"`` (the text tower's pooled embedding, as released) or
+            ``"tokens"`` (the mean over its per-token features).
+        query_proj: optional module mapping query features Dq -> D (no-host path).
     """
 
     fixed_budget = True
     permutation_equivariant = True
+    reads_host = True
 
     def __init__(
-        self, *, theta: float | None = None, negate_relevance: bool = False, query_proj: nn.Module | None = None
+        self,
+        *,
+        theta: float | None = None,
+        negate_relevance: bool = False,
+        text: str = "pooled",
+        query_proj: nn.Module | None = None,
     ):
         super().__init__()
         if theta is not None and not 0.0 < theta < 1.0:
             raise ValueError(f"theta: expected None or a value in (0, 1), got {theta!r}")
+        if text not in ("pooled", "tokens"):
+            raise ValueError(f"text: expected 'pooled' or 'tokens', got {text!r}")
         self.theta = theta
         self.negate_relevance = negate_relevance
+        self.text = text
         self.query_proj = query_proj
+
+    def _reweight(self, r: torch.Tensor) -> torch.Tensor:
+        if self.theta is not None:
+            r = torch.exp(self.theta / (2.0 * (1.0 - self.theta)) * r)
+        return r
+
+    def host_quality(self, ctx: AllocationContext, dtype: torch.dtype) -> torch.Tensor:
+        """r [B, N] from the host's CLIP patch features and instruction embedding (see the module docstring)."""
+        b, n = ctx.batch_size, ctx.num_fine
+        patches = request_signal(ctx.host, "patch_features", requester="cdpruner")
+        if patches.dim() != 3 or patches.shape[:2] != (b, n):
+            raise ValueError(f"host: patch_features() must be [B={b}, N={n}, Dj], got {tuple(patches.shape)}")
+        if self.text == "pooled":
+            text = request_signal(ctx.host, "text_embedding", requester="cdpruner")[:, None]  # [B, 1, Dj]
+            text_mask = torch.ones(b, 1, dtype=torch.bool, device=patches.device)
+        else:
+            text, text_mask = request_signal(ctx.host, "text_features", requester="cdpruner")
+        if text.dim() != 3 or text.shape[0] != b or text.shape[-1] != patches.shape[-1]:
+            raise ValueError(f"host: text features must be [B={b}, T, Dj={patches.shape[-1]}], got {tuple(text.shape)}")
+        image = torch.nn.functional.normalize(patches.to(dtype), dim=-1)
+        text = torch.nn.functional.normalize(text.to(dtype), dim=-1)
+        tm = text_mask.to(device=image.device, dtype=dtype)
+        sim = image @ text.transpose(1, 2)  # [B, N, T]
+        rel = (sim * tm[:, None, :]).sum(-1) / tm.sum(-1, keepdim=True).clamp(min=1)
+        r = self._reweight(normalized_relevance(-rel if self.negate_relevance else rel, offset=1e-6))
+        return torch.where(text_mask.any(1)[:, None].to(image.device), r, torch.ones_like(r))
 
     def quality(self, ctx: AllocationContext) -> torch.Tensor:
         """Per-token quality r [B, N] (ones where there is no usable query)."""
         dtype = torch.float64 if ctx.fine.dtype == torch.float64 else torch.float32
+        if ctx.host is not None:
+            return self.host_quality(ctx, dtype)
         ones = torch.ones(ctx.batch_size, ctx.num_fine, dtype=dtype, device=ctx.fine.device)
         q = query_in_token_space(ctx, self.query_proj)
         if q is None:
             return ones
         rel = query_relevance(q, ctx.fine, ctx.query_mask).to(dtype)
-        r = normalized_relevance(-rel if self.negate_relevance else rel)
-        if self.theta is not None:
-            r = torch.exp(self.theta / (2.0 * (1.0 - self.theta)) * r)
+        r = self._reweight(normalized_relevance(-rel if self.negate_relevance else rel))
         return torch.where(valid_query_rows(q, ctx.query_mask)[:, None], r, ones)
 
     def select(self, ctx: AllocationContext) -> Selection:
@@ -172,5 +236,6 @@ class CDPrunerAllocator(Allocator):
         keep = ctx.budget_mask(k)
         return Selection(
             indices=torch.where(keep, picks, torch.full_like(picks, -1)),
-            extras={"quality": r, "pick_order": picks, "log_gain": log_gain},
+            extras={"quality": r, "pick_order": picks, "log_gain": log_gain,
+                    "signal": "host" if ctx.host is not None else "query"},
         )

@@ -12,6 +12,7 @@ out = allocator(tokens, query=..., budget=64, grid=(16, 16), num_prefix_tokens=1
 host.vision_attention(-2)   # [B, heads, P+N, P+N] softmax attention of the vision tower's block -2
 host.vision_keys(-2)        # [B, P+N, Dh] that block's attention keys, averaged over heads
 host.text_features()        # ([B, T, Dj], [B, T] bool): the text tower's per-token instruction features
+host.text_embedding()       # [B, Dj]: the text tower's pooled (eos) embedding of the instruction
 host.patch_features()       # [B, N, Dj]: the patch tokens in the same joint (CLIP) space
 ```
 
@@ -21,7 +22,10 @@ Every signal is computed lazily, once per batch, and cached by the host. Token o
 the host's: P prefix tokens (CLS, registers) first, then the N patches in raster order,
 the same order as the ``patch_tokens`` the allocator receives. Keys are averaged over heads
 (``k.mean(heads)``), as ToMe's ``metric`` and VisionZip's ``raw_key_states.mean(1)`` are.
-``text_features`` / ``patch_features`` are L2-normalised.
+``text_features`` / ``text_embedding`` / ``patch_features`` are L2-normalised and live in the
+joint (CLIP) space; ``text_embedding`` is the pooled CLIP text embedding (what
+``CLIPTextModelWithProjection.text_embeds`` is, and what CDPruner's release reads); it is
+optional in the protocol (hosts without it raise :class:`SignalUnavailable`).
 
 A host that cannot give a signal raises :class:`SignalUnavailable` (a ``ValueError``)
 naming it; allocators ask through :func:`request_signal`, which also turns a missing method
@@ -92,6 +96,8 @@ class HostSignals(Protocol):
     def patch_features(self) -> torch.Tensor:
         """[B, N, Dj] L2-normalised patch tokens in the joint (CLIP) space."""
         ...
+
+    # optional: def text_embedding(self) -> torch.Tensor  ([B, Dj] pooled, L2-normalised)
 
 
 def request_signal(host: Any, name: str, *args: Any, requester: str = "this allocator") -> Any:

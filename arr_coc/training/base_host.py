@@ -6,6 +6,7 @@ out = allocator(projected, query=..., budget=64, grid=vlm.grid, num_prefix_token
 host.vision_attention(-2)      # [B, heads, P+N, P+N]
 host.vision_keys(-2)           # [B, P+N, Dh], keys averaged over heads
 host.text_features()           # ([B, T, Dj], [B, T] bool) from the stage-0 text tower
+host.text_embedding()          # [B, Dj] its pooled (eos) embedding of the question
 host.patch_features()          # [B, N, Dj]
 logits = host.answer_in_llm(fastv, visual, mask, positions, question_ids, question_mask, budget=64)
 ```
@@ -19,8 +20,9 @@ Signals (the contract is :mod:`arr_coc.allocators.host`):
   recomputed with the module's own ``qkv``, ``num_heads``, ``scale`` and ``q_norm`` /
   ``k_norm``: ``softmax(q k^T * scale)`` (float32) is exactly what the block's non-fused path
   computes. The re-encoded output is checked against ``vision_tokens``.
-- ``text_features`` / ``patch_features``: the base VLM's paired text tower
-  (``vlm.has_text_tower``, ``vlm.instruction_features``, ``vlm.patch_features``); a base
+- ``text_features`` / ``text_embedding`` / ``patch_features``: the base VLM's paired text
+  tower (``vlm.has_text_tower``, ``vlm.instruction_features``, ``vlm.instruction_embedding``,
+  ``vlm.patch_features``); a base
   VLM without one raises :class:`~arr_coc.allocators.host.SignalUnavailable`.
 
 ``answer_in_llm`` builds the LLM input with ``vlm.llm_inputs`` (visual tokens first, the
@@ -120,6 +122,7 @@ class BaseVLMHost:
         self._qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._attn: dict[int, torch.Tensor] = {}
         self._text: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._text_pooled: torch.Tensor | None = None
         self._patch: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ vision tower
@@ -215,17 +218,27 @@ class BaseVLMHost:
         """([B, T, Dj] L2-normalised text-tower features of the question, [B, T] bool mask)."""
         if self._text is None:
             self._text_tower("text_features")
-            if self.question_ids is None:
-                raise SignalUnavailable("host: the signal 'text_features' needs question_ids, which this host was not given")
-            mask = (
-                torch.ones_like(self.question_ids, dtype=torch.bool)
-                if self.question_mask is None
-                else self.question_mask.bool()
-            )
+            mask = self._question_mask("text_features")
             with torch.no_grad():
                 feats = self.vlm.instruction_features(self.question_ids, mask)
             self._text = (feats, mask)
         return self._text
+
+    def _question_mask(self, signal: str) -> torch.Tensor:
+        if self.question_ids is None:
+            raise SignalUnavailable(f"host: the signal {signal!r} needs question_ids, which this host was not given")
+        if self.question_mask is None:
+            return torch.ones_like(self.question_ids, dtype=torch.bool)
+        return self.question_mask.bool()
+
+    def text_embedding(self) -> torch.Tensor:
+        """[B, Dj] L2-normalised pooled (eos) text-tower embedding of the question."""
+        if self._text_pooled is None:
+            self._text_tower("text_embedding")
+            mask = self._question_mask("text_embedding")
+            with torch.no_grad():
+                self._text_pooled = self.vlm.instruction_embedding(self.question_ids, mask)
+        return self._text_pooled
 
     def patch_features(self) -> torch.Tensor:
         """[B, N, Dj] L2-normalised patch tokens in the joint space."""

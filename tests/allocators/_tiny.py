@@ -5,15 +5,27 @@ from __future__ import annotations
 import torch
 
 
-def tiny_vlm(seed: int = 0, *, llm_layers: int = 4):
-    """BaseVLM of width 32: ViT 2 blocks x 2 heads on 32 x 32 images (4 x 4 patches), Llama of ``llm_layers``."""
+def tiny_vlm(seed: int = 0, *, llm_layers: int = 4, text_tower: bool = False):
+    """BaseVLM of width 32: ViT 2 blocks x 2 heads on 32 x 32 images (4 x 4 patches), Llama of
+    ``llm_layers``; with ``text_tower`` also a paired CLIP text tower (joint space of width 8)."""
     from arr_coc.training.backbones import LLMConfig, VisionConfig
     from arr_coc.training.module import build_vlm
 
+    extra = {}
+    if text_tower:
+        from arr_coc.training.task import VQATask
+        from arr_coc.training.tokenizer import build_tokenizer
+
+        tok = build_tokenizer(VQATask())
+        extra = dict(
+            text_tower=dict(vocab_size=len(tok), pad_token_id=int(tok.pad_token_id or 0), dim=16, depth=1, heads=2, max_len=16),
+            clip_embed_dim=8,
+        )
     torch.manual_seed(seed)
     vlm = build_vlm(
         vision=VisionConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
         llm=LLMConfig(hidden_size=32, num_layers=llm_layers, num_heads=2, intermediate_size=64),
+        **extra,
     )
     return vlm.eval()
 

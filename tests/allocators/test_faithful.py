@@ -450,3 +450,98 @@ def test_sparsevlm_pieces():
     kept, c = sv.plan(300, 64)
     assert kept + c == 64 and c == recycled_count(300 - kept)
     assert sv.prune_layers(32) == (2, 6, 15) and sv.prune_layers(8) == (0, 2, 4)
+
+
+# ---------------------------------------------------------------------------- CDPruner
+def released_cdpruner(image_features, image_embeds, text_embeds, visual_token_num, sign=-1.0):
+    """github Theia-4869/CDPruner, llava/model/llava_arch.py encode_images (after the towers and
+    the projector): image_features = mm_projector output (B, N, D), image_embeds (B, N, C) in
+    the CLIP space, text_embeds (M, C). ``sign=-1`` is the release; +1 drops its minus."""
+    B, N, C = image_features.shape
+    image_normalized = image_features / image_features.norm(dim=-1, keepdim=True)
+    similarity = torch.matmul(image_normalized, image_normalized.transpose(1, 2))
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    relevance = torch.matmul(image_embeds, text_embeds.t())
+    relevance = (sign * relevance).mean(dim=-1)
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+    cis = torch.zeros((visual_token_num, B, N), dtype=kernel.dtype)
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    select_idx = torch.empty((visual_token_num, B), dtype=torch.long)
+    for i in range(visual_token_num):
+        j = torch.argmax(di2s, dim=-1)
+        select_idx[i] = j
+        eis = (kernel[torch.arange(B), j] - torch.einsum("tb,tbn->bn", cis[:i, torch.arange(B), j], cis[:i])) \
+            / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
+        cis[i, :, :] = eis
+        di2s -= torch.square(eis)
+        di2s[torch.arange(B), j] = -float("inf")
+    return torch.sort(select_idx.t()).values, relevance
+
+
+@pytest.mark.parametrize("negate", [True, False])
+@pytest.mark.parametrize("text", ["pooled", "tokens"])
+def test_cdpruner_matches_the_released_code(negate, text):
+    g = torch.Generator().manual_seed(21)
+    n, k = 30, 8
+    tokens = torch.randn(2, 1 + n, 12, generator=g, dtype=torch.float64)  # projected tokens (+ a CLS)
+    patches = torch.nn.functional.normalize(torch.randn(2, n, 6, generator=g, dtype=torch.float64), dim=-1)
+    words = torch.nn.functional.normalize(torch.randn(2, 4, 6, generator=g, dtype=torch.float64), dim=-1)
+    wmask = torch.tensor([[True, True, True, False], [True] * 4])
+    pooled = torch.nn.functional.normalize(torch.randn(2, 6, generator=g, dtype=torch.float64), dim=-1)
+    host = StubHost(text=words, text_mask=wmask, patches=patches)
+    host.text_embedding = lambda: pooled
+    cdp = create_allocator("cdpruner", negate_relevance=negate, text=text)
+    out = cdp(tokens, budget=k, grid=(5, 6), num_prefix_tokens=1, host=host)
+    assert out.extras["signal"] == "host"
+    for b in range(2):
+        text_embeds = pooled[b : b + 1] if text == "pooled" else words[b][wmask[b]]
+        want, rel = released_cdpruner(tokens[b : b + 1, 1:], patches[b : b + 1], text_embeds, k, sign=-1.0 if negate else 1.0)
+        assert kept(out, b) == want[0].tolist()
+        torch.testing.assert_close(out.extras["quality"][b], rel[0])
+    # the sign matters: the two conventions choose differently here
+    other = create_allocator("cdpruner", negate_relevance=not negate, text=text)(tokens, budget=k, grid=(5, 6),
+                                                                                 num_prefix_tokens=1, host=host)
+    assert any(kept(other, b) != kept(out, b) for b in range(2))
+
+
+def test_cdpruner_names_missing_text_signals():
+    tokens = torch.randn(1, 17, 8)
+    with pytest.raises(ValueError, match="patch_features"):
+        create_allocator("cdpruner")(tokens, budget=3, grid=(4, 4), num_prefix_tokens=1, host=StubHost())
+    host = StubHost(patches=torch.randn(1, 16, 4))
+    with pytest.raises(ValueError, match="text_embedding"):
+        create_allocator("cdpruner")(tokens, budget=3, grid=(4, 4), num_prefix_tokens=1, host=host)
+    with pytest.raises(ValueError, match="text_features"):
+        create_allocator("cdpruner", text="tokens")(tokens, budget=3, grid=(4, 4), num_prefix_tokens=1, host=host)
+    vlm = tiny_vlm()
+    if not getattr(vlm, "has_text_tower", False):  # a v1 base VLM: the host says which signal is missing
+        pixels, ids, mask = tiny_batch(vlm, b=1)
+        host = BaseVLMHost(vlm, pixels, None, ids, mask)
+        with pytest.raises(ValueError, match="patch_features"):
+            create_allocator("cdpruner")(vlm.project(host.vision_tokens), budget=3, grid=vlm.grid, num_prefix_tokens=1, host=host)
+
+
+@torch.no_grad()
+def test_cdpruner_with_the_base_vlm_text_tower():
+    from arr_coc.training.base_vlm import BaseVLMConfig
+
+    if "text_tower" not in BaseVLMConfig.__dataclass_fields__:
+        pytest.skip("this base VLM has no CLIP text tower yet")
+    vlm = tiny_vlm(text_tower=True)
+    pixels, ids, mask = tiny_batch(vlm)
+    vision = vlm.encode_image(pixels)
+    host = BaseVLMHost(vlm, pixels, vision, ids, mask)
+    feats, fmask = host.text_features()
+    torch.testing.assert_close(feats, vlm.instruction_features(ids, mask))
+    assert torch.equal(fmask, mask)
+    torch.testing.assert_close(host.text_embedding(), vlm.instruction_embedding(ids, mask))
+    torch.testing.assert_close(host.patch_features(), vlm.patch_features(vision))
+    projected = vlm.project(vision)
+    for negate in (True, False):
+        out = create_allocator("cdpruner", negate_relevance=negate)(projected, budget=5, grid=vlm.grid, num_prefix_tokens=1, host=host)
+        for b in range(3):
+            want, _ = released_cdpruner(projected[b : b + 1, 1:].double(), host.patch_features()[b : b + 1].double(),
+                                        host.text_embedding()[b : b + 1].double(), 5, sign=-1.0 if negate else 1.0)
+            assert kept(out, b) == want[0].tolist()
