@@ -18,14 +18,20 @@ picks ``argmax_j gain_j(S)``, conditions on it and repeats until the budget is s
 best gain falls below ``price`` (nats per token). By the chain rule the query terms of the
 picks sum to ``I(c_S ; Q)``, reported as ``total``.
 
-Conditional variances are kept by incremental Cholesky (Gram-Schmidt on kernel columns):
+Conditional variances are kept by incremental Cholesky (Gram-Schmidt on kernel rows):
 chain A conditions on the picks, chain B on the query tokens first and then the picks (the
-two chains are stacked on the batch axis). Each step takes one kernel column and adds one
-Cholesky row per chain (O(M (T + k))): O(M K (T + K)) time and O(M (T + K)) memory for the
-chains, batched over B with no Python loop over the batch. The kernel columns come either
-from one product per step (O(M R) each, memory-bound: the choice on accelerators) or from
-the kernel precomputed in one compute-bound Gram (O(M^2 R) time, O(M^2) memory: faster on
-CPU, the default there while B M^2 <= 2^26).
+two chains are stacked on the batch axis). Each step reads one kernel row (that of the pick)
+and adds one Cholesky row per chain (O(M (T + k))): O(M K (T + K)) time and O(M (T + K))
+memory for the chains, batched over B with no Python loop over the batch. The raw inner
+products behind a kernel row come from one of: a product per step (O(M R) each,
+memory-bound: the choice on accelerators); a Gram precomputed in one compute-bound product
+(O(M^2 R) time, O(M^2) memory: faster on CPU, the default there while B M^2 <= 2^26); or,
+for a candidate pyramid, :class:`PyramidGram`: the fine tokens' Gram (O(N^2 R)) with a pick's
+row pooled from it when it is picked, O(N) per row, no M x M matrix. The kernel (cosine
+scaling, RBF) is applied to the K rows read, never to a whole matrix. Gains are kept doubled
+(log variance ratios; scaling by 2 is exact) in preallocated buffers, and the budget / price
+gating of each row is applied after the loop (a stopped row's later picks are discarded).
+Speed against a fast greedy DPP MAP on the same tokens: ``benchmarks/bench_attending.py``.
 
 Tokens are deterministic, so the jitter is numerical only: a conditional variance at or
 below ``var_floor`` means "determined by what is already known". Such a candidate is
@@ -525,6 +531,7 @@ def greedy_conditional_mi(
     stop_early = bool((price > 0).any()) or bool((budget != k_max).any())
     done = budget <= 0
     steps = k_max
+    host = device.type == "cpu"
     for k in range(k_max):
         torch.clamp_min(var, var_floor, out=log_var)
         log_var.log_()
@@ -540,7 +547,7 @@ def greedy_conditional_mi(
         s = torch.add(g_sum, bias, out=score).argmax(dim=1)  # [B]
         flat = s + row_offset
         pg = torch.index_select(gains_flat, 1, flat, out=picked_gains[k])  # [3, B]
-        if bool((pg[2] <= 0).any()):
+        if not host or bool((pg[2] <= 0).any()):  # on an accelerator: no sync, always the fallback
             # no positive gain left in some row: among zero gains, the largest residual variance
             fallback = ((var_a.clamp(0, 1) - 2) + bias).argmax(dim=1)
             s = torch.where(pg[2] > 0, s, fallback)
