@@ -2,9 +2,10 @@
 
 FastV (Chen et al., 2024, "An image is worth 1/2 tokens after layer 2") ranks image tokens
 by the attention they receive inside the language model at an early layer and drops the
-rest. Reading that attention needs the host model's attention weights, which we never do
-(fused kernels do not produce them), so this baseline computes its own scaled dot-product
-attention from the query tokens to the image tokens,
+rest. That method, reading the LLM's own attention through a host that runs the LLM layer
+by layer, is ``fastv`` (:mod:`arr_coc.allocators.fastv`). This proxy chooses before the LLM
+and reads no host signal: it computes its own scaled dot-product attention from the query
+tokens to the image tokens,
 :func:`arr_coc.token_scores.query_attention_scores`, averaged over heads and the real
 (unpadded) query tokens, and keeps the top ``budget``.
 

@@ -27,6 +27,11 @@ def test_run_allocation_with_a_host_and_in_llm():
     for b in range(3):
         kept = trace.kept[b][trace.mask[b]]
         assert torch.equal(res.positions[b][res.mask[b]], fine_pos[b, kept])
+    # sparsevlm too, down to no image token at all
+    for k in (0, 4, 20):
+        res = run_allocation(vlm, create_allocator("sparsevlm").eval(), batch, k)
+        assert res.mask.sum(1).tolist() == [min(k, 16)] * 3 and torch.isfinite(res.logits).all()
+        assert ((res.positions[..., 0] >= 0) == res.mask).all()
     # host-reading: the allocator sees the host (its choice is the tower's [CLS] attention top-k)
     res = run_allocation(vlm, create_allocator("cls_attention").eval(), batch, 4)
     assert res.out.extras["signal"] == "host"
