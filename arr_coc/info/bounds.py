@@ -41,7 +41,17 @@ def infonce_lower_bound(scores: torch.Tensor, *, base: float = math.e) -> torch.
     n = s.shape[-1]
     diag = torch.diagonal(s, dim1=-2, dim2=-1)
     ce = (torch.logsumexp(s, dim=-1) - diag).mean(dim=-1)
-    return from_nats(math.log(n) - ce, base)
+    return from_nats(_finite_bound("InfoNCE", math.log(n) - ce), base)
+
+
+def _finite_bound(name: str, value: torch.Tensor) -> torch.Tensor:
+    """The bound, or a ValueError naming ``scores`` where it overflows the working dtype."""
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"scores: the {name} bound overflows {value.dtype} for these scores (a critic's scores this large "
+            "make e^score or the score differences unrepresentable); rescale the critic"
+        )
+    return value
 
 
 def nwj_lower_bound(scores: torch.Tensor, *, base: float = math.e) -> torch.Tensor:
@@ -49,6 +59,8 @@ def nwj_lower_bound(scores: torch.Tensor, *, base: float = math.e) -> torch.Tens
 
     ``E_p`` is the mean of the diagonal, ``E_q`` the mean over the ``N (N - 1)`` off-diagonal
     entries (needs N >= 2). ``[..., N, N]`` -> ``[...]``. Tight at ``f = 1 + log p/(p_x p_y)``.
+    Off-diagonal scores above about 710 make ``e^f`` overflow float64 (88 in float32 for
+    large float32 inputs): a ValueError naming ``scores`` rather than ``-inf``.
     """
     check_base(base)
     s = _check_scores(scores, 2)
@@ -57,4 +69,4 @@ def nwj_lower_bound(scores: torch.Tensor, *, base: float = math.e) -> torch.Tens
     pos = torch.diagonal(s, dim1=-2, dim2=-1).mean(dim=-1)
     off = s.masked_fill(eye, -math.inf).flatten(-2)
     log_mean_exp = torch.logsumexp(off, dim=-1) - math.log(n * (n - 1))
-    return from_nats(pos - torch.exp(log_mean_exp - 1), base)
+    return from_nats(_finite_bound("NWJ", pos - torch.exp(log_mean_exp - 1)), base)

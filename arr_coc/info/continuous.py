@@ -252,6 +252,14 @@ def kl_entropy(x: torch.Tensor, k: int = 3, *, norm: str = "euclidean", base: fl
     xs = check_samples("x", x)
     n, d = xs.shape
     check_k(k, n)
+    # a power-of-two rescaling (exact) to magnitudes near 1: the Euclidean distances of values
+    # near the float limits would overflow (1e300) or underflow (1e-300) when squared
+    peak = float(xs.abs().max())
+    log_scale = 0.0
+    if peak > 0:
+        e = math.frexp(peak)[1]
+        xs = torch.ldexp(xs, torch.tensor(-e, dtype=xs.dtype, device=xs.device))
+        log_scale = e * math.log(2)
     if d == 1:
         r = kth_1d_sorted(torch.sort(xs[:, 0]).values[None], k)[0]
     else:
@@ -263,7 +271,7 @@ def kl_entropy(x: torch.Tensor, k: int = 3, *, norm: str = "euclidean", base: fl
             dist[torch.arange(dist.shape[0], device=xs.device), torch.arange(r0, r0 + dist.shape[0], device=xs.device)] = math.inf
             r[r0 : r0 + rows] = dist.kthvalue(k, dim=1).values
     log_vd = d / 2 * math.log(math.pi) - math.lgamma(d / 2 + 1) if norm == "euclidean" else d * math.log(2)
-    h = _psi_n(n, xs.device) - _psi_n(k, xs.device) + log_vd + d * torch.log(r.to(torch.float64)).mean()
+    h = _psi_n(n, xs.device) - _psi_n(k, xs.device) + log_vd + d * (torch.log(r.to(torch.float64)).mean() + log_scale)
     return from_nats(h, base)
 
 

@@ -34,7 +34,15 @@ def _pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     if ys.shape[1] not in (1, xs.shape[1]):
         raise ValueError(f"y: expected [n] or the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
     dt = torch.promote_types(xs.dtype, ys.dtype)
-    return xs.to(dt), ys.to(dt).expand(-1, xs.shape[1]), x.dim() == 1 and y.dim() == 1
+    # correlations are scale invariant per column: divide by each column's largest magnitude
+    # first, so that values near the float limits neither overflow nor underflow in the moments
+    return _unit_peak(xs.to(dt), 0), _unit_peak(ys.to(dt), 0).expand(-1, xs.shape[1]), x.dim() == 1 and y.dim() == 1
+
+
+def _unit_peak(v: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """``v`` divided by its largest magnitude (per column for ``dim=0``, overall for None); zeros stay zero."""
+    peak = v.abs().amax(dim=dim, keepdim=True) if dim is not None else v.abs().amax()
+    return v / torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
 def _pearson_cols(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
@@ -175,6 +183,10 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor, *, method: str = "aut
     scalar = xs.shape[1] == 1 and ys.shape[1] == 1
     if method == "fast" and not scalar:
         raise ValueError("method: 'fast' needs scalar x and y ([n] or [n, 1])")
+    # scale (one factor per variable: the Euclidean geometry is kept) and translation invariant:
+    # bring the values to [-1, 1] first, so that magnitudes near the float limits cannot overflow
+    xs = _unit_peak(xs, None)
+    ys = _unit_peak(ys, None)
     xs = xs - xs.mean(0)
     ys = ys - ys.mean(0)
     kernels = numba_kernels() if xs.device.type == "cpu" else None
