@@ -122,6 +122,31 @@ def test_model_arguments_reach_the_allocator_and_the_budget(tiny):
         _model("arr_coc_qwen_vl", tiny["llava"])  # a LLaVA checkpoint given to the Qwen model
 
 
+def test_allocator_checkpoint_loads_the_trained_allocator(tiny):
+    from arr_coc.allocators import create_allocator
+    from arr_coc.training.hub import save_allocator
+
+    config = {"vision_dim": 64, "query_dim": 64, "relevance_dim": 16}  # the tiny LLaVA's width
+    trained = create_allocator("arr_coc", **config)
+    with torch.no_grad():  # "train" it: weights no fresh allocator has
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p))
+    folder = save_allocator(trained, tiny["root"] / "trained_arr_coc", name="arr_coc", config=config)
+    lm = _model("arr_coc_llava", tiny["llava"], allocator_checkpoint=str(folder), budget=16)
+    loaded = lm.allocator_module.state_dict()
+    expected = trained.state_dict()
+    assert type(lm.allocator_module).__name__ == type(trained).__name__ and loaded.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(loaded[k].cpu(), expected[k], rtol=0, atol=0)
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (20, 200, 30))
+    inputs = lm._encode([lm._prompt("what shape is the green object ?", [image])], [[image]])
+    assert lm.vlm.prepare(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]).image_counts.tolist() == [16]
+    with pytest.raises(ValueError, match="allocator_checkpoint"):
+        _model("arr_coc_llava", tiny["llava"], allocator_checkpoint=str(folder), alpha=0.5)
+
+
 # ---------------------------------------------------------------------------- oracles
 @pytest.mark.parametrize("name,key", [("arr_coc_llava", "llava"), ("arr_coc_qwen_vl", "qwen2_vl")])
 def test_full_allocator_gives_the_plain_models_answers(tiny, task_manager, name, key):

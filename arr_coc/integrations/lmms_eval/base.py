@@ -155,6 +155,9 @@ class AllocatedVLM(lmms):
     attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``flash_attention_2``, ``eager``).
     system_prompt: family default when not given (see the subclass).
     max_new_tokens: generation cap when the task gives none (default 128).
+    allocator_checkpoint: a trained allocator (a folder written by
+                  :func:`arr_coc.training.hub.save_allocator`, or a stage-2 ``.ckpt``), loaded
+                  with :func:`~arr_coc.training.hub.load_allocator`; it replaces ``allocator``.
     unwrapped:    ``true`` runs the plain host (no allocator): the reference run.
     query:        which prompt tokens the allocator reads as the query, where the plug-in
                   has the option (``prompt``: every text token); by default the plug-in's
@@ -181,6 +184,7 @@ class AllocatedVLM(lmms):
         max_new_tokens: int = 128,
         unwrapped: bool = False,
         query: str | None = None,
+        allocator_checkpoint: str | None = None,
         trust_remote_code: bool = False,
         **allocator_kwargs: Any,
     ) -> None:
@@ -196,8 +200,19 @@ class AllocatedVLM(lmms):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         self.budget = parse_budget(budget)
-        self.allocator_name = allocator
-        self.allocator_module: Allocator = build_allocator(allocator, allocator_kwargs)
+        if allocator_checkpoint:
+            if allocator_kwargs:
+                raise ValueError(
+                    f"model_args: {sorted(allocator_kwargs)} given with allocator_checkpoint, whose folder "
+                    "already names the allocator and its arguments"
+                )
+            from arr_coc.training.hub import load_allocator
+
+            self.allocator_module: Allocator = load_allocator(str(allocator_checkpoint))
+            self.allocator_name = f"checkpoint:{allocator_checkpoint}"
+        else:
+            self.allocator_name = allocator
+            self.allocator_module = build_allocator(allocator, allocator_kwargs)
         self.unwrapped = bool(unwrapped)
         self.query = query
         self.max_new_tokens = max_new_tokens
