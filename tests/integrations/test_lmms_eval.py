@@ -237,3 +237,31 @@ def test_cli_runs_arr_coc_qwen_vl_end_to_end(tiny):
     out = tiny["root"] / "cli_qwen"
     args = f"pretrained={tiny['qwen2_vl']},allocator=divprune,budget=0.25,device=cpu,min_pixels=1024,max_pixels=1024"
     _check_results_file(out, _cli(tiny, "arr_coc_qwen_vl", args, out))
+
+
+# ---------------------------------------------------------------------------- summary table
+def _write_results(folder: Path, name: str, model_args: str, results: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}_results.json").write_text(json.dumps({"config": {"model_args": model_args}, "results": results}))
+
+
+def test_summary_table_is_relative_to_the_full_run(tmp_path):
+    from arr_coc.integrations.lmms_eval.summarize import collect, to_markdown
+
+    def res(pope, gqa, mme):
+        return {"pope": {"pope_f1_score,none": pope, "pope_accuracy,none": 0.0}, "gqa": {"exact_match,none": gqa},
+                "mme": {"mme_perception_score,none": mme, "mme_cognition_score,none": 1.0}}
+
+    _write_results(tmp_path / "a", "20260101_000000", "pretrained=/m,allocator=full", res(0.80, 0.60, 1500.0))
+    _write_results(tmp_path / "b", "20260101_000001", "pretrained=/m,allocator=arr_coc,budget=64", res(0.76, 0.54, 1350.0))
+    _write_results(tmp_path / "c", "20260101_000002", "pretrained=/m,allocator=cdpruner,budget=128", res(0.80, 0.57, 1500.0))
+    table = collect(tmp_path)
+    assert table[("arr_coc", "64")] == {"pope": 0.76, "gqa": 0.54, "mme": 1350.0}
+    lines = to_markdown(table).splitlines()
+    assert lines[0] == "| allocator | budget | pope | gqa | mme | relative to full (%) |"
+    assert lines[2].startswith("| full | all |") and lines[2].endswith("| 100.0 |")
+    # (0.76 / 0.80 + 0.54 / 0.60 + 1350 / 1500) / 3 = (0.95 + 0.90 + 0.90) / 3 = 91.67 %
+    assert lines[3] == "| cdpruner | 128 | 0.8 | 0.57 | 1500 | 98.3 |"
+    assert lines[4] == "| arr_coc | 64 | 0.76 | 0.54 | 1350 | 91.7 |"
+    with pytest.raises(ValueError, match="folder"):
+        collect(tmp_path / "empty")
