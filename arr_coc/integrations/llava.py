@@ -47,6 +47,15 @@ What happens on each call (public methods of the host model only, no patching):
 8. The model is called with ``inputs_embeds`` (``pixel_values=None``), so its own
    ``forward`` / ``generate`` run unchanged and the KV cache holds the shortened sequence.
 
+In-LLM allocators (``allocator.in_llm``, e.g. ``fastv``, ``sparsevlm``): every image token
+enters the language model and the allocator prunes between its decoder layers (see
+:mod:`arr_coc.integrations._llm`: forward pre-hooks for the call only, nothing patched),
+in ``forward`` and ``generate``, batched; the budget per image, summed over the prompt's
+images (a CLS prefix counts as an image token there), is what remains after the last
+pruning layer; ``logits`` are over the final, shorter sequence and ``last_in_llm`` holds
+the run (``.trace``: the kept image tokens, ``.final``: the prompt slot of each logit).
+Keeping every token reproduces the plain model. ``labels`` are refused with them.
+
 Prompts without an ``<image>`` token are allowed in a batch (their text passes through);
 a mismatch between the number of images and placeholder runs, a run whose length is not
 the number of features, or a budget of the wrong shape raise ``ValueError``.
@@ -78,6 +87,7 @@ from arr_coc.integrations._common import (
     splice_runs,
     text_query,
 )
+from arr_coc.integrations._llm import InLLMPruning
 from arr_coc.integrations.query import resolve_query_mask, resolve_query_mode
 
 __all__ = ["LlavaAllocation", "ProjectorHook", "ShortenedInputs", "hook_projector", "wrap"]
@@ -102,6 +112,10 @@ class ShortenedInputs:
                     (prefix tokens included).
     allocation:     the allocator's output over all images [I, K], or None.
     image_rows:     [I] long, the prompt each image belongs to.
+    question:       [B, L'] bool, the query (question) tokens of each prompt.
+    visual:         [B, L'] bool, the image slots.
+    llm_budget:     [B] long, image tokens an in-LLM allocator must leave per prompt (the
+                    per-image budget times the prompt's images, capped by its image slots).
     """
 
     inputs_embeds: torch.Tensor
@@ -113,6 +127,9 @@ class ShortenedInputs:
     image_counts: torch.Tensor
     allocation: AllocationOutput | None
     image_rows: torch.Tensor
+    question: torch.Tensor | None = None
+    visual: torch.Tensor | None = None
+    llm_budget: torch.Tensor | None = None
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments for the host model's ``forward``."""
@@ -186,11 +203,18 @@ class LlavaAllocation:
         self.padding_side = padding_side
         self.allocator_dtype = allocator_dtype
         self.query_mode = resolve_query_mode(query, processor)
+        self._keep_all = create_allocator("full")
+        self.last_in_llm: InLLMPruning | None = None
 
     # ------------------------------------------------------------------ access
     @property
     def model(self) -> nn.Module:
         return self._model
+
+    @property
+    def in_llm(self) -> bool:
+        """Whether the allocator prunes inside the language model (FastV, SparseVLM)."""
+        return bool(getattr(self.allocator, "in_llm", False))
 
     def unwrap(self) -> nn.Module:
         """The model passed to :func:`wrap`, the same object, untouched."""
@@ -303,6 +327,8 @@ class LlavaAllocation:
         counts = torch.zeros(b, dtype=torch.long, device=device)
         allocation = None
         rows = torch.empty(0, dtype=torch.long, device=device)
+        qmask = torch.zeros_like(real)
+        llm_budget = torch.zeros(b, dtype=torch.long, device=device)
         if pixel_values is None:
             if image_mask.any():
                 raise ValueError("pixel_values: input_ids hold image placeholder tokens but no pixel_values were given")
@@ -320,7 +346,9 @@ class LlavaAllocation:
             qmask = resolve_query_mask(self.query_mode, input_ids, attention_mask, text_mask, explicit=query_mask)
             query, query_mask = text_query(embeds, qmask)  # [B, T, D], [B, T]
             adt = self.allocator_dtype or feats.dtype
-            allocation = self.allocator(
+            # an in-LLM allocator prunes inside the language model: every image token goes in
+            allocator = self._keep_all if self.in_llm else self.allocator
+            allocation = allocator(
                 feats.to(adt),
                 query=query[rows].to(adt),
                 query_mask=query_mask[rows],
@@ -335,6 +363,8 @@ class LlavaAllocation:
                 token_mask = torch.cat([token_mask.new_ones(num_images, prefix), token_mask], dim=1)
             embeds, keep = splice_runs(embeds, keep, positions, rows, tokens, token_mask)
             counts = counts.index_add(0, rows, token_mask.sum(dim=1).long())
+            per_image = torch.minimum(budget_b[rows], torch.full_like(rows, n_feat))
+            llm_budget = llm_budget.index_add(0, rows, per_image)
         side = self.padding_side or infer_padding_side(attention_mask)
         plan = compaction_plan(keep, padding_side=side)
         pad_id = self._pad_token_id()
@@ -351,6 +381,9 @@ class LlavaAllocation:
             image_counts=counts,
             allocation=allocation,
             image_rows=rows,
+            question=gather_sequence(qmask, plan, fill=False),
+            visual=gather_sequence(image_mask, plan, fill=False),
+            llm_budget=torch.minimum(llm_budget, counts),
         )
 
     @staticmethod
@@ -395,8 +428,25 @@ class LlavaAllocation:
             query_mask=query_mask,
         )
         if s.labels is not None:
+            if self._prunes_in_llm(s):
+                raise ValueError("labels: not supported with an in-LLM allocator (the sequence shrinks inside the LLM)")
             kwargs["labels"] = s.labels
-        return self._model(**s.model_kwargs(), **kwargs)
+        if not self._prunes_in_llm(s):
+            return self._model(**s.model_kwargs(), **kwargs)
+        with self._in_llm_run(s) as run:
+            out = self._model(**s.model_kwargs(), **kwargs)
+        self.last_in_llm = run
+        return out
+
+    def _prunes_in_llm(self, s: ShortenedInputs) -> bool:
+        return self.in_llm and s.visual is not None and bool(s.visual.any())
+
+    def _in_llm_run(self, s: ShortenedInputs) -> InLLMPruning:
+        """The hooks that run the in-LLM allocator between the decoder layers (see ``_llm``)."""
+        return InLLMPruning(
+            self._model, self.allocator, attention_mask=s.attention_mask, visual=s.visual, question=s.question,
+            budget=s.llm_budget,
+        )
 
     __call__ = forward
 
@@ -445,12 +495,13 @@ class LlavaAllocation:
                 image_sizes=image_sizes,
                 query_mask=query_mask,
             )
-        out = self._model.generate(
-            input_ids=s.input_ids,
-            inputs_embeds=s.inputs_embeds,
-            attention_mask=s.attention_mask,
-            **generation_kwargs,
-        )
+        gen_inputs = {"input_ids": s.input_ids, "inputs_embeds": s.inputs_embeds, "attention_mask": s.attention_mask}
+        if self._prunes_in_llm(s):
+            with self._in_llm_run(s) as run:
+                out = self._model.generate(**gen_inputs, **generation_kwargs)
+            self.last_in_llm = run
+        else:
+            out = self._model.generate(**gen_inputs, **generation_kwargs)
         short_len = s.input_ids.shape[1]
         seq = out if isinstance(out, torch.Tensor) else out.sequences
         if seq.shape[0] % input_ids.shape[0]:

@@ -51,6 +51,14 @@ the language model with the DeepStack features (``model.forward`` cannot take th
 prompt to end with a text token and supports neither beam search nor several sequences per
 prompt. The returned ids are ``input_ids`` followed by the new tokens, as ``model.generate``.
 
+In-LLM allocators (``allocator.in_llm``: ``fastv``, ``sparsevlm``): every visual token enters
+the language model and the allocator prunes between decoder layers
+(:mod:`arr_coc.integrations._llm`, forward pre-hooks for the call only), in ``forward``
+and (Qwen2-VL, Qwen2.5-VL) ``generate``, batched; survivors keep their M-RoPE positions.
+The budgets of a prompt's images are summed into the prompt's budget. Qwen3-VL: pruning
+must come after the last DeepStack layer, and ``generate`` raises ``NotImplementedError``.
+``last_in_llm`` holds the run (``.trace``, ``.final``).
+
 Not supported (clear ``ValueError``): videos, ``inputs_embeds`` instead of ``input_ids``,
 images with ``t != 1``.
 """
@@ -76,6 +84,7 @@ from arr_coc.integrations._common import (
     infer_padding_side,
     text_query,
 )
+from arr_coc.integrations._llm import InLLMPruning
 from arr_coc.integrations.query import resolve_query_mask, resolve_query_mode
 
 __all__ = ["SUPPORTED_MODELS", "QwenVLAllocation", "QwenVLOutput", "QwenVLPrepared", "normalize_image_budget", "wrap"]
@@ -107,6 +116,9 @@ class QwenVLPrepared:
     allocations:    per image: ``(indices [k], positions [k, 3] (row, col, level))`` on its
                     merged grid.
     padding_side:   "left" or "right".
+    question:       [B, L'] bool, the query (question) tokens.
+    llm_budget:     [B] long, visual tokens an in-LLM allocator must leave per prompt (the
+                    images' budgets summed over the prompt).
     """
 
     inputs_embeds: torch.Tensor
@@ -120,6 +132,8 @@ class QwenVLPrepared:
     image_rows: torch.Tensor
     allocations: list[tuple[torch.Tensor, torch.Tensor]]
     padding_side: str
+    question: torch.Tensor | None = None
+    llm_budget: torch.Tensor | None = None
 
     @property
     def deepstack_visual_embeds(self) -> list[torch.Tensor] | None:
@@ -260,6 +274,8 @@ class QwenVLAllocation:
                  processor: Any = None):
         self.family = _family(model)
         self.query_mode = resolve_query_mode(query, processor)
+        self._keep_all = create_allocator("full")
+        self.last_in_llm: InLLMPruning | None = None
         if isinstance(allocator, str):
             allocator = create_allocator(allocator)
         if not callable(allocator):
@@ -275,6 +291,11 @@ class QwenVLAllocation:
             if getattr(cfg, name, None) is not None:
                 self.special_ids.append(int(getattr(cfg, name)))
         self.merge = int(cfg.vision_config.spatial_merge_size)
+
+    @property
+    def in_llm(self) -> bool:
+        """Whether the allocator prunes inside the language model (FastV, SparseVLM)."""
+        return bool(getattr(self.allocator, "in_llm", False))
 
     def unwrap(self) -> nn.Module:
         """The model, untouched."""
@@ -417,7 +438,8 @@ class QwenVLAllocation:
         for g in sorted(set(grids)):
             members = [i for i, gi in enumerate(grids) if gi == g]
             sel = torch.tensor(members, device=device)
-            out: AllocationOutput = self.allocator(
+            allocator = self._keep_all if self.in_llm else self.allocator  # in-LLM: every token enters the LLM
+            out: AllocationOutput = allocator(
                 torch.stack([feats[i] for i in members]),
                 query=query[rows[sel]],
                 query_mask=query_mask[rows[sel]],
@@ -484,6 +506,10 @@ class QwenVLAllocation:
             image_rows=rows,
             allocations=list(zip(kept_idx, kept_pos)),
             padding_side=padding_side,
+            question=gather_sequence(qmask, plan, False),
+            llm_budget=torch.zeros(input_ids.shape[0], dtype=torch.long, device=device).index_add(
+                0, rows, torch.minimum(budgets, sizes)) if len(feats) else
+            torch.zeros(input_ids.shape[0], dtype=torch.long, device=device),
         )
 
     # ------------------------------------------------------------------ forward
@@ -522,7 +548,7 @@ class QwenVLAllocation:
             query_mask=query_mask, **extra
         )
         lm = self.model.get_decoder()
-        out = lm(
+        lm_inputs = dict(
             inputs_embeds=prep.inputs_embeds,
             attention_mask=prep.attention_mask,
             position_ids=prep.position_ids,
@@ -531,6 +557,14 @@ class QwenVLAllocation:
             **self._lm_kwargs(prep),
             **kwargs,
         )
+        if self._prunes_in_llm(prep):
+            if labels is not None:
+                raise ValueError("labels: not supported with an in-LLM allocator (the sequence shrinks inside the LLM)")
+            with self._in_llm_run(prep) as run:
+                out = lm(**lm_inputs)
+            self.last_in_llm = run
+        else:
+            out = lm(**lm_inputs)
         hidden = out.last_hidden_state
         logits = self.model.get_output_embeddings()(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
@@ -585,9 +619,19 @@ class QwenVLAllocation:
         }
         # max_length / min_length count the prompt as the caller sent it, not the shortened one
         generation_kwargs = generation_lengths(self.model, generation_kwargs, input_ids.shape[1])
-        if prep.deepstack is not None and bool(prep.visual_mask.any()):
-            gen_inputs["past_key_values"] = self._prefill_deepstack(prep, generation_kwargs)
-        out = self.model.generate(**gen_inputs, **generation_kwargs)
+        if self._prunes_in_llm(prep):
+            if prep.deepstack is not None:
+                raise NotImplementedError(
+                    "allocator: in-LLM pruning inside Qwen3-VL generate is not implemented (its DeepStack prompt is "
+                    "prefilled separately, so the readout token would not be the prompt's last); forward works"
+                )
+            with self._in_llm_run(prep) as run:
+                out = self.model.generate(**gen_inputs, **generation_kwargs)
+            self.last_in_llm = run
+        else:
+            if prep.deepstack is not None and bool(prep.visual_mask.any()):
+                gen_inputs["past_key_values"] = self._prefill_deepstack(prep, generation_kwargs)
+            out = self.model.generate(**gen_inputs, **generation_kwargs)
         seq = out if isinstance(out, torch.Tensor) else out.sequences
         prompt = input_ids.repeat_interleave(seq.shape[0] // input_ids.shape[0], dim=0)
         seq = torch.cat([prompt, seq.to(input_ids.device)], dim=1)
@@ -595,6 +639,17 @@ class QwenVLAllocation:
             return seq
         out.sequences = seq
         return out
+
+    def _prunes_in_llm(self, prep: QwenVLPrepared) -> bool:
+        return self.in_llm and bool(prep.visual_mask.any())
+
+    def _in_llm_run(self, prep: QwenVLPrepared) -> InLLMPruning:
+        """The hooks that run the in-LLM allocator between the decoder layers (see ``_llm``)."""
+        return InLLMPruning(
+            self.model, self.allocator, attention_mask=prep.attention_mask, visual=prep.visual_mask,
+            question=prep.question, budget=prep.llm_budget,
+            num_deepstack=len(prep.deepstack) if prep.deepstack is not None else 0,
+        )
 
     def _prefill_deepstack(self, prep: QwenVLPrepared, generation_kwargs: dict[str, Any]):
         """Qwen3-VL: run the prompt minus its last slot through the language model with DeepStack."""

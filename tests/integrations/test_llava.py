@@ -284,13 +284,17 @@ def test_every_registered_allocator_runs_through(model, model_full_strategy, nam
     model = model_full_strategy if prefix else model
     before, after = [2, 7, 4], [5, 1, 3]
     inputs = make_batch(before, after, n=N + prefix)
-    allocator = create_allocator(name)
+    allocator = create_allocator(name, **({"k": 1} if name == "fastv" else {}))  # the tiny LLM has 2 layers
     budget = torch.tensor([8, 3, 12])
-    vlm = llava.wrap(model, allocator, budget=budget)
+    vlm = llava.wrap(model, allocator, budget=budget, query="prompt")
     with Capture(model.model.language_model) as cap:
         out = vlm(**inputs)
     s = vlm.prepare(**inputs)
     counts = s.allocation.counts
+    if vlm.in_llm:  # every image token enters the LLM, the budget (CLS included) is met inside it
+        assert counts.tolist() == [N] * 3 and vlm.last_in_llm.trace.mask.sum(1).tolist() == budget.tolist()
+        assert out.logits.shape == (3, int((torch.tensor(before) + torch.tensor(after) + budget).max()), VOCAB)
+        return
     expected = torch.full((3,), N) if name == "full" else budget
     if name == "full" or getattr(allocator, "fixed_budget", True):
         assert counts.tolist() == expected.tolist()
