@@ -371,7 +371,7 @@ def _kernel_setup(
             k_qc = (x @ qx.transpose(1, 2)).transpose(1, 2) * qinv[:, :, None] * inv[:, None, :]
 
         def cosine_row(s: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-            return raw_rows(s, flat).mul_(inv_flat[flat][:, None]).mul_(inv)
+            return raw_rows(s, flat).mul_(inv_flat.index_select(0, flat)[:, None]).mul_(inv)
 
         return cosine_row, diag, k_qq, k_qc
     if gram_mean is not None:  # mean squared distance to the mean = mean |x|^2 - |mean x|^2
@@ -388,7 +388,7 @@ def _kernel_setup(
         k_qc = _rbf_from_dots((x @ qx.transpose(1, 2)).transpose(1, 2), qsq, sq, ell2)
 
     def rbf_row(s: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        d2 = (sq_flat[flat][:, None] + sq - 2 * raw_rows(s, flat)).clamp_min_(0)
+        d2 = (sq_flat.index_select(0, flat)[:, None] + sq - 2 * raw_rows(s, flat)).clamp_min_(0)
         return d2.mul_(-0.5).div_(ell2_c).exp_()
 
     return rbf_row, diag, k_qq, k_qc
@@ -515,7 +515,7 @@ def greedy_conditional_mi(
     score = torch.empty(b, m, dtype=dtype, device=device)
     bias = torch.zeros(b, m, dtype=dtype, device=device)  # -inf once picked
     bias_flat = bias.view(-1)
-    picks = torch.empty(k_max, b, dtype=torch.long, device=device)
+    picks: list[torch.Tensor] = []  # [B] per step
     picked_gains = torch.empty(k_max, 3, b, dtype=dtype, device=device)
     cov = torch.empty(cb, 1, m, dtype=dtype, device=device)
     alpha_c = alpha[:, None]
@@ -553,7 +553,7 @@ def greedy_conditional_mi(
             s = torch.where(pg[2] > 0, s, fallback)
             flat = s + row_offset
             torch.index_select(gains_flat, 1, flat, out=pg)
-        picks[k] = s
+        picks.append(s)
         if stop_early:
             done = done | (k >= budget) | (pg[2] < price2)
             if bool(done.all()):
@@ -584,7 +584,7 @@ def greedy_conditional_mi(
         var.addcmul_(col, col, value=-1).clamp_min_(0)
         var_chains.index_fill_(1, flat, 0.0)  # a pick is known exactly
 
-    picks, picked_gains = picks[:steps].T, picked_gains[:steps].permute(1, 2, 0)  # [B, K'], [3, B, K']
+    picks, picked_gains = torch.stack(picks, 1), picked_gains[:steps].permute(1, 2, 0)  # [B, K'], [3, B, K']
     ks = torch.arange(steps, device=device)
     cont = (ks[None] < budget[:, None]) & (picked_gains[2] >= price2[:, None])
     cont = cont.cumprod(1).bool()  # a row that stopped stays stopped
