@@ -557,3 +557,22 @@ def test_pyramid_gram_greedy_equals_dense_gram_greedy():
         torch.testing.assert_close(dense.gains, pyr.gains)
     with pytest.raises(ValueError, match="cand_gram"):
         greedy_conditional_mi(cand, q, None, 5, cand_gram=pyramid_gram(fine, (8, 8), (1,)))
+
+
+def test_arr_coc_allocator_picks_equal_the_greedy_on_the_dense_candidate_gram():
+    """The allocator's CPU path (PyramidGram of the fine tokens) picks what the greedy picks on
+    the candidates' own [B, M, M] Gram."""
+    from arr_coc.allocators import create_allocator
+    from arr_coc.pyramid import build_pyramid
+
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 1 + 8 * 8, 16, generator=g, dtype=torch.float64)
+    q = torch.randn(2, 4, 16, generator=g, dtype=torch.float64)
+    alloc = create_allocator("arr_coc", alpha=0.7).eval()
+    with torch.no_grad():
+        sel = alloc(x, query=q, budget=12, grid=(8, 8), num_prefix_tokens=1)
+        out = alloc.scorer(build_pyramid(x[:, 1:], (8, 8), (1, 2)).candidates, q, None)
+    cand = out.candidate_emb
+    ref = greedy_conditional_mi(cand, out.query_emb, None, 12, 0.7, cand_gram=cand @ cand.transpose(1, 2))
+    assert torch.equal(sel.extras["pick_order"], ref.indices)
+    torch.testing.assert_close(sel.extras["step_gains"], ref.gains)
