@@ -14,6 +14,7 @@ host.vision_keys(-2)        # [B, P+N, Dh] that block's attention keys, averaged
 host.text_features()        # ([B, T, Dj], [B, T] bool): the text tower's per-token instruction features
 host.text_embedding()       # [B, Dj]: the text tower's pooled (eos) embedding of the instruction
 host.patch_features()       # [B, N, Dj]: the patch tokens in the same joint (CLIP) space
+host.vision_merge(r)        # VisionMerge: the tower re-run with ToMe merging r[b, l] tokens in block l
 ```
 
 Layers count from 0; a negative layer counts from the end (``-1`` the last block, ``-2``
@@ -68,6 +69,7 @@ __all__ = [
     "LLMLayerState",
     "PruneDecision",
     "SignalUnavailable",
+    "VisionMerge",
     "request_signal",
     "resolve_layer",
 ]
@@ -98,6 +100,24 @@ class HostSignals(Protocol):
         ...
 
     # optional: def text_embedding(self) -> torch.Tensor  ([B, Dj] pooled, L2-normalised)
+    # optional: def vision_blocks(self) -> int  and
+    #           def vision_merge(self, r: torch.Tensor) -> VisionMerge  (ToMe inside the tower)
+
+
+@dataclass
+class VisionMerge:
+    """The vision tower's output with ToMe merging inside it (``host.vision_merge(r)``).
+
+    tokens: [B, K, D] the merged patch tokens in the space of the allocator's patch tokens
+            (the prefix tokens are not included); sizes [B, K] how many patches each stands
+            for; origin [B, K] long the patch each token started as (its ToMe "B" chain);
+            mask [B, K] bool (rows are left-packed, padded where a row merged more).
+    """
+
+    tokens: torch.Tensor
+    sizes: torch.Tensor
+    origin: torch.Tensor
+    mask: torch.Tensor
 
 
 def request_signal(host: Any, name: str, *args: Any, requester: str = "this allocator") -> Any:

@@ -44,6 +44,7 @@ from torch import nn
 
 from arr_coc.allocators.host import (
     InLLMPruner,
+    VisionMerge,
     InLLMTrace,
     LLMLayerState,
     PruneDecision,
@@ -96,6 +97,9 @@ class BaseVLMHost:
 
     vlm: the (frozen) base VLM; pixels [B, 3, H, W] in [0, 1]; vision_tokens [B, P+N, Dv]
     (``vlm.encode_image(pixels)``; computed when None); question_ids / question_mask [B, T].
+    token_space: the space of the patch tokens the allocators get (``"projected"``: after
+    ``vlm.project``, as ``evaluation.run_allocation`` gives them; ``"vision"``: the tower's
+    tokens); signals that return new tokens (``vision_merge``) return them there.
     Every signal is computed on first use and cached.
     """
 
@@ -106,7 +110,11 @@ class BaseVLMHost:
         vision_tokens: torch.Tensor | None = None,
         question_ids: torch.Tensor | None = None,
         question_mask: torch.Tensor | None = None,
+        *,
+        token_space: str = "projected",
     ) -> None:
+        if token_space not in ("projected", "vision"):
+            raise ValueError(f"token_space: expected 'projected' or 'vision', got {token_space!r}")
         if pixels is None and vision_tokens is None:
             raise ValueError("pixels: expected [B, 3, H, W] pixels or vision_tokens, got neither")
         if pixels is not None and (pixels.ndim != 4 or pixels.shape[1] != 3):
@@ -114,11 +122,13 @@ class BaseVLMHost:
         if question_mask is not None and question_ids is not None and question_mask.shape != question_ids.shape:
             raise ValueError(f"question_mask: expected {tuple(question_ids.shape)}, got {tuple(question_mask.shape)}")
         self.vlm = vlm
+        self.token_space = token_space
         self.pixels = pixels
         self._vision_tokens = vision_tokens
         self.question_ids = question_ids
         self.question_mask = question_mask
         self._block_inputs: list[torch.Tensor] | None = None
+        self._tower_input: torch.Tensor | None = None
         self._qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._attn: dict[int, torch.Tensor] = {}
         self._text: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -161,14 +171,16 @@ class BaseVLMHost:
             return fn
 
         handles = [blk.attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, blk in enumerate(blocks)]
+        handles.append(blocks[0].register_forward_pre_hook(hook(-1), with_kwargs=True))  # the tower's block input
         try:
             with torch.no_grad():
                 out = self.vlm.encode_image(self.pixels)
         finally:
             for h in handles:
                 h.remove()
-        if len(recorded) != len(blocks):
-            raise SignalUnavailable(f"host: the signal {signal!r}: only {len(recorded)} of {len(blocks)} blocks ran")
+        if len(recorded) != len(blocks) + 1:
+            raise SignalUnavailable(f"host: the signal {signal!r}: only {len(recorded) - 1} of {len(blocks)} blocks ran")
+        self._tower_input = recorded[-1]
         if self._vision_tokens is None:
             self._vision_tokens = out
         elif self._vision_tokens.shape != out.shape or not torch.allclose(
@@ -206,6 +218,81 @@ class BaseVLMHost:
         """[B, P+N, Dh] attention keys of vision block ``layer``, averaged over heads."""
         _, k = self._q_k(layer, "vision_keys")
         return k.mean(dim=1)
+
+    def vision_blocks(self) -> int:
+        """Number of blocks of the vision tower (the length of ``vision_merge``'s schedule)."""
+        return len(self._blocks("vision_blocks"))
+
+    @torch.no_grad()
+    def vision_merge(self, r: torch.Tensor) -> VisionMerge:
+        """The vision tower re-run with ToMe merging ``r[b, l]`` tokens in block l of row b.
+
+        r: [B, D] ints (D = blocks), each at most half of the row's unprotected tokens at
+        that block. Each block runs as the released ``ToMeBlock`` / ``ToMeAttention``
+        (github facebookresearch/ToMe, ``tome/patch/timm.py``): attention with proportional
+        attention (``+ log(size)`` on the logits), then bipartite soft matching on the
+        block's keys averaged over heads (the prefix tokens protected), size-weighted
+        merging of the residual stream, the new order [unmerged A, B] (prefix first), then
+        the MLP. The block input is recorded by a hook on the unmodified tower; nothing is
+        patched. Rows are padded (size 0: masked out of attention by ``log 0``). Returns the
+        merged patch tokens after the tower's final norm, through ``vlm.project`` (the space
+        the allocator's tokens live in, see ``token_space``).
+        """
+        from arr_coc.allocators.tome import bipartite_merge_round
+
+        blocks = self._blocks("vision_merge")
+        self._record_block_inputs("vision_merge")
+        x = self._tower_input
+        b, t, _ = x.shape
+        p = int(self.vlm.num_prefix_tokens)
+        if r.shape != (b, len(blocks)) or (r < 0).any():
+            raise ValueError(f"r: expected [B={b}, blocks={len(blocks)}] non-negative ints, got {tuple(r.shape)}")
+        r = r.long().to(x.device)
+        slot = torch.arange(t, device=x.device)
+        size = torch.ones(b, t, dtype=x.dtype, device=x.device)
+        origin = (slot - p).expand(b, t).clone()
+        alive = torch.ones(b, t, dtype=torch.bool, device=x.device)
+        for li, blk in enumerate(blocks):
+            attn = blk.attn
+            y = blk.norm1(x)
+            qkv = attn.qkv(y).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            logits = (q * attn.scale) @ k.transpose(-2, -1) + size.log()[:, None, None, :]
+            o = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, t, -1)
+            o = attn.norm(o)
+            if getattr(attn, "gate", None) is not None:
+                o = o * attn.gate(y).sigmoid()
+            x = x + blk.drop_path1(blk.ls1(attn.proj(o)))
+            count = alive.sum(1)
+            limit = (count - p) // 2
+            if (r[:, li] > limit).any():
+                raise ValueError(f"r: block {li} can merge at most {limit.tolist()} tokens per row, asked {r[:, li].tolist()}")
+            if r[:, li].any():
+                metric = k.mean(dim=1)
+                z, size, keep = bipartite_merge_round(
+                    torch.cat([x, metric], -1), size, count, r[:, li], match_dims=metric.shape[-1], protect=p
+                )
+                x = z[..., : x.shape[-1]]
+                # ToMe's order: the unmerged A tokens (slot order, prefix first), then every B token
+                key = torch.where(keep, (slot % 2) * t + slot, 2 * t + slot)
+                order = key.argsort(dim=1)
+                x = x.gather(1, order[..., None].expand_as(x))
+                size = torch.where(keep, size, torch.zeros_like(size)).gather(1, order)
+                origin, alive = origin.gather(1, order), keep.gather(1, order)
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        x = self.vlm.vision.norm(x)
+        width = int((alive.sum(1) - p).max())
+        tokens = x[:, p : p + width]
+        mask = alive[:, p : p + width]
+        if self.token_space == "projected":
+            tokens = self.vlm.project(tokens)
+        return VisionMerge(
+            tokens=tokens * mask[..., None],
+            sizes=torch.where(mask, size[:, p : p + width], torch.zeros_like(size[:, p : p + width])),
+            origin=torch.where(mask, origin[:, p : p + width], torch.full_like(origin[:, p : p + width], -1)),
+            mask=mask,
+        )
 
     # ------------------------------------------------------------------ text tower
     def _text_tower(self, signal: str) -> None:

@@ -282,7 +282,7 @@ def test_tome_matches_the_released_round_on_host_keys(n, budget):
     tokens = torch.randn(2, 1 + n, 6, generator=g, dtype=torch.float64)
     keys = torch.randn(2, 1 + n, 4, generator=g, dtype=torch.float64)
     host = StubHost(keys={-1: keys})
-    out = create_allocator("tome")(tokens, budget=budget, grid=(1, n), num_prefix_tokens=1, host=host)
+    out = create_allocator("tome", inside=False)(tokens, budget=budget, grid=(1, n), num_prefix_tokens=1, host=host)
     assert out.extras["signal"] == "host" and host.asked == [("vision_keys", -1)]
     want = released_tome_round(keys[:, 1:], tokens[:, 1:], n - budget)
     for b in range(2):
@@ -545,3 +545,100 @@ def test_cdpruner_with_the_base_vlm_text_tower():
             want, _ = released_cdpruner(projected[b : b + 1, 1:].double(), host.patch_features()[b : b + 1].double(),
                                         host.text_embedding()[b : b + 1].double(), 5, sign=-1.0 if negate else 1.0)
             assert kept(out, b) == want[0].tolist()
+
+
+def released_tome_tower(vit, x, r_list):
+    """github facebookresearch/ToMe, tome/patch/timm.py ToMeBlock.forward / ToMeAttention.forward
+    (prop_attn=True, class_token=True) over a timm ViT's blocks, batch size 1, from the block-0
+    input x; with merge.py's bipartite_soft_matching and merge_wavg. Returns (tokens, size)."""
+    import math
+
+    def bipartite_soft_matching(metric, r, class_token=False):
+        protected = 1 if class_token else 0
+        t = metric.shape[1]
+        r = min(r, (t - protected) // 2)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)
+        if class_token:
+            scores[..., 0, :] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx = edge_idx[..., r:, :]
+        src_idx = edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        if class_token:
+            unm_idx = unm_idx.sort(dim=1)[0]
+
+        def merge(x, mode="mean"):
+            src, dst = x[..., ::2, :], x[..., 1::2, :]
+            n, t1, c = src.shape
+            unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+            src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+            dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+            return torch.cat([unm, dst], dim=1)
+
+        return merge
+
+    def merge_wavg(merge, x, size=None):
+        if size is None:
+            size = torch.ones_like(x[..., 0, None])
+        x = merge(x * size, mode="sum")
+        size = merge(size, mode="sum")
+        return x / size, size
+
+    size = None
+    for blk, r in zip(vit.blocks, r_list):
+        # ToMeAttention.forward(self.norm1(x), size)
+        y = blk.norm1(x)
+        B, N, C = y.shape
+        qkv = blk.attn.qkv(y).reshape(B, N, 3, blk.attn.num_heads, C // blk.attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)) * blk.attn.scale
+        if size is not None:
+            attn = attn + size.log()[:, None, None, :, 0]
+        attn = attn.softmax(dim=-1)
+        x_attn = blk.attn.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        metric = k.mean(1)
+        # ToMeBlock.forward
+        x = x + blk.drop_path1(x_attn)
+        if r > 0:
+            merge = bipartite_soft_matching(metric, r, class_token=True)
+            x, size = merge_wavg(merge, x, size)
+        x = x + blk.drop_path2(blk.mlp(blk.norm2(x)))
+    return vit.norm(x), size
+
+
+@pytest.mark.parametrize("budget", [5, 9])
+@torch.no_grad()
+def test_tome_inside_the_tower_matches_the_released_code(llm_setup, budget):
+    from arr_coc.allocators.tome import tome_schedule
+
+    vlm, pixels, vision, ids, mask = llm_setup
+    host = BaseVLMHost(vlm, pixels, vision, ids, mask)
+    projected = vlm.project(vision)
+    out = create_allocator("tome")(projected, budget=budget, grid=vlm.grid, num_prefix_tokens=1, host=host)
+    assert out.extras["signal"] == "tower" and out.counts.tolist() == [budget] * 3
+    vit = vlm.vision
+    x0 = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed((pixels - vlm.pixel_mean) / vlm.pixel_std))))
+    sched = tome_schedule(16, budget, 2)
+    assert sum(sched) == 16 - budget
+    for b in range(3):
+        tokens, size = released_tome_tower(vit, x0[b : b + 1], sched)
+        want = vlm.project(tokens[:, 1:])[0]  # the release keeps its [CLS] first; the LLM gets the patches
+        want_size = size[0, 1:, 0]
+        got = out.tokens[b][out.mask[b]]
+        dist = torch.cdist(got, want)
+        match = dist.argmin(1)
+        assert sorted(match.tolist()) == list(range(budget))  # one-to-one
+        torch.testing.assert_close(got, want[match], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.extras["sizes"][b][out.mask[b]], want_size[match])
+    # nothing to merge: the tower's own output
+    merged = host.vision_merge(torch.zeros(3, 2, dtype=torch.long))
+    torch.testing.assert_close(merged.tokens, projected[:, 1:], rtol=1e-5, atol=1e-5)
+    assert torch.equal(merged.origin, torch.arange(16).expand(3, 16))
+    # below what the tower can reach (at most half per block): the rest merged after it
+    low = create_allocator("tome")(projected, budget=2, grid=vlm.grid, num_prefix_tokens=1, host=host)
+    assert low.counts.tolist() == [2, 2, 2] and (low.extras["sizes"].sum(1) == 16).all()
+    with pytest.raises(ValueError, match="vision_blocks"):
+        create_allocator("tome")(projected, budget=2, grid=vlm.grid, num_prefix_tokens=1, host=StubHost())
