@@ -4,7 +4,14 @@
 from arr_coc.training.hub import load_allocator, save_allocator
 save_allocator(allocator, "my-allocator", name="arr_coc", config={"dim": 64})
 allocator = load_allocator("my-allocator")          # a local folder, or a Hub repo id
+allocator = load_allocator("run/checkpoints/last.ckpt")   # a stage-2 Lightning checkpoint
 ```
+
+A stage-2 checkpoint (``ARRCOCModule``, whatever the host: the embedded base VLM, LLaVA or
+Qwen-VL) holds the allocator's weights only; the arguments that rebuild it come from the
+checkpoint (``ARRCOCModule(allocator_spec=...)``), else from the Hydra config of the run that
+wrote it (``<run>/.hydra/config.yaml`` beside ``<run>/checkpoints/``, as
+``experiments/train.py`` lays runs out), else from ``name=`` / ``config=``.
 
 The folder holds ``model.safetensors`` (the allocator's state dict, prefixed
 ``allocator.``) and ``config.json`` (``{"name": ..., "allocator_config": {...}}``, the arguments of
@@ -81,9 +88,60 @@ def save_allocator(
     return folder
 
 
-def load_allocator(folder_or_repo: str | Path, *, map_location: str = "cpu", **hub_kwargs) -> Allocator:
-    """The allocator stored by :func:`save_allocator` (strict: every weight must be there)."""
+def load_allocator(
+    folder_or_repo: str | Path,
+    *,
+    map_location: str = "cpu",
+    name: str | None = None,
+    config: dict[str, Any] | None = None,
+    **hub_kwargs,
+) -> Allocator:
+    """The allocator stored by :func:`save_allocator`, or the one in a stage-2 Lightning
+    checkpoint (a ``.ckpt`` file; see the module docstring for where its arguments come from;
+    ``name`` / ``config`` override them). Strict: every weight must be there."""
+    path = Path(folder_or_repo)
+    if path.suffix == ".ckpt":
+        return _from_lightning_checkpoint(path, map_location, name, config)
+    if name is not None or config is not None:
+        raise ValueError("name/config: a saved allocator folder names its own; they only apply to a .ckpt file")
     bundle = AllocatorBundle.from_pretrained(
         str(folder_or_repo), map_location=map_location, strict=True, **hub_kwargs
     )
     return bundle.allocator
+
+
+def _run_allocator_spec(ckpt: Path) -> dict[str, Any] | None:
+    """The allocator node of the Hydra config of the run that wrote ``ckpt``, if there is one."""
+    cfg_file = ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
+    if not cfg_file.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(cfg_file).get("allocator")
+    if node is None:
+        return None
+    spec = OmegaConf.to_container(node, resolve=True)
+    spec.pop("_target_", None)
+    return {"name": spec.pop("name"), "config": spec}
+
+
+def _from_lightning_checkpoint(path: Path, map_location: str, name: str | None, config: dict | None) -> Allocator:
+    import torch
+
+    if not path.is_file():
+        raise ValueError(f"folder_or_repo: no such checkpoint {str(path)!r}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    state = {k[len("allocator."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("allocator.")}
+    if not state:
+        raise ValueError(f"folder_or_repo: {str(path)!r} holds no allocator weights (not a stage-2 checkpoint)")
+    spec = (ckpt.get("arr_coc") or {}).get("allocator") or _run_allocator_spec(path) or {}
+    name = name if name is not None else spec.get("name")
+    if name is None:
+        raise ValueError(
+            f"name: {str(path)!r} does not say which allocator it holds (no spec in the checkpoint, no "
+            ".hydra/config.yaml beside its folder); pass name= and config="
+        )
+    config = dict(spec.get("config") or {}) if config is None else dict(config)
+    bundle = AllocatorBundle(name, config)
+    bundle.allocator.load_state_dict(state, strict=True)
+    return bundle.allocator.eval()

@@ -292,6 +292,9 @@ class ARRCOCModule(L.LightningModule):
             tokens), else among the ViT tokens [B, P+N, Dv] and project the kept ones.
         rate / rate_prior: the IB rate term (see :func:`allocator_loss_terms`).
         backbones: what rebuilds the frozen VLM (names, paths); stored in checkpoints.
+        allocator_spec: ``{"name": ..., "config": {...}}``, the ``create_allocator`` arguments
+            that rebuild the allocator; stored in checkpoints so that
+            ``arr_coc.training.hub.load_allocator("last.ckpt")`` needs nothing else.
         question_types: names of the question types, to log per-type accuracy.
     """
 
@@ -312,6 +315,7 @@ class ARRCOCModule(L.LightningModule):
         rate_prior: float | None = None,
         backbones: Mapping[str, Any] | None = None,
         question_types: Iterable[str] | None = None,
+        allocator_spec: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
@@ -348,6 +352,11 @@ class ARRCOCModule(L.LightningModule):
             raise ValueError(f"rate_prior: expected a keep rate in (0, 1) or None, got {rate_prior!r}")
         self.rate_kind, self.rate_prior = rate, rate_prior
         self.backbones = dict(backbones or {})
+        if allocator_spec is not None and (not isinstance(allocator_spec.get("name"), str) or
+                                           not isinstance(allocator_spec.get("config", {}), Mapping)):
+            raise ValueError(f"allocator_spec: expected {{'name': str, 'config': dict}}, got {allocator_spec!r}")
+        self.allocator_spec = None if allocator_spec is None else {
+            "name": allocator_spec["name"], "config": dict(allocator_spec.get("config") or {})}
         self.question_types = list(question_types or [])
         self._vlm_fingerprint: list[float] | None = None
         self._pending_rng: dict[str, Any] | None = None
@@ -542,6 +551,7 @@ class ARRCOCModule(L.LightningModule):
             del state[key]
         checkpoint["arr_coc"] = {
             "backbones": self.backbones,
+            "allocator": self.allocator_spec,
             "vlm_fingerprint": self._frozen_fingerprint(),
             "rng": {
                 "torch": torch.get_rng_state(),

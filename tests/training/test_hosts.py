@@ -324,3 +324,27 @@ def test_bad_hosts_and_batches_are_named(tmp_path):
         host.encode_image(mixed)
     with pytest.raises(ValueError, match="visual"):
         host.answer(torch.zeros(4, 2, 31), None, None, batch)
+
+
+def test_a_checkpoint_with_the_allocator_spec_loads_in_one_line(tmp_path):
+    import lightning as L
+
+    from arr_coc.training.hub import load_allocator
+
+    model, _, batch = _batch(tiny_llava, LLAVA_PX, tmp_path)
+    torch.manual_seed(0)
+    spec = {"name": "arr_coc", "config": {"num_heads": 4, "relevance_dim": 24}}  # not the defaults: shapes differ
+    alloc = create_allocator(spec["name"], **spec["config"])
+    module = ARRCOCModule(_host(model), alloc, budget=6, allocator_spec=spec,
+                          optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
+    loader = torch.utils.data.DataLoader([batch], batch_size=None)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=loader)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    loaded = load_allocator(tmp_path / "a.ckpt")
+    assert type(loaded) is type(alloc) and set(loaded.state_dict()) == set(alloc.state_dict())
+    assert all(torch.equal(v, alloc.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ValueError, match="allocator_spec"):
+        ARRCOCModule(_host(model), alloc, allocator_spec={"config": {}}, optimizer=torch.optim.AdamW)

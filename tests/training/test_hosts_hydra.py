@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 pytest.importorskip("transformers")
 
@@ -34,7 +35,7 @@ def test_stage2_trains_an_allocator_on_a_saved_host_through_the_configs(option, 
         f"model={option}", f"model.path={tmp_path / 'host'}", "model.dtype=float32", f"model.image_size={px}",
         "data=llava", f"data.train_json={data}", f"data.image_folder={tmp_path / 'data'}", "data.val_fraction=0.5",
         "data.batch_size=2", "budget=5", "allocator=arr_coc", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false", "logger=none", "callbacks=none",
+        "trainer.enable_progress_bar=false", "logger=none", "callbacks=model_checkpoint",
     ])
     objs = train_script.build(cfg)
     module, dm = objs["module"], objs["datamodule"]
@@ -51,13 +52,19 @@ def test_stage2_trains_an_allocator_on_a_saved_host_through_the_configs(option, 
     assert 0 < metrics["val/tokens"] <= 5 and 0.0 <= metrics["val/acc"] <= 1.0
     assert any(not torch.equal(before[k], v) for k, v in module.allocator.state_dict().items())
     assert all(torch.equal(host_before[k], v) for k, v in host.state_dict().items())
-    # the allocator alone, in one line
-    name, kwargs = train_script._allocator_spec(cfg)
-    from arr_coc.training.hub import save_allocator
-
-    save_allocator(module.allocator, tmp_path / "alloc", name=name, config=kwargs)
-    alloc = load_allocator(tmp_path / "alloc")
-    assert all(torch.equal(v, module.allocator.state_dict()[k]) for k, v in alloc.state_dict().items())
+    # the checkpoint holds the allocator alone; it loads in one line from the run
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert saved and all(k.startswith("allocator.") for k in saved)
+    with pytest.raises(ValueError, match="name"):
+        load_allocator(ckpt)  # nothing says which allocator it is (yet)
+    run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    (tmp_path / "run" / ".hydra").mkdir()
+    OmegaConf.save(run_cfg, tmp_path / "run" / ".hydra" / "config.yaml")  # what hydra.main writes
+    alloc = load_allocator(ckpt)
+    assert type(alloc) is type(module.allocator)
+    assert {f"allocator.{k}" for k in alloc.state_dict()} == set(saved)
+    assert all(torch.equal(v, saved[f"allocator.{k}"]) for k, v in alloc.state_dict().items())
 
 
 @pytest.mark.parametrize("option, strategy", [("ddp", "DDPStrategy"), ("fsdp", "FSDPStrategy")])
