@@ -262,8 +262,9 @@ def run_allocation(
     LLM with them pruning between layers (``host.answer_in_llm``); the result then reports the
     visual tokens the last layers saw (positions, mask) for the recall metrics, and
     ``seconds`` covers that whole LLM forward, pruning included. For host-reading
-    allocators ``seconds`` includes computing the signals they ask for (the vision signals
-    cost one more ViT forward with hooks).
+    allocators ``seconds`` includes computing the signals they ask for the first time on a
+    batch (the vision signals cost one more ViT forward with hooks); the host is kept on
+    ``encoded`` so later allocators and budgets on the same batch reuse its signals.
     """
     from arr_coc.training.module import repool_in_vision_space
 
@@ -287,7 +288,13 @@ def run_allocation(
     if in_llm or getattr(allocator, "reads_host", False):
         from arr_coc.training.base_host import BaseVLMHost
 
-        host = BaseVLMHost(vlm, batch.get("pixels"), enc.vision, q_ids, q_mask)
+        # one host per encoded batch: its signals (vision attention, keys, text features) are
+        # computed once and shared by every allocator and budget run on that batch
+        host = getattr(enc, "_host", None)
+        if host is None:
+            host = BaseVLMHost(vlm, batch.get("pixels"), enc.vision, q_ids, q_mask)
+            if encoded is not None:
+                enc._host = host
     t0 = time.perf_counter()
     if in_llm:
         fine = enc.projected[:, p:]

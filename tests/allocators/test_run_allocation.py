@@ -38,6 +38,25 @@ def test_run_allocation_with_a_host_and_in_llm():
     top = host.vision_attention(-2)[:, :, 0, 1:].mean(1).topk(4).indices
     for b in range(3):
         assert sorted(res.out.indices[b].tolist()) == sorted(top[b].tolist())
+    # one host per encoded batch, shared by the allocators and budgets run on it
+    from arr_coc.evaluation import _encode
+
+    enc = _encode(vlm, batch)
+    run_allocation(vlm, create_allocator("cls_attention").eval(), batch, 4, encoded=enc)
+    shared = enc._host
+    calls = []
+    handle = vlm.vision.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        res = run_allocation(vlm, create_allocator("visionzip").eval(), batch, 6, encoded=enc)
+    finally:
+        handle.remove()
+    assert enc._host is shared and calls == [] and res.out.extras["signal"] == "host"
+    handle = vlm.vision.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        run_allocation(vlm, create_allocator("visionzip").eval(), batch, 6)  # no shared encoding: a new host
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # the batch's encoding, then the host's hooked forward
     # allocators that read no host signal are called as before
     res = run_allocation(vlm, create_allocator("pool").eval(), batch, 4)
     assert res.mask.sum(1).tolist() == [4, 4, 4]
