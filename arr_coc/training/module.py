@@ -26,7 +26,9 @@ fingerprint; ``on_load_checkpoint`` puts the live VLM's weights back and refuses
 checkpoint trained on another backbone. The global RNG state is saved and restored so that a
 resumed run continues exactly like an uninterrupted one.
 
-Validation (and test) metrics: ``val/acc`` (and ``val/acc_<question type>``), ``val/tokens``
+Validation (and test) metrics: ``val/acc`` (and ``val/acc_<question type>``; on a
+transformers host the fraction of conversations whose every answer token is the argmax under
+teacher forcing), ``val/tokens``
 (kept tokens per example), ``val/recall`` (fraction of the ground-truth relevant patches
 covered by the kept tokens, a pooled token covering its whole region), ``val/recall_fine``
 (covered by fine tokens only), ``val/mi_selected_query`` (the allocator's own estimate of

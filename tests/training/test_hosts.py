@@ -89,21 +89,29 @@ def tiny_llava(seed: int = 0, strategy: str = "default") -> tuple[LlavaForCondit
     return model, proc
 
 
-def tiny_qwen2_vl(seed: int = 0) -> tuple[torch.nn.Module, Qwen2VLProcessor]:
+def tiny_qwen2_vl(seed: int = 0, version: str = "2") -> tuple[torch.nn.Module, Qwen2VLProcessor]:
+    """A tiny random Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``: windowed vision
+    attention over 2 x 2 merged cells, so the tower reorders its tokens internally)."""
     tok = tiny_tokenizer()
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))
+    pix = dict(patch_size=2, temporal_patch_size=2, spatial_merge_size=2)
     torch.manual_seed(seed)
-    cfg = transformers.Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2,
-                           temporal_patch_size=2, spatial_merge_size=2),
-        attn_implementation="sdpa", **ids,
-    )
-    model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    if version == "2":
+        cfg = transformers.Qwen2VLConfig(
+            text_config=text, vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, **pix),
+            attn_implementation="sdpa", **ids)
+        model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    else:
+        cfg = transformers.Qwen2_5_VLConfig(
+            text_config=text, vision_config=dict(depth=2, hidden_size=16, out_hidden_size=32, intermediate_size=32,
+                                                 num_heads=2, window_size=8, fullatt_block_indexes=[1], **pix),
+            attn_implementation="sdpa", **ids)
+        model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
     pix = dict(patch_size=2, merge_size=2, temporal_patch_size=2)
     proc = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=QWEN_PX**2, max_pixels=QWEN_PX**2, **pix),
@@ -167,6 +175,7 @@ BUILDS = {
     "llava": (tiny_llava, LLAVA_PX, {}),
     "llava_full_strategy": (tiny_llava, LLAVA_PX, {"strategy": "full"}),
     "qwen2_vl": (tiny_qwen2_vl, QWEN_PX, {}),
+    "qwen2_5_vl": (tiny_qwen2_vl, QWEN_PX, {"version": "2.5"}),
 }
 
 
@@ -264,7 +273,7 @@ def test_qwen_kept_tokens_keep_the_mrope_position_of_their_cell(tmp_path):
 
 
 # ---------------------------------------------------------------------------- training
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
 def test_a_few_steps_train_the_allocator_and_leave_the_host_alone(family, tmp_path):
     from arr_coc.training.hub import load_allocator, save_allocator
 
