@@ -24,10 +24,12 @@ transformers = pytest.importorskip("transformers")
 
 from arr_coc.integrations.lmms_eval import MODEL_CLASSES  # noqa: E402
 from arr_coc.integrations.lmms_eval.base import parse_allocator_kwargs, parse_budget  # noqa: E402
+from arr_coc.integrations.lmms_eval.qwen_vl import MODEL_TYPES  # noqa: E402
 from arr_coc.integrations.lmms_eval.tiny import (  # noqa: E402
     export_vqa_task,
     save_tiny_llava,
     save_tiny_qwen2_vl,
+    save_tiny_qwen_vl,
 )
 
 LIMIT = 4
@@ -201,6 +203,63 @@ def test_model_by_name_and_model_args_string(tiny, task_manager, name, key, args
     res = _evaluate(name, task_manager, model_args=f"pretrained={tiny[key]},{args}")
     _check_metrics(res)
     assert res["config"]["model"] == name
+
+
+def _docs(n: int = 3) -> list[dict]:
+    from PIL import Image
+
+    from arr_coc.training.task import VQATask
+
+    task, docs = VQATask(7), []
+    for i in range(n):
+        ex = task.example(i)
+        pixels = (ex.image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        docs.append({"image": Image.fromarray(pixels), "question": ex.question, "answer": ex.answer})
+    return docs
+
+
+def _direct_requests(lm, docs: list[dict]) -> tuple[list, list]:
+    """generate_until and loglikelihood Instances as lmms-eval builds them, over ``docs``."""
+    from lmms_eval.api.instance import Instance
+
+    lm.task_dict = {"t": {"test": docs}}
+    visual = lambda d: [d["image"]]  # noqa: E731
+    meta = lambda i: {"task": "t", "doc_id": i, "repeats": 1}  # noqa: E731
+    gen = [Instance("generate_until", (d["question"], {"max_new_tokens": 3, "until": ["</s>"]}, visual, i, "t", "test"),
+                    idx=0, metadata=meta(i)) for i, d in enumerate(docs)]
+    ll = [Instance("loglikelihood", (d["question"], " " + w, visual, i, "t", "test"), idx=j, metadata=meta(i))
+          for i, d in enumerate(docs) for j, w in enumerate([d["answer"], "red"])]
+    return gen, ll
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen25_and_qwen3_full_allocator_gives_the_plain_models_answers(tiny, family):
+    path = save_tiny_qwen_vl(tiny["root"] / family, family)
+    docs = _docs()
+    results = []
+    for unwrapped in (False, True):
+        lm = _model("arr_coc_qwen_vl", path, allocator="full", batch_size=2, unwrapped=unwrapped)
+        assert type(lm.model).__name__ == MODEL_TYPES[family]
+        gen, ll = _direct_requests(lm, docs)
+        results.append((lm.generate_until(gen), lm.loglikelihood_pairs(ll)))
+    (gen_w, ll_w), (gen_p, ll_p) = results
+    assert gen_w == gen_p and len(gen_w) == len(docs)
+    for (a, ga), (b, gb) in zip(ll_w, ll_p):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4) and ga == gb and a > 0
+
+
+@pytest.mark.parametrize("name,key", [("arr_coc_llava", "llava"), ("arr_coc_qwen_vl", "qwen2_vl")])
+def test_batched_requests_equal_one_at_a_time(tiny, name, key):
+    """Batches (left padding, sorted by length) change nothing: batch 3 == batch 1, with pruning."""
+    docs = _docs()
+    out = {}
+    for bs in (1, 3):
+        lm = _model(name, tiny[key], allocator="arr_coc", budget=16, batch_size=bs)
+        gen, ll = _direct_requests(lm, docs)
+        out[bs] = (lm.generate_until(gen), lm.loglikelihood_pairs(ll))
+    assert out[1][0] == out[3][0]
+    for (a, ga), (b, gb) in zip(out[1][1], out[3][1]):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4) and ga == gb
 
 
 # ---------------------------------------------------------------------------- the CLI

@@ -13,9 +13,9 @@ python -m lmms_eval --model arr_coc_llava \\
 
 - :func:`build_tokenizer`: a word-level tokenizer trained with ``tokenizers`` on the task's
   words, the chat-template words and both families' special tokens.
-- :func:`save_tiny_llava` / :func:`save_tiny_qwen2_vl`: a random
+- :func:`save_tiny_llava` / :func:`save_tiny_qwen_vl`: a random
   ``LlavaForConditionalGeneration`` (CLIP tower, 64 px images, 8 px patches: 64 image tokens)
-  or ``Qwen2VLForConditionalGeneration`` (images resized to 32 x 32, 2 px patches merged 2 x 2:
+  or Qwen2-VL / Qwen2.5-VL / Qwen3-VL (images resized to 32 x 32, 2 px patches merged 2 x 2:
   64 visual tokens), saved with a processor that ``AutoProcessor`` loads back.
 - :func:`export_vqa_task`: questions of :class:`arr_coc.training.task.VQATask` as a parquet
   file (``image``, ``question``, ``answer``, ``choices``, ``label``) and two lmms-eval task
@@ -36,6 +36,7 @@ __all__ = [
     "export_vqa_task",
     "save_tiny_llava",
     "save_tiny_qwen2_vl",
+    "save_tiny_qwen_vl",
 ]
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -105,34 +106,61 @@ def save_tiny_llava(path: str | Path, *, seed: int = 0) -> Path:
     return path
 
 
-def save_tiny_qwen2_vl(path: str | Path, *, seed: int = 0) -> Path:
-    """A random 2-layer Qwen2-VL (2 px patches, 2 x 2 merge) + processor (images to 32 x 32) under ``path``."""
-    import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
-    from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
+#: Qwen-VL family -> (model config class, model class, processor class, video processor class)
+QWEN_FAMILIES = {
+    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor",
+                   "Qwen2VLVideoProcessor"),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+}
 
+
+def save_tiny_qwen_vl(path: str | Path, family: str = "qwen2_vl", *, seed: int = 0) -> Path:
+    """A random 2-layer Qwen2-VL / Qwen2.5-VL / Qwen3-VL + processor under ``path``.
+
+    Images are resized to 32 x 32 and cut into 2 px patches merged 2 x 2 (64 visual tokens).
+    """
+    import torch
+    import transformers
+    from transformers import Qwen2VLImageProcessor
+
+    if family not in QWEN_FAMILIES:
+        raise ValueError(f"family: expected one of {sorted(QWEN_FAMILIES)}, got {family!r}")
+    config_cls, model_cls, processor_cls, video_cls = (getattr(transformers, n) for n in QWEN_FAMILIES[family])
     path = Path(path)
     tokenizer = build_tokenizer()
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
     torch.manual_seed(seed)
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))
-    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2,
-                  temporal_patch_size=2, spatial_merge_size=2)
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, rope_parameters=rope)
+    patches = dict(patch_size=2, temporal_patch_size=2, spatial_merge_size=2)
+    if family == "qwen2_vl":
+        vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, **patches)
+    elif family == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2,
+                      window_size=8, fullatt_block_indexes=[1], **patches)
+    else:
+        text.update(head_dim=8, rope_parameters=dict(rope, mrope_interleaved=True))
+        vision = dict(depth=2, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0, 1], **patches)
+    model = model_cls(config_cls(text_config=text, vision_config=vision, **ids)).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     pixels = dict(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=2, temporal_patch_size=2, merge_size=2)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
-                                 video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_TEMPLATE)
+    processor = processor_cls(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
+                              video_processor=video_cls(**pixels), chat_template=QWEN_TEMPLATE)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def save_tiny_qwen2_vl(path: str | Path, *, seed: int = 0) -> Path:
+    """:func:`save_tiny_qwen_vl` for Qwen2-VL."""
+    return save_tiny_qwen_vl(path, "qwen2_vl", seed=seed)
 
 
 def _task_yaml(name: str, data: Path, output_type: str) -> str:
