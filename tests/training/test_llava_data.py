@@ -219,3 +219,50 @@ def test_malformed_conversations_are_refused(tmp_path, conversations, match):
     (tmp_path / "c.json").write_text(json.dumps([{"image": "x.png", "conversations": conversations}]))
     with pytest.raises(ValueError, match=match):
         LlavaConversationDataset(tmp_path / "c.json", tmp_path)
+
+
+# the chat templates the hosts ship (llava-hf/llava-1.5-7b-hf, Qwen/Qwen2-VL-7B-Instruct chat_template.json)
+LLAVA_15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or "
+    "'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' "
+    "or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_the_published_chat_templates_label_exactly_the_answers(family, tmp_path):
+    from arr_coc.training.llava_data import ChatCollator, LlavaConversationDataset
+
+    th = _hosts()
+    build, px, template, end = (
+        (th.tiny_llava, th.LLAVA_PX, LLAVA_15_TEMPLATE, "") if family == "llava"
+        else (th.tiny_qwen2_vl, th.QWEN_PX, QWEN2_VL_TEMPLATE, " <|im_end|>")
+    )
+    _, proc = build()
+    ds = LlavaConversationDataset(th.write_conversations(tmp_path), tmp_path, image_size=px)
+    collate = ChatCollator(proc, chat_template=template)
+    pieces = collate.segments(ds[0]["turns"], ds[0]["image_text"])
+    assert [p for p, is_answer in pieces if is_answer] == (
+        [" circle ", " two "] if family == "llava" else ["circle<|im_end|>\n", "two<|im_end|>\n"]
+    )
+    batch = collate([ds[0], ds[2]])
+    for b, answers in enumerate([["circle", "two"], ["three", "one blue circle"]]):
+        labels = batch["labels"][b]
+        expected = proc.tokenizer(" ".join(a + end for a in answers), add_special_tokens=False)["input_ids"]
+        assert labels[labels != -100].tolist() == expected
