@@ -53,8 +53,9 @@ dtype); the kept tokens go back to the language model in its own dtype.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -346,7 +347,7 @@ class LlavaHost(_HFHost):
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype | None = None, image_size=None,
-                        keep_prefix: bool = True, **kwargs: Any) -> "LlavaHost":
+                        keep_prefix: bool = True, **kwargs: Any) -> LlavaHost:
         """Load ``LlavaForConditionalGeneration`` from a folder or Hub id (``dtype``: e.g. "bfloat16")."""
         from transformers import LlavaForConditionalGeneration
 
@@ -423,12 +424,16 @@ class LlavaHost(_HFHost):
 
 
 def _qwen_family(model: nn.Module) -> str | None:
-    from arr_coc.integrations.qwen_vl import _family
+    """The Qwen-VL family tag of ``model`` (the plug-in's ``SUPPORTED_MODELS``), or None."""
+    import transformers
 
-    try:
-        return _family(model)
-    except ValueError:
-        return None
+    from arr_coc.integrations.qwen_vl import SUPPORTED_MODELS
+
+    for name, tag in SUPPORTED_MODELS.items():
+        cls = getattr(transformers, name, None)
+        if cls is not None and isinstance(model, cls):
+            return tag
+    return None
 
 
 class QwenVLHost(_HFHost):
@@ -461,7 +466,7 @@ class QwenVLHost(_HFHost):
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype | None = None, image_size=None,
-                        **kwargs: Any) -> "QwenVLHost":
+                        **kwargs: Any) -> QwenVLHost:
         """Load a Qwen2-VL / Qwen2.5-VL model from a folder or Hub id."""
         from transformers import AutoModelForImageTextToText
 
@@ -513,7 +518,10 @@ class QwenVLHost(_HFHost):
         h, w = self._merged_grid(batch)
         if visual_positions is None:
             if visual.shape[1] != h * w:
-                raise ValueError(f"visual_positions: None means the {h * w} fine tokens, got K={visual.shape[1]}")
+                raise ValueError(
+                    f"visual_positions: None means the {h * w} fine tokens, got K={visual.shape[1]}; Qwen-VL needs "
+                    "each kept token's grid cell for its M-RoPE position (ARRCOCModule(use_positions=True))"
+                )
             visual_positions = _fine_positions((h, w), b, device)
         if visual_positions.shape != (*visual.shape[:2], 3):
             raise ValueError(f"visual_positions: expected {(*visual.shape[:2], 3)}, got {tuple(visual_positions.shape)}")

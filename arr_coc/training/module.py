@@ -58,8 +58,8 @@ __all__ = [
     "build_vlm",
     "coverage_mask",
     "module_fingerprint",
-    "repool_in_vision_space",
     "relevance_recall",
+    "repool_in_vision_space",
 ]
 
 _LOSS_KEYS = ("ce", "rate", "critic", "distill")

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import (  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
@@ -33,15 +33,19 @@ from transformers import (  # noqa: E402
     Qwen2VLVideoProcessor,
 )
 
-from arr_coc.allocators import create_allocator  # noqa: E402
-from arr_coc.training.hosts import LlavaHost, QwenVLHost, as_host, teacher_forced_accuracy  # noqa: E402
-from arr_coc.training.llava_data import ChatCollator, LlavaConversationDataset  # noqa: E402
-from arr_coc.training.module import ARRCOCModule  # noqa: E402
+from arr_coc.allocators import create_allocator
+from arr_coc.training.hosts import (
+    LlavaHost,
+    QwenVLHost,
+    as_host,
+    teacher_forced_accuracy,
+)
+from arr_coc.training.llava_data import ChatCollator, LlavaConversationDataset
+from arr_coc.training.module import ARRCOCModule
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
            "<|vision_end|>", "<|im_start|>", "<|im_end|>"]
-WORDS = ("USER: ASSISTANT: system user assistant you are helpful ? what shape colour is the red blue green object "
-         "circle square triangle how many two three one left right of").split()
+WORDS = ["USER:", "ASSISTANT:", "system", "user", "assistant", "you", "are", "helpful", "?", "what", "shape", "colour", "is", "the", "red", "blue", "green", "object", "circle", "square", "triangle", "how", "many", "two", "three", "one", "left", "right", "of"]
 LLAVA_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
@@ -96,10 +100,10 @@ def tiny_qwen2_vl(seed: int = 0, version: str = "2") -> tuple[torch.nn.Module, Q
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))
-    pix = dict(patch_size=2, temporal_patch_size=2, spatial_merge_size=2)
+    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
+    pix = {"patch_size": 2, "temporal_patch_size": 2, "spatial_merge_size": 2}
     torch.manual_seed(seed)
     if version == "2":
         cfg = transformers.Qwen2VLConfig(
@@ -112,7 +116,7 @@ def tiny_qwen2_vl(seed: int = 0, version: str = "2") -> tuple[torch.nn.Module, Q
                                                  num_heads=2, window_size=8, fullatt_block_indexes=[1], **pix),
             attn_implementation="sdpa", **ids)
         model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    pix = dict(patch_size=2, merge_size=2, temporal_patch_size=2)
+    pix = {"patch_size": 2, "merge_size": 2, "temporal_patch_size": 2}
     proc = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=QWEN_PX**2, max_pixels=QWEN_PX**2, **pix),
         tokenizer=tok, video_processor=Qwen2VLVideoProcessor(**pix), chat_template=QWEN_TEMPLATE,

@@ -12,11 +12,17 @@ from omegaconf import OmegaConf
 
 pytest.importorskip("transformers")
 
-from arr_coc.training.chat_datamodule import LlavaChatDataModule  # noqa: E402
-from arr_coc.training.hosts import LlavaHost, QwenVLHost  # noqa: E402
-from arr_coc.training.hub import load_allocator  # noqa: E402
-from tests.training.test_hosts import LLAVA_PX, QWEN_PX, tiny_llava, tiny_qwen2_vl, write_conversations  # noqa: E402
-from tests.training.test_hydra import make_cfg, train_script  # noqa: E402
+from arr_coc.training.chat_datamodule import LlavaChatDataModule
+from arr_coc.training.hosts import LlavaHost, QwenVLHost
+from arr_coc.training.hub import load_allocator
+from tests.training.test_hosts import (
+    LLAVA_PX,
+    QWEN_PX,
+    tiny_llava,
+    tiny_qwen2_vl,
+    write_conversations,
+)
+from tests.training.test_hydra import make_cfg, train_script
 
 HOSTS = {
     "llava_hf": (tiny_llava, LLAVA_PX, LlavaHost),

@@ -9,8 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from arr_coc.training.datamodule import EmbeddedVQADataModule, LlavaDataModule, VQACollator
-from arr_coc.training.llava_data import IMAGE_TOKEN, LlavaDataset, export_llava, read_llava_json
+from arr_coc.training.datamodule import (
+    EmbeddedVQADataModule,
+    LlavaDataModule,
+    VQACollator,
+)
+from arr_coc.training.llava_data import (
+    IMAGE_TOKEN,
+    LlavaDataset,
+    export_llava,
+    read_llava_json,
+)
 from arr_coc.training.task import VQATask
 from arr_coc.training.tokenizer import build_tokenizer
 

@@ -125,7 +125,7 @@ def test_stage2_on_a_transformers_llava_host_around_smollm2(tmp_path):
     llm_before = model.lm_head.weight.detach().clone()
     losses = []
     for _ in range(3):
-        total, terms, res = module._loss(batch, 16)
+        total, terms, _ = module._loss(batch, 16)
         opt.zero_grad()
         total.backward()
         opt.step()
