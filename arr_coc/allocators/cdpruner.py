@@ -58,7 +58,7 @@ DPP on token similarity (pure diversity).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -32,7 +32,12 @@ from __future__ import annotations
 
 import torch
 
-from arr_coc.allocators.base import AllocationContext, Allocator, Selection, topk_indices
+from arr_coc.allocators.base import (
+    AllocationContext,
+    Allocator,
+    Selection,
+    topk_indices,
+)
 from arr_coc.allocators.host import request_signal
 from arr_coc.allocators.registry import register_allocator
 from arr_coc.token_scores import cls_attention_scores

@@ -23,9 +23,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from arr_coc.allocators.base import AllocationContext, Allocator, Selection, topk_indices
+from arr_coc.allocators.base import (
+    AllocationContext,
+    Allocator,
+    Selection,
+    topk_indices,
+)
 from arr_coc.allocators.registry import register_allocator
-from arr_coc.token_scores import cls_attention_scores, query_attention_scores, valid_query_rows
+from arr_coc.token_scores import (
+    cls_attention_scores,
+    query_attention_scores,
+    valid_query_rows,
+)
 
 __all__ = ["FastVLikeAllocator", "query_in_token_space"]
 

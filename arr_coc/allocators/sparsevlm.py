@@ -175,7 +175,7 @@ class SparseVLMAllocator(FastVLikeAllocator):
         rw = raters.float()[..., None]
         relation = (att * rw).sum(1) / rw.sum(1).clamp(min=1)  # [B, Kc]
         relation = relation.masked_fill(~state.visual_mask, float("-inf"))
-        keeps, news, new_masks, origins, counts = [], [], [], [], []
+        keeps, news, origins, counts = [], [], [], []
         for row in range(b):
             v_now = int(state.visual_mask[row].sum())
             total = self.stage_total(int(state.memory["n0"][row]), int(state.budget[row]), state.stage, state.memory["stages"])

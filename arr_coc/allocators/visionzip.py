@@ -46,7 +46,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from arr_coc.allocators.base import AllocationContext, Allocator, Selection, topk_indices
+from arr_coc.allocators.base import (
+    AllocationContext,
+    Allocator,
+    Selection,
+    topk_indices,
+)
 from arr_coc.allocators.cls_attention import host_cls_attention
 from arr_coc.allocators.host import request_signal
 from arr_coc.allocators.registry import register_allocator

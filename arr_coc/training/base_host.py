@@ -44,11 +44,11 @@ from torch import nn
 
 from arr_coc.allocators.host import (
     InLLMPruner,
-    VisionMerge,
     InLLMTrace,
     LLMLayerState,
     PruneDecision,
     SignalUnavailable,
+    VisionMerge,
     resolve_layer,
 )
 

@@ -309,13 +309,13 @@ def released_cluster_and_merge(x, cluster_num, generator):
     x2 = ein.rearrange(x, "b l r -> b () l r")
     distance = (x1 - x2).norm(dim=-1, p=2)
     dist_matrix = distance / (C ** 0.5)
-    dist_nearest, index_nearest = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
+    dist_nearest, _index_nearest = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
     density = (-(dist_nearest ** 2).mean(dim=-1)).exp()
     density = density + torch.rand(density.shape[1:], generator=generator)[None].to(density.dtype) * 1e-6
     mask = density[:, None, :] > density[:, :, None]
     mask = mask.type(x.dtype)
     dist_max = dist_matrix.flatten(1).max(dim=-1)[0][:, None, None]
-    dist, index_parent = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1)
+    dist, _index_parent = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1)
     score = dist * density
     _, index_down = torch.topk(score, k=cluster_num, dim=-1)
     dist_matrix = dist_matrix[torch.arange(B)[:, None], index_down]  # index_points
@@ -429,7 +429,11 @@ def test_sparsevlm_matches_the_released_code(llm_setup, budget):
 
 
 def test_sparsevlm_pieces():
-    from arr_coc.allocators.sparsevlm import dpc_knn_merge, recycled_count, select_raters
+    from arr_coc.allocators.sparsevlm import (
+        dpc_knn_merge,
+        recycled_count,
+        select_raters,
+    )
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 23, 5, generator=g, dtype=torch.float64)
@@ -457,7 +461,7 @@ def released_cdpruner(image_features, image_embeds, text_embeds, visual_token_nu
     """github Theia-4869/CDPruner, llava/model/llava_arch.py encode_images (after the towers and
     the projector): image_features = mm_projector output (B, N, D), image_embeds (B, N, C) in
     the CLIP space, text_embeds (M, C). ``sign=-1`` is the release; +1 drops its minus."""
-    B, N, C = image_features.shape
+    B, N, _C = image_features.shape
     image_normalized = image_features / image_features.norm(dim=-1, keepdim=True)
     similarity = torch.matmul(image_normalized, image_normalized.transpose(1, 2))
     image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)

@@ -6,8 +6,19 @@ import pytest
 import torch
 
 from arr_coc.allocators import create_allocator
-from arr_coc.allocators.host import HostSignals, InLLMHost, PruneDecision, SignalUnavailable, request_signal, resolve_layer
-from arr_coc.training.base_host import BaseVLMHost, additive_causal_mask, llm_layer_attention
+from arr_coc.allocators.host import (
+    HostSignals,
+    InLLMHost,
+    PruneDecision,
+    SignalUnavailable,
+    request_signal,
+    resolve_layer,
+)
+from arr_coc.training.base_host import (
+    BaseVLMHost,
+    additive_causal_mask,
+    llm_layer_attention,
+)
 from tests.allocators._tiny import tiny_batch, tiny_vlm
 
 
@@ -79,6 +90,9 @@ def test_allocators_still_run_without_a_host_and_accept_one(setup):
     host = BaseVLMHost(vlm, pixels, tokens, ids, mask)
     out = create_allocator("random")(tokens, budget=4, grid=(4, 4), num_prefix_tokens=1)
     assert out.counts.tolist() == [4, 4, 4]
+    # host= is optional for every allocator built on the base class, and ignored by those that read no signal
+    with_host = create_allocator("divprune")(tokens, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host)
+    assert torch.equal(with_host.indices, create_allocator("divprune")(tokens, budget=4, grid=(4, 4), num_prefix_tokens=1).indices)
 
 
 # ---------------------------------------------------------------------------- the LLM, layer by layer
@@ -123,7 +137,7 @@ def test_keeping_every_token_reproduces_answer_logits(setup):
 
 @torch.no_grad()
 def test_recomputed_llm_attention_matches_eager_output_attentions(setup):
-    vlm, pixels, tokens, ids, mask = setup
+    vlm, _, tokens, ids, mask = setup
     assert vlm.llm.config._attn_implementation == "eager"
     visual, vmask, pos = visual_inputs(vlm, tokens)
     inputs, attn2d, pos_ids = vlm.llm_inputs(visual, vmask, pos, ids, mask)
