@@ -36,6 +36,7 @@ import torch
 
 __all__ = [
     "CompactionPlan",
+    "candidate_index",
     "compaction_plan",
     "gather_sequence",
     "generation_lengths",
@@ -329,3 +330,21 @@ def generation_lengths(model: Any, generation_kwargs: dict[str, Any], prompt_len
     if setting("min_new_tokens") is None and min_length:
         kw["min_new_tokens"] = max(int(min_length) - prompt_length, 0)
     return kw
+
+
+def candidate_index(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Index in the candidate pyramid (fine grid, then levels 1, 2, ...) of positions [K, 3].
+
+    Matches :func:`arr_coc.pyramid.pyramid_positions` for levels ``1..max(level)``.
+    """
+    h, w = grid
+    row, col, lvl = pos.unbind(-1)
+    out = torch.empty_like(row)
+    offset = 0
+    for level in range(int(lvl.max().item()) + 1 if pos.numel() else 0):
+        f = 2**level
+        hc, wc = -(-h // f), -(-w // f)
+        sel = lvl == level
+        out[sel] = offset + (row[sel] // f) * wc + col[sel] // f
+        offset += hc * wc
+    return out

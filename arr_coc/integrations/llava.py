@@ -56,6 +56,14 @@ pruning layer; ``logits`` are over the final, shorter sequence and ``last_in_llm
 the run (``.trace``: the kept image tokens, ``.final``: the prompt slot of each logit).
 Keeping every token reproduces the plain model. ``labels`` are refused with them.
 
+Relevance sources and host signals (:mod:`arr_coc.integrations.signals`, with a table of
+their costs): ``relevance="embeddings"`` (default: question word embeddings vs projected
+patches), ``relevance=TextTower(clip_model, clip_tokenizer, host_tokenizer)`` (the CLIP /
+SigLIP joint space, CDPruner's) or ``relevance=LLMLayer(l)`` (the LLM's hidden states after
+layer ``l`` on the unpruned prompt). Allocators that read host signals (``reads_host``) get
+``host=``: the vision tower's attention / keys of any block, the text tower's features
+when ``text_tower=`` is given, the LLM's hidden states / attention of any layer.
+
 Prompts without an ``<image>`` token are allowed in a batch (their text passes through);
 a mismatch between the number of images and placeholder runs, a run whose length is not
 the number of features, or a budget of the wrong shape raise ``ValueError``.
@@ -76,6 +84,7 @@ import torch
 from torch import nn
 
 from arr_coc.allocators import Allocator, AllocationOutput, create_allocator
+from arr_coc.allocators.host import resolve_layer
 from arr_coc.integrations._common import (
     compaction_plan,
     gather_sequence,
@@ -89,6 +98,14 @@ from arr_coc.integrations._common import (
 )
 from arr_coc.integrations._llm import InLLMPruning
 from arr_coc.integrations.query import resolve_query_mask, resolve_query_mode
+from arr_coc.integrations.signals import (
+    LLMLayer,
+    PluginSignals,
+    TextTower,
+    check_relevance,
+    llm_layer_states,
+    run_allocator,
+)
 
 __all__ = ["LlavaAllocation", "ProjectorHook", "ShortenedInputs", "hook_projector", "wrap"]
 
@@ -173,6 +190,8 @@ class LlavaAllocation:
         allocator_dtype: torch.dtype | None = torch.float32,
         query: Any = None,
         processor: Any = None,
+        relevance: Any = None,
+        text_tower: TextTower | None = None,
     ) -> None:
         for attr in ("get_input_embeddings", "get_image_features", "generate", "config"):
             if not hasattr(model, attr):
@@ -203,6 +222,14 @@ class LlavaAllocation:
         self.padding_side = padding_side
         self.allocator_dtype = allocator_dtype
         self.query_mode = resolve_query_mode(query, processor)
+        if relevance == "text_tower":
+            if text_tower is None:
+                raise ValueError("relevance: 'text_tower' needs text_tower=TextTower(...)")
+            relevance = text_tower
+        if isinstance(relevance, TextTower):
+            text_tower = text_tower or relevance
+        self.relevance = check_relevance(relevance, text_tower_ok=True)
+        self.text_tower = text_tower
         self._keep_all = create_allocator("full")
         self.last_in_llm: InLLMPruning | None = None
 
@@ -348,13 +375,15 @@ class LlavaAllocation:
             adt = self.allocator_dtype or feats.dtype
             # an in-LLM allocator prunes inside the language model: every image token goes in
             allocator = self._keep_all if self.in_llm else self.allocator
-            allocation = allocator(
-                feats.to(adt),
-                query=query[rows].to(adt),
-                query_mask=query_mask[rows],
-                budget=budget_b[rows],
-                grid=grid,
-                num_prefix_tokens=prefix,
+            signals = self._signals(input_ids, attention_mask, qmask, embeds, feats, positions, rows, pixel_values,
+                                    grid, prefix)
+            scoring = None
+            if self.relevance != "embeddings" and allocator is not self._keep_all:
+                score, s_query, s_mask = self._scoring_space(signals, prefix)
+                scoring = (score.to(adt), s_query.to(adt), s_mask)
+            allocation = run_allocator(
+                allocator, feats.to(adt), query[rows].to(adt), query_mask[rows], host=signals, scoring=scoring,
+                budget=budget_b[rows], grid=grid, num_prefix_tokens=prefix,
             )
             tokens = allocation.tokens.to(embeds.dtype)  # [I, K, D]
             token_mask = allocation.mask
@@ -385,6 +414,54 @@ class LlavaAllocation:
             visual=gather_sequence(image_mask, plan, fill=False),
             llm_budget=torch.minimum(llm_budget, counts),
         )
+
+    def _signals(self, input_ids, attention_mask, qmask, embeds, feats, positions, rows, pixel_values, grid, prefix):
+        """The batch's host signals (:class:`~arr_coc.integrations.signals.PluginSignals`), computed on demand."""
+        model = self._model
+        real = attention_mask.bool()
+
+        def vision(layer: int):
+            tower = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+            blocks = tower.vision_model.encoder.layers if hasattr(tower, "vision_model") else tower.encoder.layers
+            idx = resolve_layer(layer, len(blocks), name="layer")
+            got = {}
+
+            def grab(module, args, kwargs):
+                got["x"] = kwargs.get("hidden_states", args[0] if args else None)
+
+            handle = blocks[idx].self_attn.register_forward_pre_hook(grab, with_kwargs=True)
+            try:
+                with torch.no_grad():
+                    tower(pixel_values=pixel_values.to(next(tower.parameters()).dtype))
+            finally:
+                handle.remove()
+            return got["x"], blocks[idx].self_attn
+
+        def llm(layer: int, attention: bool):
+            full, _ = splice_runs(embeds, real, positions, rows, feats.to(embeds.dtype),
+                                  torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device))
+            lm = model.model.language_model
+
+            def run():
+                return lm(inputs_embeds=full, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+
+            return llm_layer_states(model, layer, run, attention_mask, attention=attention)
+
+        return PluginSignals(
+            input_ids=input_ids, question=qmask, image_rows=rows, image_slots=list(positions), vision=vision,
+            num_tokens=feats.shape[1], text_tower=self.text_tower, pixel_values=pixel_values,
+            num_patches=grid[0] * grid[1], llm=llm,
+        )
+
+    def _scoring_space(self, signals: PluginSignals, prefix: int):
+        """(tokens [I, P+N, Dr], query [I, T, Dr], mask) in the space of ``relevance``."""
+        if isinstance(self.relevance, LLMLayer):
+            return signals.llm_hidden(self.relevance.layer)
+        patches = signals.patch_features()
+        tokens = torch.cat([patches.new_zeros(patches.shape[0], prefix, patches.shape[2]), patches], dim=1)
+        query, mask = signals.text_features()
+        return tokens, query, mask
 
     @staticmethod
     def _check_kwargs(kwargs: dict[str, Any]) -> None:

@@ -78,6 +78,7 @@ from torch import nn
 from arr_coc.allocators.base import AllocationOutput, Allocator
 from arr_coc.allocators.registry import create_allocator
 from arr_coc.integrations._common import (
+    candidate_index as _candidate_index,
     compaction_plan,
     gather_sequence,
     generation_lengths,
@@ -86,6 +87,7 @@ from arr_coc.integrations._common import (
 )
 from arr_coc.integrations._llm import InLLMPruning
 from arr_coc.integrations.query import resolve_query_mask, resolve_query_mode
+from arr_coc.integrations.signals import LLMLayer, PluginSignals, check_relevance, llm_layer_states, run_allocator
 
 __all__ = ["SUPPORTED_MODELS", "QwenVLAllocation", "QwenVLOutput", "QwenVLPrepared", "normalize_image_budget", "wrap"]
 
@@ -232,24 +234,6 @@ def normalize_image_budget(
     return t
 
 
-def _candidate_index(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Index in the candidate pyramid (fine grid, then levels 1, 2, ...) of positions [K, 3].
-
-    Matches :func:`arr_coc.pyramid.pyramid_positions` for levels ``1..max(level)``.
-    """
-    h, w = grid
-    row, col, lvl = pos.unbind(-1)
-    out = torch.empty_like(row)
-    offset = 0
-    for level in range(int(lvl.max().item()) + 1 if pos.numel() else 0):
-        f = 2**level
-        hc, wc = -(-h // f), -(-w // f)
-        sel = lvl == level
-        out[sel] = offset + (row[sel] // f) * wc + col[sel] // f
-        offset += hc * wc
-    return out
-
-
 def _pyramid_features(feat: torch.Tensor, grid: tuple[int, int], max_level: int) -> torch.Tensor:
     """[N, D] merged-grid features -> [M, D] fine plus levels 1..max_level (area averages)."""
     h, w = grid
@@ -271,9 +255,10 @@ class QwenVLAllocation:
     """
 
     def __init__(self, model: nn.Module, allocator: Allocator | str, budget=None, *, query: Any = None,
-                 processor: Any = None):
+                 processor: Any = None, relevance: Any = None):
         self.family = _family(model)
         self.query_mode = resolve_query_mode(query, processor)
+        self.relevance = check_relevance(relevance, text_tower_ok=False)
         self._keep_all = create_allocator("full")
         self.last_in_llm: InLLMPruning | None = None
         if isinstance(allocator, str):
@@ -430,6 +415,7 @@ class QwenVLAllocation:
         qmask = resolve_query_mask(self.query_mode, input_ids, attention_mask, text_mask, explicit=query_mask)
         query, query_mask = text_query(embeds, qmask)
 
+        signals = self._signals(input_ids, attention_mask, qmask, embeds, feats, runs, rows, full_pos, deep)
         # allocation, one call per merged grid
         grids = [(int(h) // self.merge, int(w) // self.merge) for _, h, w in grid_thw.tolist()]
         kept_tokens: list[torch.Tensor | None] = [None] * len(feats)
@@ -439,10 +425,17 @@ class QwenVLAllocation:
             members = [i for i, gi in enumerate(grids) if gi == g]
             sel = torch.tensor(members, device=device)
             allocator = self._keep_all if self.in_llm else self.allocator  # in-LLM: every token enters the LLM
-            out: AllocationOutput = allocator(
+            host = signals.subset(sel)
+            scoring = None
+            if isinstance(self.relevance, LLMLayer) and allocator is not self._keep_all:
+                scoring = host.llm_hidden(self.relevance.layer)
+            out: AllocationOutput = run_allocator(
+                allocator,
                 torch.stack([feats[i] for i in members]),
-                query=query[rows[sel]],
-                query_mask=query_mask[rows[sel]],
+                query[rows[sel]],
+                query_mask[rows[sel]],
+                host=host,
+                scoring=scoring,
                 budget=budgets[sel],
                 grid=g,
                 num_prefix_tokens=0,
@@ -640,6 +633,27 @@ class QwenVLAllocation:
         out.sequences = seq
         return out
 
+    def _signals(self, input_ids, attention_mask, qmask, embeds, feats, runs, rows, full_pos, deep) -> PluginSignals:
+        """Host signals of the batch: the LLM's hidden states / attention on the full prompt (no vision ones)."""
+        model = self.model
+
+        def llm(layer: int, attention: bool):
+            full = embeds.clone()
+            for i, run in enumerate(runs):
+                full[int(rows[i]), run] = feats[i].to(full.dtype)
+            extra = {}
+            if deep is not None:
+                extra = {"visual_pos_masks": (input_ids == self.image_token_id) & attention_mask.bool(),
+                         "deepstack_visual_embeds": [d.to(full.dtype) for d in deep]}
+
+            def run_lm():
+                return model.get_decoder()(inputs_embeds=full, attention_mask=attention_mask, position_ids=full_pos,
+                                           use_cache=False, return_dict=True, **extra)
+
+            return llm_layer_states(model, layer, run_lm, attention_mask, attention=attention)
+
+        return PluginSignals(input_ids=input_ids, question=qmask, image_rows=rows, image_slots=list(runs), llm=llm)
+
     def _prunes_in_llm(self, prep: QwenVLPrepared) -> bool:
         return self.in_llm and bool(prep.visual_mask.any())
 
@@ -678,7 +692,13 @@ class QwenVLAllocation:
 
 
 def wrap(
-    model: nn.Module, allocator: Allocator | str, *, budget=None, query: Any = None, processor: Any = None
+    model: nn.Module,
+    allocator: Allocator | str,
+    *,
+    budget=None,
+    query: Any = None,
+    processor: Any = None,
+    relevance: Any = None,
 ) -> QwenVLAllocation:
     """Put ``allocator`` between the vision tower and the language model of a Qwen-VL model.
 
@@ -693,5 +713,10 @@ def wrap(
                :class:`~arr_coc.integrations.query.QuestionFinder` or a callable
                ``(input_ids, attention_mask) -> [B, L] bool``. A per-call ``query_mask=`` wins.
     processor: the model's processor (or its tokenizer with the chat template).
+    relevance: the space the allocator scores in: ``"embeddings"`` (default) or
+               :class:`~arr_coc.integrations.signals.LLMLayer` ``(l)`` (the LLM's hidden states
+               after layer ``l`` on the full prompt); Qwen-VL has no paired text tower. Host
+               signals for ``reads_host`` allocators: ``llm_hidden`` / ``llm_attention`` (see
+               :mod:`arr_coc.integrations.signals`, which tabulates the costs).
     """
-    return QwenVLAllocation(model, allocator, budget, query=query, processor=processor)
+    return QwenVLAllocation(model, allocator, budget, query=query, processor=processor, relevance=relevance)
