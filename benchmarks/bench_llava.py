@@ -112,7 +112,7 @@ def child(spec: str, text_tokens: int) -> None:
     name, k = spec.split(":")
     model = build_model()
     inputs = make_inputs(text_tokens)
-    vlm = llava.wrap(model, make_allocator(name), budget=int(k))
+    vlm = llava.wrap(model, make_allocator(name), budget=int(k), query="prompt")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _status("VmRSS")
     with torch.no_grad():
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> None:
     inputs = make_inputs(args.text)
     rows_spec, note = settings()
     primary = rows_spec[1][0]
-    vlms = [llava.wrap(model, make_allocator(name), budget=k) for name, k in rows_spec]
+    vlms = [llava.wrap(model, make_allocator(name), budget=k, query="prompt") for name, k in rows_spec]
     with torch.no_grad():
         prepared = [vlm.prepare(**inputs) for vlm in vlms]
     # round robin over the settings, so that a change in the machine's load hits all alike

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     for frac in [Fraction(1), Fraction(1, 4), Fraction(1, 9), Fraction(1, 18)]:
         k = max(1, round(float(frac) * n_img))
         name = "full" if frac == 1 else args.allocator
-        vlm = wrap(model, name, budget=k)
+        vlm = wrap(model, name, budget=k, query="prompt")  # random prompts: no chat template
 
         def run(vlm=vlm, k=k):
             out = vlm(**inputs, use_cache=True, logits_to_keep=1)
