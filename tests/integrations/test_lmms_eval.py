@@ -59,8 +59,10 @@ def _model(name: str, path: Path, **kwargs):
 def task_manager(tiny):
     from lmms_eval.tasks import TaskManager
 
-    # only the local tasks: indexing lmms-eval's own ~1,000 task files takes ~20 s here
-    return TaskManager("ERROR", include_path=str(tiny["tasks"]), include_defaults=False)
+    with pytest.MonkeyPatch.context() as mp:  # lmms-eval's datasets cache under tmp, not ~/.cache
+        mp.setenv("LMMS_EVAL_DATASETS_CACHE", str(tiny["root"] / "datasets_cache"))
+        # only the local tasks: indexing lmms-eval's own ~1,000 task files takes ~20 s here
+        yield TaskManager("ERROR", include_path=str(tiny["tasks"]), include_defaults=False)
 
 
 def _evaluate(model, task_manager, model_args: str | None = None) -> dict:
