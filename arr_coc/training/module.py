@@ -292,6 +292,10 @@ class ARRCOCModule(L.LightningModule):
         allocate_after_projection: allocate among the projected tokens [B, P+N, Dl] (the
             LLM's space, where the query lives; pooled tokens are means of projected
             tokens), else among the ViT tokens [B, P+N, Dv] and project the kept ones.
+        repool_in_vision_space: feed a selected pooled candidate as project(mean of ViT
+            tokens), as the embedded base VLM was trained (:func:`repool_in_vision_space`);
+            only for hosts with ``pooled_in_vision_space`` (the transformers hosts get the
+            mean of projected tokens, as the plug-ins feed them at inference).
         rate / rate_prior: the IB rate term (see :func:`allocator_loss_terms`).
         backbones: what rebuilds the frozen VLM (names, paths); stored in checkpoints.
         allocator_spec: ``{"name": ..., "config": {...}}``, the ``create_allocator`` arguments
