@@ -385,3 +385,326 @@ def dcov_terms_1d(x: np.ndarray, y: np.ndarray):
     v_xx = aa / nf**2 - 2.0 * saa / nf**3 + sa * sa / nf**4
     v_yy = bb / nf**2 - 2.0 * sbb / nf**3 + sb * sb / nf**4
     return v_xy, v_xx, v_yy
+
+
+# ----------------------------------------------------------------------------- k-d trees (any low dimension)
+#
+# The multivariate KSG / Frenzel-Pompe quantities: for each point, the max-norm distance
+# ``eps_i`` to its k-th nearest other point in the joint space, and the strict counts
+# ``#{j != i : max_{c in S} |v_jc - v_ic| < eps_i}`` in subspaces S. A k-d tree (median
+# splits along the widest coordinate, leaves of at most LEAF points, each node's exact
+# bounding box) answers both exactly: a node is skipped only when the rounded coordinate gap
+# to its box already reaches the bound (rounding is monotone, so no point inside can be
+# closer), and counted whole only when the rounded farthest corner is strictly inside the
+# radius. Every distance that decides anything is ``max_c |v_jc - v_ic|`` computed as the
+# brute-force engine computes it, so eps and the counts are the brute-force ones bit for bit.
+
+LEAF = 12
+
+
+@_jit
+def _select(order, P, dim, s, e, m):
+    """Reorder ``order[s:e]`` so that ``order[m]`` holds the row whose ``P[., dim]`` has rank
+    ``m - s`` there, smaller-or-equal ones before it and larger-or-equal ones after
+    (quickselect with a median-of-three pivot; deterministic)."""
+    lo, hi = s, e - 1
+    while hi > lo:
+        a, b, c = P[order[lo], dim], P[order[(lo + hi) // 2], dim], P[order[hi], dim]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i, j = lo, hi
+        while i <= j:
+            while P[order[i], dim] < pivot:
+                i += 1
+            while P[order[j], dim] > pivot:
+                j -= 1
+            if i <= j:
+                order[i], order[j] = order[j], order[i]
+                i += 1
+                j -= 1
+        if m <= j:
+            hi = j
+        elif m >= i:
+            lo = i
+        else:
+            return
+
+
+@_jit
+def tree_build(P: np.ndarray, leaf: int):
+    """A k-d tree over the rows of ``P [n, D]``. Returns ``order`` (tree position -> row),
+    ``Pt = P[order]``, and per node: box ``lo``, ``hi`` [M, D], point range ``start``, ``end``
+    (tree positions) and first child ``left`` (-1 for a leaf; the right child is left + 1)."""
+    n, D = P.shape
+    order = np.arange(n)
+    M = 2 * n + 1
+    lo = np.empty((M, D), np.float64)
+    hi = np.empty((M, D), np.float64)
+    start = np.empty(M, np.int64)
+    end = np.empty(M, np.int64)
+    left = np.full(M, -1, np.int64)
+    stack = np.empty(M, np.int64)
+    start[0], end[0] = 0, n
+    count, top = 1, 0
+    stack[0] = 0
+    top = 1
+    while top > 0:
+        top -= 1
+        nd = stack[top]
+        s, e = start[nd], end[nd]
+        for c in range(D):
+            a = INF
+            b = -INF
+            for t in range(s, e):
+                v = P[order[t], c]
+                if v < a:
+                    a = v
+                if v > b:
+                    b = v
+            lo[nd, c], hi[nd, c] = a, b
+        if e - s <= leaf:
+            continue
+        dim, width = 0, -1.0
+        for c in range(D):
+            w = hi[nd, c] - lo[nd, c]
+            if w > width:
+                dim, width = c, w
+        if not width > 0:  # all points identical: one leaf
+            continue
+        _select(order, P, dim, s, e, (s + e) // 2)
+        mid = (s + e) // 2
+        left[nd] = count
+        start[count], end[count] = s, mid
+        start[count + 1], end[count + 1] = mid, e
+        stack[top] = count
+        stack[top + 1] = count + 1
+        top += 2
+        count += 2
+    Pt = np.empty((n, D), np.float64)
+    for t in range(n):
+        for c in range(D):
+            Pt[t, c] = P[order[t], c]
+    return order, Pt, lo[:count].copy(), hi[:count].copy(), start[:count].copy(), end[:count].copy(), left[:count].copy()
+
+
+@_inline
+def _box_lower(lo, hi, nd, q) -> float:
+    """Rounded max-norm distance from ``q`` to node ``nd``'s box (a lower bound on the rounded
+    distance to every point inside: rounding is monotone)."""
+    b = 0.0
+    for c in range(q.shape[0]):
+        if q[c] < lo[nd, c]:
+            t = lo[nd, c] - q[c]
+        elif q[c] > hi[nd, c]:
+            t = q[c] - hi[nd, c]
+        else:
+            t = 0.0
+        if t > b:
+            b = t
+    return b
+
+
+@_inline
+def _box_upper(lo, hi, nd, q) -> float:
+    """Rounded max-norm distance from ``q`` to the farthest corner of node ``nd``'s box (an
+    upper bound on the rounded distance to every point inside)."""
+    b = 0.0
+    for c in range(q.shape[0]):
+        t = max(q[c] - lo[nd, c], hi[nd, c] - q[c])
+        if t > b:
+            b = t
+    return b
+
+
+@_jit
+def _tree_kth(m0, m1, k, order, Pt, lo, hi, start, end, left, eps):
+    """``eps[order[m]]`` = max-norm distance from the point at tree position m to its k-th
+    nearest other point, for tree positions ``m0 .. m1 - 1``."""
+    D = Pt.shape[1]
+    kb = np.empty(k, np.float64)
+    stack = np.empty(128, np.int64)
+    bound = np.empty(128, np.float64)  # each stacked node's box distance
+    for m in range(m0, m1):
+        q = Pt[m]
+        for t in range(k):
+            kb[t] = INF
+        stack[0] = 0
+        bound[0] = 0.0
+        top = 1
+        while top > 0:
+            top -= 1
+            nd = stack[top]
+            if bound[top] >= kb[k - 1]:
+                continue
+            if left[nd] < 0:
+                for j in range(start[nd], end[nd]):
+                    d = 0.0
+                    for c in range(D):
+                        t = abs(Pt[j, c] - q[c])
+                        if t > d:
+                            d = t
+                    if d < kb[k - 1] and j != m:
+                        p = k - 1
+                        while p > 0 and kb[p - 1] > d:
+                            kb[p] = kb[p - 1]
+                            p -= 1
+                        kb[p] = d
+            else:  # the nearer child is examined first (pushed last)
+                a, b = left[nd], left[nd] + 1
+                la, lb = _box_lower(lo, hi, a, q), _box_lower(lo, hi, b, q)
+                if la < lb:
+                    a, b, la, lb = b, a, lb, la
+                if la < kb[k - 1]:
+                    stack[top] = a
+                    bound[top] = la
+                    top += 1
+                if lb < kb[k - 1]:
+                    stack[top] = b
+                    bound[top] = lb
+                    top += 1
+        eps[order[m]] = kb[k - 1]
+
+
+@_jit
+def _tree_count(i0, i1, rows, Q, radius, order, Qt, lo, hi, start, end, left, out):
+    """``out[i] = #{j != i : max_c |Q[j, c] - Q[i, c]| < radius[i]}`` for the rows
+    ``rows[i0 .. i1 - 1]``, by a tree over ``Q`` (``Qt = Q[order]``)."""
+    D = Q.shape[1]
+    stack = np.empty(128, np.int64)
+    for r in range(i0, i1):
+        i = rows[r]
+        q = Q[i]
+        e = radius[i]
+        cnt = 0
+        if e > 0.0:
+            stack[0] = 0
+            top = 1
+            while top > 0:  # every stacked node's box is nearer than e
+                top -= 1
+                nd = stack[top]
+                if _box_upper(lo, hi, nd, q) < e:
+                    cnt += end[nd] - start[nd]
+                elif left[nd] < 0:
+                    for j in range(start[nd], end[nd]):
+                        d = 0.0
+                        for c in range(D):
+                            t = abs(Qt[j, c] - q[c])
+                            if t > d:
+                                d = t
+                        if d < e:
+                            cnt += 1
+                else:
+                    a = left[nd]
+                    if _box_lower(lo, hi, a, q) < e:
+                        stack[top] = a
+                        top += 1
+                    if _box_lower(lo, hi, a + 1, q) < e:
+                        stack[top] = a + 1
+                        top += 1
+            cnt -= 1  # the point itself (distance 0 < e)
+        out[i] = cnt
+
+
+@_jit
+def _sorted_counts(i0, i1, rows, v, sv, rank, tb, radius, out):
+    """The 1-D case of ``_tree_count``: ``#{j != i : |v_j - v_i| < radius_i}`` on sorted ``sv``."""
+    for r in range(i0, i1):
+        i = rows[r]
+        out[i] = _strict_count(sv, tb[0], tb[1], tb[2], rank[i], v[i], radius[i])
+
+
+@_jit
+def _tree_knn_idx(m0, m1, k, order, Pt, lo, hi, start, end, left, idx):
+    """``idx[order[m]]`` = the rows of the k nearest points (itself included) to the point at
+    tree position m, nearest first, ties by row index, for positions ``m0 .. m1 - 1``."""
+    D = Pt.shape[1]
+    kb = np.empty(k, np.float64)
+    kr = np.empty(k, np.int64)
+    stack = np.empty(128, np.int64)
+    for m in range(m0, m1):
+        q = Pt[m]
+        for t in range(k):
+            kb[t] = INF
+            kr[t] = -1
+        stack[0] = 0
+        top = 1
+        while top > 0:
+            top -= 1
+            nd = stack[top]
+            if _box_lower(lo, hi, nd, q) > kb[k - 1]:
+                continue
+            if left[nd] < 0:
+                for j in range(start[nd], end[nd]):
+                    d = 0.0
+                    for c in range(D):
+                        t = abs(Pt[j, c] - q[c])
+                        if t > d:
+                            d = t
+                    row = order[j]
+                    if d < kb[k - 1] or (d == kb[k - 1] and row < kr[k - 1]):
+                        p = k - 1
+                        while p > 0 and (kb[p - 1] > d or (kb[p - 1] == d and kr[p - 1] > row)):
+                            kb[p] = kb[p - 1]
+                            kr[p] = kr[p - 1]
+                            p -= 1
+                        kb[p] = d
+                        kr[p] = row
+            else:
+                a, b = left[nd], left[nd] + 1
+                if _box_lower(lo, hi, a, q) < _box_lower(lo, hi, b, q):
+                    a, b = b, a
+                stack[top] = a
+                stack[top + 1] = b
+                top += 2
+        for t in range(k):
+            idx[order[m], t] = kr[t]
+
+
+def _split(total: int, threads: int, fn) -> None:
+    """Run ``fn(a, b)`` over ``threads * 4`` consecutive chunks of ``range(total)`` on a pool."""
+    if threads <= 1 or total < 4096:
+        fn(0, total)
+        return
+    parts = 4 * threads
+    bounds = [(t * total // parts, (t + 1) * total // parts) for t in range(parts)]
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda ab: fn(*ab), bounds))
+
+
+def tree_radius_counts(V: np.ndarray, k: int, count_sets: list[list[int]], threads: int = 1) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The quantities of ``arr_coc.info.knn.brute_radius_counts`` by k-d trees: ``V [n, D]``
+    float64 (the joint space, columns of all variables), ``count_sets``: for each count, the
+    columns of its subspace. Returns ``eps [n]`` and one ``[n]`` int64 count per set, equal
+    to the brute-force ones bit for bit. Queries run in the joint tree's order (neighbouring
+    queries share their nodes), split over ``threads`` Python threads (GIL-free kernels)."""
+    V = np.ascontiguousarray(V, dtype=np.float64)
+    n = V.shape[0]
+    order, Vt, lo, hi, start, end, left = tree_build(V, LEAF)
+    eps = np.empty(n, np.float64)
+    _split(n, threads, lambda a, b: _tree_kth(a, b, k, order, Vt, lo, hi, start, end, left, eps))
+    counts = []
+    for cols in count_sets:
+        out = np.empty(n, np.int64)
+        if len(cols) == 1:
+            v = np.ascontiguousarray(V[:, cols[0]])
+            o = np.argsort(v, kind="mergesort")
+            sv = v[o]
+            rank = _inverse(o)
+            tb = _buckets(sv)
+            _split(n, threads, lambda a, b: _sorted_counts(a, b, order, v, sv, rank, tb, eps, out))
+        else:
+            Q = np.ascontiguousarray(V[:, cols])
+            qo, Qt, qlo, qhi, qs, qe, ql = tree_build(Q, LEAF)
+            _split(n, threads, lambda a, b: _tree_count(a, b, order, Q, eps, qo, Qt, qlo, qhi, qs, qe, ql, out))
+        counts.append(out)
+    return eps, counts
+
+
+def tree_knn_indices(V: np.ndarray, k: int, threads: int = 1) -> np.ndarray:
+    """``[n, k]`` int64: for each row of ``V [n, D]``, the rows of its k nearest points in the
+    max-norm (itself included), nearest first, ties broken by the smaller row index."""
+    V = np.ascontiguousarray(V, dtype=np.float64)
+    n = V.shape[0]
+    order, Vt, lo, hi, start, end, left = tree_build(V, LEAF)
+    idx = np.empty((n, k), np.int64)
+    _split(n, threads, lambda a, b: _tree_knn_idx(a, b, k, order, Vt, lo, hi, start, end, left, idx))
+    return idx

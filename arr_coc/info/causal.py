@@ -33,6 +33,7 @@ import torch
 
 from arr_coc.info.continuous import ksg_cmi, ksg_mi
 from arr_coc.info.discrete import discrete_cmi, discrete_mi
+from arr_coc.info.knn import TILE_ELEMENTS, tree_knn_indices, use_tree
 from arr_coc.info.tables import entropy
 
 __all__ = [
@@ -282,6 +283,17 @@ def _local_permutation(neighbours: list[list[int]], generator: torch.Generator |
     return torch.tensor(perm)
 
 
+def _z_neighbours(z2: torch.Tensor, k_perm: int) -> torch.Tensor:
+    """``[n, k_perm]``: the ``k_perm`` nearest samples in Z (max-norm, itself included), by the
+    k-d tree where it applies (no n x n matrix), else from tiles of the distance matrix."""
+    if use_tree([z2]):
+        return tree_knn_indices(z2, k_perm)
+    rows = max(1, TILE_ELEMENTS // z2.shape[0])
+    return torch.cat(
+        [torch.cdist(z2[r : r + rows], z2, p=float("inf")).topk(k_perm, largest=False, dim=1).indices for r in range(0, z2.shape[0], rows)]
+    )
+
+
 def ci_test(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -298,7 +310,10 @@ def ci_test(
 
     discrete: plug-in ``discrete_cmi`` (or ``discrete_mi`` without Z), X permuted within the
     strata of Z. continuous: ``ksg_cmi`` with ``k`` neighbours (``ksg_mi`` without Z), X
-    permuted locally among the ``k_perm`` nearest neighbours in Z (Runge 2018).
+    permuted locally among the ``k_perm`` nearest neighbours in Z (Runge 2018). On the CPU
+    with numba and at most 8 coordinates in all, both searches use exact k-d trees
+    (``arr_coc.info.knn``): O(n log n)-ish per permutation instead of O(n^2); the neighbours
+    in Z are then ordered by distance, ties by index.
     Inputs: x, y, z as [n] or [n, d] tensors (integers for ``discrete``).
     """
     if n_permutations < 1:
@@ -330,8 +345,7 @@ def ci_test(
                 raise ValueError(f"k_perm: expected 1 <= k_perm < n = {n}, got {k_perm}")
             stat_fn = lambda xx: ksg_cmi(xx, y, z, k=k, base=base)  # noqa: E731
             z2 = _as_2d("z", z, n).cpu().double()
-            dist = torch.cdist(z2, z2, p=float("inf"))
-            neighbours = dist.topk(k_perm, largest=False, dim=1).indices.tolist()  # includes i itself
+            neighbours = _z_neighbours(z2, k_perm).tolist()  # includes i itself
             perm_fn = lambda: _local_permutation(neighbours, generator)  # noqa: E731
 
     statistic = stat_fn(x)

@@ -47,10 +47,14 @@ from arr_coc.info._validate import (
 )
 from arr_coc.info.knn import (
     TILE_ELEMENTS,
+    TREE_MAX_DIM,
     brute_radius_counts,
     ksg_counts_2d,
     kth_1d_sorted,
+    numba_kernels,
     strict_counts_sorted,
+    tree_radius_counts,
+    use_tree,
 )
 
 __all__ = ["gaussian_cmi", "gaussian_mi", "kl_entropy", "ksg_cmi", "ksg_mi", "mi_features"]
@@ -169,8 +173,11 @@ def ksg_mi(
 
     method: ``"grid"`` (scalar x and y only: the exact O(n log n) search of
     ``arr_coc.info.knn.ksg_counts_2d``, compiled on the CPU, vectorised torch elsewhere;
-    bounded memory), ``"brute"`` (tiled O(n^2), any dimension) or ``"auto"`` (grid for
-    scalar pairs, brute otherwise). See the module docstring for scaling, ties and ``jitter``.
+    bounded memory), ``"tree"`` (CPU tensors with numba, ``dx + dy <= 8``: the exact k-d
+    tree search of ``arr_coc.info.knn.tree_radius_counts``), ``"brute"`` (tiled O(n^2), any
+    dimension and device) or ``"auto"`` (grid for scalar pairs, tree where it applies and
+    n >= 256, brute otherwise). All give the same counts, bit for bit. See the module
+    docstring for scaling, ties and ``jitter``.
     """
     check_base(base)
     _check_jitter(jitter)
@@ -181,16 +188,29 @@ def ksg_mi(
     (xz, yz), (cx, cy) = _prepare_vars({"x": xs, "y": ys}, jitter, seed)
     zero = cx.all() | cy.all()
     scalar = xz.shape[1] == 1 and yz.shape[1] == 1
-    if method not in ("auto", "grid", "brute"):
-        raise ValueError(f"method: expected 'auto', 'grid' or 'brute', got {method!r}")
+    if method not in ("auto", "grid", "tree", "brute"):
+        raise ValueError(f"method: expected 'auto', 'grid', 'tree' or 'brute', got {method!r}")
     if method == "grid" and not scalar:
         raise ValueError("method: 'grid' needs scalar x and y ([n] or [n, 1])")
+    _check_tree(method, [xz, yz])
     if method == "grid" or (method == "auto" and scalar):
         nx, ny, _ = ksg_counts_2d(xz[:, 0][None], yz[:, 0], k)
         nx, ny = nx[0], ny[0]
     else:
-        _, (nx, ny) = brute_radius_counts([xz, yz], k, [(0,), (1,)])
+        nx, ny = _radius_counts(method, [xz, yz], k, [(0,), (1,)])
     return _finish(_ksg1(nx, ny, k, n), zero, base, clip)
+
+
+def _check_tree(method: str, variables: list[torch.Tensor]) -> None:
+    if method == "tree" and (variables[0].device.type != "cpu" or numba_kernels() is None or sum(v.shape[1] for v in variables) > TREE_MAX_DIM):
+        raise ValueError(f"method: 'tree' needs CPU tensors, numba installed and at most {TREE_MAX_DIM} coordinates in all")
+
+
+def _radius_counts(method: str, variables: list[torch.Tensor], k: int, count_sets: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """The strict counts of ``brute_radius_counts`` by the engine ``method`` picks."""
+    if method == "tree" or (method == "auto" and use_tree(variables)):
+        return tree_radius_counts(variables, k, count_sets)[1]
+    return brute_radius_counts(variables, k, count_sets)[1]
 
 
 def _ksg1(nx: torch.Tensor, ny: torch.Tensor, k: int, n: int) -> torch.Tensor:
@@ -213,13 +233,17 @@ def ksg_cmi(
     clip: bool = False,
     jitter: float = 0.25,
     seed: int = 0,
+    method: str = "auto",
 ) -> torch.Tensor:
     """I(X; Y | Z) by the Frenzel-Pompe estimator -> ``[]``.
 
     ``I = psi(k) - < psi(n_xz + 1) + psi(n_yz + 1) - psi(n_z + 1) >`` with ``eps_i`` the
     max-norm k-th neighbour distance in the joint (x, y, z) space and strict counts in the
-    (x, z), (y, z) and z subspaces. Tiled O(n^2) search (bounded memory, any device).
-    A constant X or Y gives exactly 0; a constant Z gives the KSG estimate of I(X; Y).
+    (x, z), (y, z) and z subspaces. method: ``"tree"`` (CPU tensors with numba, at most 8
+    coordinates in all: exact k-d tree search), ``"brute"`` (tiled O(n^2), bounded memory,
+    any device) or ``"auto"`` (tree where it applies and n >= 256); the counts are the same
+    bit for bit. A constant X or Y gives exactly 0; a constant Z gives the KSG estimate of
+    I(X; Y).
     """
     check_base(base)
     _check_jitter(jitter)
@@ -228,8 +252,11 @@ def ksg_cmi(
     zs = check_samples("z", z)
     n = check_same_n(x=xs, y=ys, z=zs)
     check_k(k, n)
+    if method not in ("auto", "tree", "brute"):
+        raise ValueError(f"method: expected 'auto', 'tree' or 'brute', got {method!r}")
     (xv, yv, zv), (cx, cy, _) = _prepare_vars({"x": xs, "y": ys, "z": zs}, jitter, seed)
-    _, (nxz, nyz, nz) = brute_radius_counts([xv, yv, zv], k, [(0, 2), (1, 2), (2,)])
+    _check_tree(method, [xv, yv, zv])
+    nxz, nyz, nz = _radius_counts(method, [xv, yv, zv], k, [(0, 2), (1, 2), (2,)])
     dev = xv.device
     value = _psi_n(k, dev) - (
         _digamma_mean(nxz) + _digamma_mean(nyz) - _digamma_mean(nz)

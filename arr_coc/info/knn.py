@@ -21,6 +21,11 @@ nearest other point - and give the strict neighbour counts the KSG estimators ne
 - the compiled CPU kernels of ``arr_coc.info._numba_knn`` (numba; ``numba_kernels()``): a
   rank-space grid searched in rings, the same answer with no temporaries. ``ksg_counts_2d``
   picks them for CPU tensors where numba is installed.
+- ``tree_radius_counts`` (CPU, numba): what ``brute_radius_counts`` computes, for any
+  low-dimensional joint space (``TREE_MAX_DIM`` coordinates or fewer), by k-d trees in
+  O(n log n)-ish work: the multivariate ``ksg_mi``, ``ksg_cmi`` and the continuous
+  ``ci_test``. ``tree_knn_indices``: the k nearest neighbours themselves (``ci_test``'s local
+  permutation).
 
 ``strict_counts_sorted`` counts ``#{j : |v_j - v_i| < eps_i}`` with binary search on
 sorted marginals; the boundary is then corrected so that the count uses exactly the
@@ -37,9 +42,23 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["TILE_ELEMENTS", "brute_radius_counts", "ksg_counts_2d", "kth_1d_sorted", "numba_kernels", "strict_counts_sorted", "strip_kth_2d"]
+__all__ = [
+    "TILE_ELEMENTS",
+    "TREE_MAX_DIM",
+    "brute_radius_counts",
+    "ksg_counts_2d",
+    "kth_1d_sorted",
+    "numba_kernels",
+    "strict_counts_sorted",
+    "strip_kth_2d",
+    "tree_knn_indices",
+    "tree_radius_counts",
+    "use_tree",
+]
 
 TILE_ELEMENTS = 1 << 22  # entries per distance tile (32 MiB in float64)
+TREE_MAX_DIM = 8  # joint spaces of up to this many coordinates use the k-d trees (CPU, numba)
+TREE_MIN_N = 256  # below this many points the tiled brute force is as fast
 CHUNK = 1 << 13  # query points per vectorised step on the CPU (the temporaries stay in cache)
 DEVICE_CHUNK = 1 << 20  # ... on an accelerator (fewer, larger launches)
 
@@ -520,3 +539,41 @@ def ksg_counts_2d(x: torch.Tensor, y: torch.Tensor, k: int, engine: str = "auto"
     eps_y = eps.index_select(1, oy)
     ny = strict_counts_sorted(ys, ys.expand_as(eps_y), eps_y) - (eps_y > 0).long()
     return nx, ny, (xs[:, 1:] == xs[:, :-1]).any(1)
+
+
+# ----------------------------------------------------------------------------- k-d trees
+
+
+def use_tree(variables: list[torch.Tensor]) -> bool:
+    """Whether ``tree_radius_counts`` serves these ``[n, d_v]`` variables: CPU tensors, numba
+    installed, at most ``TREE_MAX_DIM`` coordinates in all and at least ``TREE_MIN_N`` points."""
+    dims = sum(v.shape[1] for v in variables)
+    return (
+        variables[0].device.type == "cpu" and dims <= TREE_MAX_DIM and variables[0].shape[0] >= TREE_MIN_N and numba_kernels() is not None
+    )
+
+
+def tree_radius_counts(
+    variables: list[torch.Tensor], k: int, count_sets: list[tuple[int, ...]]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``brute_radius_counts`` by k-d trees (CPU tensors, numba installed): the same ``eps [n]``
+    and strict counts, bit for bit, for float64 variables. Runs on as many threads as torch uses."""
+    kernels = numba_kernels()
+    if kernels is None or variables[0].device.type != "cpu":
+        raise ValueError("variables: the k-d tree engine needs CPU tensors and numba installed")
+    widths = [v.shape[1] for v in variables]
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    V = torch.cat([v.detach().to(torch.float64) for v in variables], dim=1).contiguous().numpy()
+    cols = [[starts[j] + c for j in cs for c in range(widths[j])] for cs in count_sets]
+    eps, counts = kernels.tree_radius_counts(V, k, cols, threads=torch.get_num_threads())
+    dt = variables[0].dtype
+    return torch.from_numpy(eps).to(dt), [torch.from_numpy(c) for c in counts]
+
+
+def tree_knn_indices(v: torch.Tensor, k: int) -> torch.Tensor:
+    """``[n, k]`` long: the k nearest rows (max-norm, itself included, nearest first, ties by
+    the smaller index) of every row of ``v [n, d]`` (CPU tensors, numba installed)."""
+    kernels = numba_kernels()
+    if kernels is None or v.device.type != "cpu":
+        raise ValueError("v: the k-d tree engine needs a CPU tensor and numba installed")
+    return torch.from_numpy(kernels.tree_knn_indices(v.detach().to(torch.float64).contiguous().numpy(), k, threads=torch.get_num_threads()))

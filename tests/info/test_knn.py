@@ -152,3 +152,86 @@ def test_kth_1d_sorted_matches_brute():
         d = (v[:, None] - v[None, :]).abs()
         d.fill_diagonal_(math.inf)
         assert torch.equal(got, d.kthvalue(k, dim=1).values)
+
+
+# ----------------------------------------------------------------------------- k-d trees (issue 17, item 7)
+
+needs_numba = pytest.mark.skipif(knn.numba_kernels() is None, reason="numba not installed")
+
+
+def _tree_cases():
+    g = torch.Generator().manual_seed(30)
+    gauss = torch.randn(700, 4, generator=g, dtype=torch.float64)
+    corr = gauss @ torch.tensor([[1.0, 0.9, 0.0, 0.3], [0.0, 0.4, 0.2, 0.0], [0.0, 0.0, 1.0, 0.5], [0.0, 0.0, 0.0, 0.1]], dtype=torch.float64)
+    ties = torch.randint(0, 4, (600, 4), generator=g).double()
+    dups = torch.randn(80, 4, generator=g, dtype=torch.float64).repeat(8, 1)  # every point 7 exact duplicates
+    outliers = torch.cat([torch.randn(400, 4, generator=g, dtype=torch.float64), torch.full((3, 4), 1e6, dtype=torch.float64)])
+    rounded = torch.round(torch.randn(500, 4, generator=g, dtype=torch.float64) * 3) / 3  # ties on a rounding grid
+    return {"gauss": gauss, "correlated": corr, "ties": ties, "duplicates": dups, "outliers": outliers, "rounded": rounded}
+
+
+@needs_numba
+@pytest.mark.parametrize("case", list(_tree_cases()))
+@pytest.mark.parametrize("k", [1, 4])
+def test_tree_radius_counts_equal_brute_force_bit_for_bit(case, k):
+    V = _tree_cases()[case]
+    for split, sets in (
+        ([V[:, :1], V[:, 1:2], V[:, 2:3]], [(0, 2), (1, 2), (2,), (0,), (0, 1)]),  # ksg_cmi, scalars
+        ([V[:, :2], V[:, 2:]], [(0,), (1,)]),  # ksg_mi, 2-D x 2-D
+        ([V[:, :1], V[:, 1:3], V[:, 3:]], [(0, 2), (1, 2), (2,)]),  # ksg_cmi with a 2-D y
+    ):
+        e1, c1 = brute_radius_counts(split, k, sets)
+        e2, c2 = knn.tree_radius_counts(split, k, sets)
+        assert torch.equal(e1, e2), case
+        for a, b in zip(c1, c2):
+            assert torch.equal(a, b), case
+
+
+@needs_numba
+@pytest.mark.parametrize("case", ["gauss", "ties", "duplicates"])
+def test_tree_knn_indices_are_the_nearest_by_distance_then_index(case):
+    V = _tree_cases()[case][:, :2].contiguous()
+    k = 6
+    idx = knn.tree_knn_indices(V, k)
+    d = torch.cdist(V, V, p=math.inf)
+    n = V.shape[0]
+    # brute force: sort by (distance, index) - the index breaks ties
+    order = torch.stack([torch.tensor(sorted(range(n), key=lambda j: (d[i, j].item(), j))[:k]) for i in range(0, n, 97)])
+    assert torch.equal(idx[::97], order)
+
+
+@needs_numba
+def test_estimators_use_the_tree_with_the_brute_force_values():
+    from arr_coc.info import ksg_cmi, ksg_mi
+
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(600, 2, generator=g, dtype=torch.float64)
+    y = x[:, :1] + torch.randn(600, 1, generator=g, dtype=torch.float64)
+    z = torch.randint(0, 5, (600,), generator=g).double()  # tied: jittered, then searched
+    assert ksg_mi(x, y, method="tree").item() == ksg_mi(x, y, method="brute").item()
+    assert ksg_mi(x, y).item() == ksg_mi(x, y, method="brute").item()
+    assert ksg_cmi(x[:, 0], y, z, method="tree").item() == ksg_cmi(x[:, 0], y, z, method="brute").item()
+    assert ksg_cmi(x, y, z).item() == ksg_cmi(x, y, z, method="brute").item()
+    with pytest.raises(ValueError, match="method"):
+        ksg_mi(torch.randn(300, 5), torch.randn(300, 4), method="tree")  # 9 coordinates
+
+
+@needs_numba
+def test_tree_threads_split_the_queries_without_changing_them():
+    g = torch.Generator().manual_seed(32)
+    V = torch.randn(9000, 3, generator=g, dtype=torch.float64)
+    V[:3000, 2] = torch.round(V[:3000, 2])  # some ties
+    split = [V[:, :1], V[:, 1:2], V[:, 2:]]
+    sets = [(0, 2), (1, 2), (2,)]
+    e2, c2 = knn.tree_radius_counts(split, 3, sets)  # 2 threads (fixture)
+    torch.set_num_threads(1)
+    e1, c1 = knn.tree_radius_counts(split, 3, sets)
+    assert torch.equal(e1, e2) and all(torch.equal(a, b) for a, b in zip(c1, c2))
+    # spot check against brute force on a few hundred queries (one tile row per query)
+    rows = torch.arange(0, 9000, 37)
+    d = torch.cdist(V[rows], V, p=math.inf)
+    d[torch.arange(rows.numel()), rows] = math.inf
+    assert torch.equal(d.kthvalue(3, dim=1).values, e1[rows])
+    dz = (V[rows, 2:] - V[None, :, 2]).abs()
+    dz[torch.arange(rows.numel()), rows] = math.inf
+    assert torch.equal((dz < e1[rows, None]).sum(1), c1[2][rows])
