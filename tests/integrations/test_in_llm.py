@@ -229,3 +229,17 @@ def test_unsupported_cases_raise():
         llava.wrap(llava_model, KeepFirst(), query="prompt")(**inputs, labels=inputs["input_ids"])
     with pytest.raises(ValueError, match="prune_layers"):
         llava.wrap(llava_model, KeepFirst(layers=(1, 0)), query="prompt")(**inputs)
+
+
+@torch.no_grad()
+def test_right_padded_prompts_map_back_through_final_orig(model):
+    inputs = make_batch([2, 6], [5, 4], side="right")
+    real = inputs["attention_mask"].bool()
+    ref = model(**inputs).logits  # right padding: transformers' positions are already contiguous
+    vlm = llava.wrap(model, KeepFirst(), query="prompt")
+    out = vlm(**inputs).logits  # the pruned layers run left-padded: final.orig says where each slot came from
+    final = vlm.last_in_llm.final
+    got = torch.zeros_like(ref)
+    for b in range(2):
+        got[b, final.orig[b][final.valid[b]]] = out[b][final.valid[b]]
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
