@@ -338,7 +338,7 @@ def test_every_baseline_builds_with_defaults_and_on_unusual_layouts():
     """No 576, no CLS at 0: 3 register tokens, a 5 x 9 grid, B = 2 with per-example budgets."""
     g = torch.Generator().manual_seed(19)
     tokens, query = torch.randn(2, 3 + 45, 12, generator=g), torch.randn(2, 4, 12, generator=g)
-    for name in ("pool", "cls_attention", "visionzip", "tome", "divprune", "cdpruner", "fastv_like"):
+    for name in ("pool", "cls_attention", "visionzip", "tome", "divprune", "cdpruner", "fastv_like", "fastv", "sparsevlm"):
         out = create_allocator(name)(tokens, query=query, budget=torch.tensor([7, 20]), grid=(5, 9), num_prefix_tokens=3)
         alloc = create_allocator(name)
         if alloc.fixed_budget:
