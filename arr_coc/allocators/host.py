@@ -14,6 +14,8 @@ host.vision_keys(-2)        # [B, P+N, Dh] that block's attention keys, averaged
 host.text_features()        # ([B, T, Dj], [B, T] bool): the text tower's per-token instruction features
 host.text_embedding()       # [B, Dj]: the text tower's pooled (eos) embedding of the instruction
 host.patch_features()       # [B, N, Dj]: the patch tokens in the same joint (CLIP) space
+host.vision_output()        # [B, P+N, Dv] the tower's output tokens; host.to_token_space(x) maps them
+                            # into the space of the allocator's patch tokens (e.g. through the projector)
 host.vision_merge(r)        # VisionMerge: the tower re-run with ToMe merging r[b, l] tokens in block l
 ```
 
@@ -100,6 +102,8 @@ class HostSignals(Protocol):
         ...
 
     # optional: def text_embedding(self) -> torch.Tensor  ([B, Dj] pooled, L2-normalised)
+    # optional: def vision_output(self) -> torch.Tensor  ([B, P+N, Dv] the tower's output tokens) and
+    #           def to_token_space(self, x: torch.Tensor) -> torch.Tensor  ([B, K, Dv] -> the allocator's space)
     # optional: def vision_blocks(self) -> int  and
     #           def vision_merge(self, r: torch.Tensor) -> VisionMerge  (ToMe inside the tower)
 

@@ -30,9 +30,12 @@ What still departs from the paper:
 
 - the released code also keeps the [CLS] token for the LLM; our contract never gives the
   prefix to the LLM, so the whole budget goes to patches;
-- the released code merges layer -2's hidden states before the projector; we merge the
-  tokens we are given (the base VLM's last-layer features after the projector), so a merged
-  token is a mean of projected tokens, not the projection of a mean;
+- the released code merges layer -2's hidden states before the projector; with a host that
+  gives the tower's output tokens and its map into the allocator's token space
+  (``vision_output()`` / ``to_token_space()``, e.g. ``BaseVLMHost``: ``vlm.project``) we merge
+  the tower's *last-layer* tokens before the projector and project the merged ones; other
+  hosts (and no host) merge the tokens we are given, i.e. a mean of projected tokens, not the
+  projection of a mean (``extras["merge_space"]`` says ``"vision"`` or ``"tokens"``);
 - without a host (``host=None``) the [CLS] attention is recomputed from the output tokens
   (:func:`arr_coc.token_scores.cls_attention_scores`, mean patch token when P = 0) and the
   groups are formed by token cosine similarity instead of key similarity;
@@ -53,7 +56,7 @@ from arr_coc.allocators.base import (
     topk_indices,
 )
 from arr_coc.allocators.cls_attention import host_cls_attention
-from arr_coc.allocators.host import request_signal
+from arr_coc.allocators.host import SignalUnavailable, request_signal
 from arr_coc.allocators.registry import register_allocator
 from arr_coc.token_scores import cls_attention_scores, working_dtype
 
@@ -108,6 +111,17 @@ class VisionZipAllocator(Allocator):
         else:
             scores = cls_attention_scores(ctx.prefix, fine, num_heads=self.num_heads)  # [B, N]
             metric, signal = x, "recomputed"
+        src, to_tokens, merge_space = x, None, "tokens"  # what is merged, and its map to the tokens' space
+        if ctx.host is not None:
+            try:
+                hv = request_signal(ctx.host, "vision_output", requester="visionzip")  # [B, P+N, Dv]
+                to_tokens = getattr(ctx.host, "to_token_space")
+            except (SignalUnavailable, AttributeError):
+                hv = None
+            if hv is not None:
+                if hv.dim() != 3 or hv.shape[:2] != (b, p + n):
+                    raise ValueError(f"host: vision_output() must be [B={b}, {p + n}, Dv], got {tuple(hv.shape)}")
+                src, merge_space = hv[:, p:].to(x.dtype), "vision"
         n_dom, n_ctx = self.split_budget(ctx.budget)
         dominant = topk_indices(scores, n_dom)  # [B, Kd], -1 padded
         is_dom = torch.zeros(b, n + 1, dtype=torch.bool, device=fine.device)
@@ -130,21 +144,27 @@ class VisionZipAllocator(Allocator):
             owner = torch.zeros(b, n, dtype=torch.long, device=fine.device)
         owner = torch.where(is_target, torch.arange(n, device=fine.device).expand(b, n), owner)
         member = (rest & (n_ctx[:, None] > 0)).to(x.dtype)  # [B, N]
-        group_sum = torch.zeros_like(x).scatter_add(1, owner[..., None].expand(-1, -1, d), x * member[..., None])
+        ds = src.shape[-1]
+        group_sum = torch.zeros_like(src).scatter_add(1, owner[..., None].expand(-1, -1, ds), src * member[..., None])
         group_n = torch.zeros(b, n, 1, dtype=x.dtype, device=fine.device).scatter_add(1, owner[..., None], member[..., None])
         if self.merge == "mean":
             merged = group_sum / group_n.clamp(min=1)
         else:  # released: target + mean of the others assigned to it
             others_n = (group_n - 1).clamp(min=1)
-            merged = x + (group_sum - x) / others_n
+            merged = src + (group_sum - src) / others_n
         indices = torch.cat([dominant, contextual], dim=1)
         tok_dom = x.gather(1, dominant.clamp(min=0)[..., None].expand(-1, -1, d))
-        tok_ctx = merged.gather(1, contextual.clamp(min=0)[..., None].expand(-1, -1, d))
+        tok_ctx = merged.gather(1, contextual.clamp(min=0)[..., None].expand(-1, -1, ds))
+        if to_tokens is not None and tok_ctx.shape[1]:
+            tok_ctx = to_tokens(tok_ctx.to(ctx.fine.dtype)).to(x.dtype)
+            if tok_ctx.shape != (b, contextual.shape[1], d):
+                raise ValueError(f"host: to_token_space must map [B, K, Dv] to [B, K, D={d}], got {tuple(tok_ctx.shape)}")
         tokens = torch.cat([tok_dom, tok_ctx], dim=1).to(fine.dtype)
         group_sizes = group_n[..., 0].gather(1, contextual.clamp(min=0))
         return Selection(
             indices=indices,
             tokens=tokens,
-            extras={"scores": scores, "signal": signal, "dominant": dominant, "contextual": contextual,
+            extras={"scores": scores, "signal": signal, "merge_space": merge_space, "dominant": dominant,
+                    "contextual": contextual,
                     "contextual_sizes": torch.where(contextual >= 0, group_sizes, torch.zeros_like(group_sizes))},
         )

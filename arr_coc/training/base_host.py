@@ -8,6 +8,7 @@ host.vision_keys(-2)           # [B, P+N, Dh], keys averaged over heads
 host.text_features()           # ([B, T, Dj], [B, T] bool) from the stage-0 text tower
 host.text_embedding()          # [B, Dj] its pooled (eos) embedding of the question
 host.patch_features()          # [B, N, Dj]
+host.vision_output(), host.to_token_space(x)   # the tower's tokens, and its map into the allocators' space
 logits = host.answer_in_llm(fastv, visual, mask, positions, question_ids, question_mask, budget=64)
 ```
 
@@ -143,6 +144,16 @@ class BaseVLMHost:
             with torch.no_grad():
                 self._vision_tokens = self.vlm.encode_image(self.pixels)
         return self._vision_tokens
+
+    def vision_output(self) -> torch.Tensor:
+        """[B, P+N, Dv] the vision tower's output tokens (before the projector)."""
+        return self.vision_tokens
+
+    def to_token_space(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tower tokens [B, K, Dv] -> the allocator's token space (``vlm.project`` when
+        ``token_space="projected"``, unchanged for ``"vision"``)."""
+        with torch.no_grad():
+            return self.vlm.project(tokens) if self.token_space == "projected" else tokens
 
     def _blocks(self, signal: str) -> nn.ModuleList:
         blocks = getattr(getattr(self.vlm, "vision", None), "blocks", None)

@@ -646,3 +646,54 @@ def test_tome_inside_the_tower_matches_the_released_code(llm_setup, budget):
     assert low.counts.tolist() == [2, 2, 2] and (low.extras["sizes"].sum(1) == 16).all()
     with pytest.raises(ValueError, match="vision_blocks"):
         create_allocator("tome")(projected, budget=2, grid=vlm.grid, num_prefix_tokens=1, host=StubHost())
+
+
+def test_visionzip_merges_before_the_projector_when_the_host_can():
+    """The release merges the tower's hidden states, then projects: with a host that gives the
+    tower's tokens and the projector, the contextual tokens are project(released merge)."""
+    g = torch.Generator().manual_seed(2)
+    n = 64
+    hidden = torch.randn(2, 1 + n, 8, generator=g, dtype=torch.float64)
+    keys = torch.randn(2, 1 + n, 4, generator=g, dtype=torch.float64)
+    att = random_attention(g, 2, 2, 1 + n)
+    w = torch.randn(8, 5, generator=g, dtype=torch.float64)
+
+    def project(v):
+        return torch.tanh(v @ w)
+
+    host = StubHost(attention=att, keys={-2: keys})
+    host.vision_output = lambda: hidden
+    host.to_token_space = project
+    out = create_allocator("visionzip")(project(hidden), budget=20, grid=(8, 8), num_prefix_tokens=1, host=host)
+    assert out.extras["merge_space"] == "vision"
+    kd, kc = (int(x[0]) for x in create_allocator("visionzip").split_budget(torch.tensor([20])))
+    all_idx, dom_tok, ctx_tok, _ = released_visionzip(att[-2], hidden, keys, kd, kc)
+    for b in range(2):
+        targets = sorted(out.extras["contextual"][b].tolist())
+        dominant = set((all_idx[b, 1:] - 1).tolist())
+        for i in range(20):
+            idx = int(out.indices[b, i])
+            want = project(ctx_tok[b, targets.index(idx)]) if idx in targets else project(hidden[b, 1 + idx])
+            assert idx in targets or idx in dominant
+            torch.testing.assert_close(out.tokens[b, i], want)
+    # a host without the tower's tokens: merged in the tokens' space, and said so
+    plain = create_allocator("visionzip")(project(hidden), budget=20, grid=(8, 8), num_prefix_tokens=1,
+                                          host=StubHost(attention=att, keys={-2: keys}))
+    assert plain.extras["merge_space"] == "tokens"
+    assert torch.equal(plain.indices, out.indices)
+
+
+@torch.no_grad()
+def test_visionzip_with_the_base_vlm_host(llm_setup):
+    vlm, pixels, vision, ids, mask = llm_setup
+    host = BaseVLMHost(vlm, pixels, vision, ids, mask)
+    out = create_allocator("visionzip")(vlm.project(vision), budget=7, grid=vlm.grid, num_prefix_tokens=1, host=host)
+    assert out.extras["merge_space"] == "vision" and out.counts.tolist() == [7, 7, 7]
+    kd, kc = (int(x[0]) for x in create_allocator("visionzip").split_budget(torch.tensor([7])))
+    for b in range(3):
+        all_idx, _, ctx_tok, _ = released_visionzip(host.vision_attention(-2)[b : b + 1], vision[b : b + 1],
+                                                    host.vision_keys(-2)[b : b + 1], kd, kc)
+        assert sorted(out.extras["dominant"][b].tolist()) == sorted((all_idx[0, 1:] - 1).tolist())
+        targets = sorted(out.extras["contextual"][b].tolist())
+        got = torch.stack([out.tokens[b, (out.indices[b] == t).nonzero().item()] for t in targets])
+        torch.testing.assert_close(got, vlm.project(ctx_tok)[0])
