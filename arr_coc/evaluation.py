@@ -264,7 +264,9 @@ def run_allocation(
     ``seconds`` covers that whole LLM forward, pruning included. For host-reading
     allocators ``seconds`` includes computing the signals they ask for the first time on a
     batch (the vision signals cost one more ViT forward with hooks); the host is kept on
-    ``encoded`` so later allocators and budgets on the same batch reuse its signals.
+    ``encoded`` so later allocators and budgets on the same batch reuse its signals. An
+    allocator that asks for a signal the host cannot give (text signals on a base VLM without
+    a text tower) runs with its host-free rule, with a warning.
     """
     from arr_coc.training.module import repool_in_vision_space
 
@@ -304,10 +306,24 @@ def run_allocation(
         positions = fine_pos.gather(1, trace.kept.clamp(min=0)[..., None].expand(-1, -1, 3))
         positions = torch.where(trace.mask[..., None], positions, torch.full_like(positions, -1))
         return AllocationResult(logits, positions, trace.mask, seconds)
-    kwargs = {"host": host} if host is not None else {}
-    out = allocator(
-        enc.projected, query=enc.query, query_mask=q_mask, budget=int(budget), grid=grid, num_prefix_tokens=p, **kwargs
-    )
+    args = dict(query=enc.query, query_mask=q_mask, budget=int(budget), grid=grid, num_prefix_tokens=p)
+    if host is None:
+        out = allocator(enc.projected, **args)
+    else:
+        from arr_coc.allocators.host import SignalUnavailable
+
+        try:
+            out = allocator(enc.projected, **args, host=host)
+        except SignalUnavailable as err:  # e.g. text signals on a base VLM without a text tower
+            import warnings
+
+            warnings.warn(
+                f"allocator: {type(allocator).__name__} asked for a signal this host lacks ({err}); "
+                "it runs with its host-free rule instead",
+                stacklevel=2,
+            )
+            t0 = time.perf_counter()
+            out = allocator(enc.projected, **args)
     seconds = time.perf_counter() - t0
     visual = repool_in_vision_space(
         out.tokens, out.positions, out.mask, enc.vision[:, p:], enc.projected[:, p:], grid, vlm.project

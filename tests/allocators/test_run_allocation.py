@@ -57,6 +57,12 @@ def test_run_allocation_with_a_host_and_in_llm():
     finally:
         handle.remove()
     assert len(calls) == 2  # the batch's encoding, then the host's hooked forward
+    # a signal the host lacks (no text tower here): the host-free rule, with a warning
+    import pytest
+
+    with pytest.warns(UserWarning, match="text_embedding|patch_features"):
+        res = run_allocation(vlm, create_allocator("cdpruner").eval(), batch, 4)
+    assert res.out.extras["signal"] == "query" and res.mask.sum(1).tolist() == [4, 4, 4]
     # allocators that read no host signal are called as before
     res = run_allocation(vlm, create_allocator("pool").eval(), batch, 4)
     assert res.mask.sum(1).tolist() == [4, 4, 4]
