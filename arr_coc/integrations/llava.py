@@ -601,8 +601,11 @@ def wrap(
 
     ``budget``: image tokens per image, an int or one per prompt. ``options``: ``grid``,
     ``num_prefix_tokens``, ``keep_prefix``, ``padding_side``, ``allocator_dtype``,
-    ``query`` and ``processor`` (the query rule, see the module docstring; see
-    :class:`LlavaAllocation`). The model is not modified; ``unwrap()`` returns it.
+    ``query`` and ``processor`` (the query rule), ``relevance`` (``"embeddings"``,
+    ``"text_tower"`` / a :class:`~arr_coc.integrations.signals.TextTower`, or an
+    :class:`~arr_coc.integrations.signals.LLMLayer`) and ``text_tower`` (the paired CLIP /
+    SigLIP for host signals); see the module docstring and :class:`LlavaAllocation`.
+    The model is not modified; ``unwrap()`` returns it.
     """
     return LlavaAllocation(model, allocator, budget, **options)
 
