@@ -36,11 +36,10 @@ gives an empty question (allocators then fall back to their query-agnostic rule)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import warnings
 
 import torch
 
@@ -102,7 +101,7 @@ class QuestionFinder:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_processor(cls, processor: Any, chat_template: str | None = None) -> "QuestionFinder":
+    def from_processor(cls, processor: Any, chat_template: str | None = None) -> QuestionFinder:
         """From a ``transformers`` processor (its tokenizer, chat template and image token)."""
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is None:
@@ -114,7 +113,7 @@ class QuestionFinder:
     @classmethod
     def from_chat_template(
         cls, tokenizer: Any, chat_template: str | None = None, *, image_token: str | None = None
-    ) -> "QuestionFinder":
+    ) -> QuestionFinder:
         """Learn the template of ``tokenizer`` (a fast tokenizer; offsets are needed).
 
         chat_template: the Jinja template (default: the tokenizer's own).
