@@ -84,7 +84,7 @@ import torch
 from torch import nn
 
 from arr_coc.allocators import Allocator, AllocationOutput, create_allocator
-from arr_coc.allocators.host import resolve_layer
+from arr_coc.allocators.host import SignalUnavailable, resolve_layer
 from arr_coc.integrations._common import (
     compaction_plan,
     gather_sequence,
@@ -232,6 +232,7 @@ class LlavaAllocation:
         self.text_tower = text_tower
         self._keep_all = create_allocator("full")
         self.last_in_llm: InLLMPruning | None = None
+        self._vision_layer: Any = None
 
     # ------------------------------------------------------------------ access
     @property
@@ -366,6 +367,7 @@ class LlavaAllocation:
             layer = vision_feature_layer if vision_feature_layer is not None else getattr(cfg, "vision_feature_layer", None)
             strategy = vision_feature_select_strategy or getattr(cfg, "vision_feature_select_strategy", None)
             feats = self._image_features(pixel_values, layer, strategy, embeds.dtype)  # [I, P + N, D]
+            self._vision_layer = layer
             num_images, n_feat, _ = feats.shape
             grid, prefix = self._layout(pixel_values, n_feat)
             positions, rows = image_runs(image_mask, n_feat, num_images)  # [I, P + N], [I]
@@ -448,10 +450,21 @@ class LlavaAllocation:
 
             return llm_layer_states(model, layer, run, attention_mask, attention=attention)
 
+        def vision_output():
+            layer = self._vision_layer if self._vision_layer is not None else model.config.vision_feature_layer
+            if not isinstance(layer, int):
+                raise SignalUnavailable(f"host: vision_output for several feature layers {layer} is not available")
+            tower = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+            with torch.no_grad():
+                hs = tower(pixel_values=pixel_values.to(next(tower.parameters()).dtype), output_hidden_states=True)
+            h = hs.hidden_states[layer]
+            return h[:, h.shape[1] - feats.shape[1] :]  # the prefix the select strategy kept, then the patches
+
+        projector = getattr(getattr(model, "model", model), "multi_modal_projector", None)
         return PluginSignals(
             input_ids=input_ids, question=qmask, image_rows=rows, image_slots=list(positions), vision=vision,
             num_tokens=feats.shape[1], text_tower=self.text_tower, pixel_values=pixel_values,
-            num_patches=grid[0] * grid[1], llm=llm,
+            num_patches=grid[0] * grid[1], llm=llm, vision_output=vision_output, to_token_space=projector,
         )
 
     def _scoring_space(self, signals: PluginSignals, prefix: int):

@@ -16,6 +16,7 @@ Host signals, for allocators that read them (``reads_host``: ``cls_attention``,
 | signal | LLaVA | Qwen-VL | cost |
 |---|---|---|---|
 | ``vision_attention(l)`` / ``vision_keys(l)`` | the vision tower's block ``l`` (q / k recomputed from the block's input) | unavailable (windowed attention, 2-D RoPE and a 2x2 merger: no token of the tower is an LLM token) | one more vision-tower pass up to block ``l`` |
+| ``vision_output()`` / ``to_token_space(x)`` | the features LLaVA's projector reads (``vision_feature_layer``, the select strategy's prefix) and the projector itself (VisionZip merges before it) | unavailable | one more vision-tower pass |
 | ``text_features()`` / ``text_embedding()`` / ``patch_features()`` | with ``text_tower=TextTower(...)`` | unavailable (no paired text tower; ``pixel_values`` are patches, not images) | as the ``TextTower`` row above |
 | ``llm_hidden(l)`` / ``llm_attention(l)`` | hidden states / softmax attention of LLM layer ``l`` on the full prompt | the same | as the ``LLMLayer`` row above |
 
@@ -215,6 +216,8 @@ class PluginSignals:
         pixel_values: torch.Tensor | None = None,
         num_patches: int = 0,
         llm: Any = None,
+        vision_output: Any = None,
+        to_token_space: Any = None,
         rows: torch.Tensor | None = None,
         cache: dict | None = None,
     ) -> None:
@@ -222,6 +225,7 @@ class PluginSignals:
         self._vision, self.num_tokens = vision, num_tokens
         self.text_tower, self.pixel_values, self.num_patches = text_tower, pixel_values, num_patches
         self._llm = llm
+        self._vision_output, self._to_token_space = vision_output, to_token_space
         self.rows = rows if rows is not None else torch.arange(len(image_rows), device=image_rows.device)
         self._cache = cache if cache is not None else {}
 
@@ -231,7 +235,8 @@ class PluginSignals:
             input_ids=self.input_ids, question=self.question, image_rows=self.image_rows,
             image_slots=self.image_slots, vision=self._vision, num_tokens=self.num_tokens,
             text_tower=self.text_tower, pixel_values=self.pixel_values, num_patches=self.num_patches,
-            llm=self._llm, rows=rows, cache=self._cache,
+            llm=self._llm, vision_output=self._vision_output, to_token_space=self._to_token_space, rows=rows,
+            cache=self._cache,
         )
 
     # ------------------------------------------------------------------ vision tower
@@ -261,6 +266,20 @@ class PluginSignals:
     def vision_keys(self, layer: int) -> torch.Tensor:
         """[I, P+N, Dh] attention keys of block ``layer``, averaged over heads."""
         return self._vision_qk(layer)[1].mean(dim=1)
+
+    def vision_output(self) -> torch.Tensor:
+        """[I, P+N, Dv] the vision tower's features the projector reads (before it)."""
+        if self._vision_output is None:
+            raise SignalUnavailable("host: this plug-in gives no pre-projector vision features (vision_output)")
+        if "vision_output" not in self._cache:
+            self._cache["vision_output"] = self._vision_output()
+        return self._cache["vision_output"][self.rows]
+
+    def to_token_space(self, x: torch.Tensor) -> torch.Tensor:
+        """[I, K, Dv] -> [I, K, D]: the host's projector (vision features to LLM tokens)."""
+        if self._to_token_space is None:
+            raise SignalUnavailable("host: this plug-in gives no projector (to_token_space)")
+        return self._to_token_space(x)
 
     # ------------------------------------------------------------------ text tower
     def _text(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -177,3 +177,21 @@ def test_qwen_llm_layer_relevance_and_what_is_unavailable():
     assert out.prepared.kept.tolist() == [2, 2]
     with pytest.raises(ValueError, match="merged tokens"):
         llava.wrap(tiny_llava(), "tome", budget=4, query="prompt", relevance=LLMLayer(0)).prepare(**_llava_batch(0))
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+@torch.no_grad()
+def test_llava_vision_output_through_the_projector_is_the_image_features(strategy):
+    model = tiny_llava(strategy=strategy)
+    prefix = int(strategy == "full")
+    inputs = _llava_batch(prefix)
+    rec = Recorder(create_allocator("full"))
+    llava.wrap(model, rec, query="prompt")(**inputs)
+    host = rec.calls[0]["host"]
+    feats = torch.stack(list(model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output))
+    vo = host.vision_output()
+    assert vo.shape == (3, N + prefix, 32)
+    torch.testing.assert_close(host.to_token_space(vo), feats, atol=1e-6, rtol=0)
+    # VisionZip merges there, as its release does
+    s = llava.wrap(model, "visionzip", budget=8, query="prompt").prepare(**inputs)
+    assert s.allocation.extras.get("merge_space") == "vision" and s.allocation.counts.tolist() == [8] * 3
