@@ -151,9 +151,6 @@ def kdtree_section(repeats: int, threads: int, n: int = 20_000) -> tuple[str, li
 
 
 def main(argv: list[str]) -> None:
-    from sklearn.feature_selection import mutual_info_classif, mutual_info_regression
-
-    import dcor
     from arr_coc.info import distance_correlation, ksg_mi, mi_features
     from arr_coc.info.knn import numba_kernels
 
@@ -172,6 +169,9 @@ def main(argv: list[str]) -> None:
         load_line = f"arr_coc runs with up to {threads} torch thread(s); load average at start: {load}."
         write_report("info_kdtree", "Information measures: multivariate KSG, k-d trees vs scipy cKDTree", command, load_line + "\n\n" + text)
         return
+    from sklearn.feature_selection import mutual_info_classif, mutual_info_regression
+
+    import dcor
 
     def ours(fn):
         """(wall s on every core, CPU s, result, wall s on 1 thread, wall s of the torch engine)."""
