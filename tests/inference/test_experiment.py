@@ -37,6 +37,12 @@ def test_inference_experiment_runs(tmp_path):
     rows = [r for r in agree.splitlines() if r.startswith("| ") and "press" not in r]
     assert len(rows) == 7 and all(r.split("|")[2].strip() == "1" for r in rows)
     assert "Command: `pytest`" in (tmp_path / "inference_routing.md").read_text()
+    # retrieval: pmi and cosine in the critic's own space rank identically (pmi only shifts
+    # each query's scores), so their precision rows agree; raw-space cosine is its own row
+    ret = (tmp_path / "inference_retrieval.md").read_text()
+    prec = {r.split("|")[1].strip(): r.split("|")[2:-1] for r in ret.split("### Precision@k")[1].split("###")[0].splitlines() if r.startswith("| ")}
+    assert prec["pmi (InfoNCE critic)"] == prec["cosine, critic space (the critic's own embeddings)"]
+    assert "cosine, raw LLM space (untrained)" in prec and "pooled ROC AUC" in ret
     with pytest.raises(ValueError, match="sections"):
         mod.run(compose_like(cfg, sections=["nope"]), "pytest")
 
