@@ -430,60 +430,111 @@ def _select(order, P, dim, s, e, m):
 
 
 @_jit
-def tree_build(P: np.ndarray, leaf: int):
-    """A k-d tree over the rows of ``P [n, D]``. Returns ``order`` (tree position -> row),
-    ``Pt = P[order]``, and per node: box ``lo``, ``hi`` [M, D], point range ``start``, ``end``
-    (tree positions) and first child ``left`` (-1 for a leaf; the right child is left + 1)."""
-    n, D = P.shape
-    order = np.arange(n)
-    M = 2 * n + 1
-    lo = np.empty((M, D), np.float64)
-    hi = np.empty((M, D), np.float64)
-    start = np.empty(M, np.int64)
-    end = np.empty(M, np.int64)
+def _tree_layout(n: int, leaf: int):
+    """The shape of the tree over ``n`` points, which depends on n alone: heap-numbered nodes
+    (children of ``i``: ``2i + 1``, ``2i + 2``), node i covering tree positions
+    ``start[i] .. end[i] - 1``, split at the middle until at most ``leaf`` points remain.
+    Returns start, end, left (first child, -1 for a leaf or an unused slot) and the number of levels."""
+    depth, m = 0, n
+    while m > leaf:
+        m = (m + 1) // 2
+        depth += 1
+    M = (1 << (depth + 1)) - 1
+    start = np.zeros(M, np.int64)
+    end = np.zeros(M, np.int64)
     left = np.full(M, -1, np.int64)
-    stack = np.empty(M, np.int64)
-    start[0], end[0] = 0, n
-    count, top = 1, 0
-    stack[0] = 0
-    top = 1
-    while top > 0:
-        top -= 1
-        nd = stack[top]
+    end[0] = n
+    for i in range(M):
+        s, e = start[i], end[i]
+        if e - s > leaf:
+            mid = (s + e) // 2
+            c = 2 * i + 1
+            left[i] = c
+            start[c], end[c] = s, mid
+            start[c + 1], end[c + 1] = mid, e
+    return start, end, left, depth + 1
+
+
+@_jit
+def _build_nodes(P, order, lo, hi, start, end, left, a, b):
+    """Nodes ``a .. b - 1`` (one level): their exact bounding boxes, and for the inner ones the
+    split along the widest coordinate (the lower half of the positions gets the smaller values)."""
+    D = P.shape[1]
+    for nd in range(a, b):
         s, e = start[nd], end[nd]
+        if e <= s:
+            continue
         for c in range(D):
-            a = INF
-            b = -INF
+            x0 = INF
+            x1 = -INF
             for t in range(s, e):
                 v = P[order[t], c]
-                if v < a:
-                    a = v
-                if v > b:
-                    b = v
-            lo[nd, c], hi[nd, c] = a, b
-        if e - s <= leaf:
-            continue
-        dim, width = 0, -1.0
-        for c in range(D):
-            w = hi[nd, c] - lo[nd, c]
-            if w > width:
-                dim, width = c, w
-        if not width > 0:  # all points identical: one leaf
-            continue
-        _select(order, P, dim, s, e, (s + e) // 2)
-        mid = (s + e) // 2
-        left[nd] = count
-        start[count], end[count] = s, mid
-        start[count + 1], end[count + 1] = mid, e
-        stack[top] = count
-        stack[top + 1] = count + 1
-        top += 2
-        count += 2
-    Pt = np.empty((n, D), np.float64)
-    for t in range(n):
-        for c in range(D):
+                if v < x0:
+                    x0 = v
+                if v > x1:
+                    x1 = v
+            lo[nd, c], hi[nd, c] = x0, x1
+        if left[nd] >= 0:
+            dim, width = 0, -1.0
+            for c in range(D):
+                w = hi[nd, c] - lo[nd, c]
+                if w > width:
+                    dim, width = c, w
+            if width > 0:
+                _select(order, P, dim, s, e, (s + e) // 2)
+
+
+@_jit
+def _build_levels(P, order, lo, hi, start, end, left, l0, l1):
+    """All nodes of levels ``l0 .. l1 - 1``, one after another."""
+    M = start.shape[0]
+    for level in range(l0, l1):
+        _build_nodes(P, order, lo, hi, start, end, left, (1 << level) - 1, min(M, (1 << (level + 1)) - 1))
+
+
+@_jit
+def _build_subtrees(P, order, lo, hi, start, end, left, r0, r1, levels):
+    """The subtrees rooted at nodes ``r0 .. r1 - 1`` (one level), ``levels`` levels deep, each
+    top-down (a subtree's nodes at relative depth j are ``(r + 1) 2^j - 1 ...``, 2^j of them)."""
+    M = start.shape[0]
+    for r in range(r0, r1):
+        for j in range(levels):
+            a = ((r + 1) << j) - 1
+            if a >= M:
+                break
+            _build_nodes(P, order, lo, hi, start, end, left, a, min(M, a + (1 << j)))
+
+
+@_jit
+def _gather_rows(P, order, Pt, a, b):
+    for t in range(a, b):
+        for c in range(P.shape[1]):
             Pt[t, c] = P[order[t], c]
-    return order, Pt, lo[:count].copy(), hi[:count].copy(), start[:count].copy(), end[:count].copy(), left[:count].copy()
+
+
+def tree_build(P: np.ndarray, leaf: int, pool: ThreadPoolExecutor | None = None):
+    """A k-d tree over the rows of ``P [n, D]``. Returns ``order`` (tree position -> row),
+    ``Pt = P[order]``, and per node: box ``lo``, ``hi`` [M, D], point range ``start``, ``end``
+    (tree positions) and first child ``left`` (-1 for a leaf; the right child is left + 1).
+    The top levels are built serially until there are about 4 nodes per thread of ``pool``,
+    then each of those subtrees by one task (a node is always built by one thread: the
+    result does not depend on the thread count)."""
+    P = np.ascontiguousarray(P, dtype=np.float64)
+    n, D = P.shape
+    start, end, left, levels = _tree_layout(n, leaf)
+    M = start.shape[0]
+    order = np.arange(n, dtype=np.int64)
+    lo = np.zeros((M, D), np.float64)
+    hi = np.zeros((M, D), np.float64)
+    threads = pool._max_workers if pool is not None else 1
+    top = levels if threads <= 1 else min(levels, (4 * threads - 1).bit_length())
+    _build_levels(P, order, lo, hi, start, end, left, 0, top)
+    if top < levels:
+        a, b = (1 << top) - 1, min(M, (1 << (top + 1)) - 1)
+        _chunks(b - a, pool, lambda u, v: _build_subtrees(P, order, lo, hi, start, end, left, a + u, a + v, levels - top), grain=1)
+    Pt = np.empty((n, D), np.float64)
+    _chunks(n, pool, lambda u, v: _gather_rows(P, order, Pt, u, v), grain=8192)
+    return order, Pt, lo, hi, start, end, left
 
 
 @_inline
@@ -659,15 +710,15 @@ def _tree_knn_idx(m0, m1, k, order, Pt, lo, hi, start, end, left, idx):
             idx[order[m], t] = kr[t]
 
 
-def _split(total: int, threads: int, fn) -> None:
-    """Run ``fn(a, b)`` over ``threads * 4`` consecutive chunks of ``range(total)`` on a pool."""
-    if threads <= 1 or total < 4096:
+def _chunks(total: int, pool: ThreadPoolExecutor | None, fn, grain: int = 2048) -> None:
+    """Run ``fn(a, b)`` over consecutive chunks of ``range(total)`` (4 per thread, at least
+    ``grain`` items each) on ``pool``, or at once without one."""
+    parts = min(4 * pool._max_workers, max(1, total // grain)) if pool is not None else 1
+    if parts <= 1:
         fn(0, total)
         return
-    parts = 4 * threads
     bounds = [(t * total // parts, (t + 1) * total // parts) for t in range(parts)]
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda ab: fn(*ab), bounds))
+    list(pool.map(lambda ab: fn(*ab), bounds))
 
 
 def tree_radius_counts(V: np.ndarray, k: int, count_sets: list[list[int]], threads: int = 1) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -675,27 +726,33 @@ def tree_radius_counts(V: np.ndarray, k: int, count_sets: list[list[int]], threa
     float64 (the joint space, columns of all variables), ``count_sets``: for each count, the
     columns of its subspace. Returns ``eps [n]`` and one ``[n]`` int64 count per set, equal
     to the brute-force ones bit for bit. Queries run in the joint tree's order (neighbouring
-    queries share their nodes), split over ``threads`` Python threads (GIL-free kernels)."""
+    queries share their nodes); the builds and the queries are split over ``threads`` Python
+    threads (GIL-free kernels; every output element is written by one of them)."""
     V = np.ascontiguousarray(V, dtype=np.float64)
     n = V.shape[0]
-    order, Vt, lo, hi, start, end, left = tree_build(V, LEAF)
-    eps = np.empty(n, np.float64)
-    _split(n, threads, lambda a, b: _tree_kth(a, b, k, order, Vt, lo, hi, start, end, left, eps))
-    counts = []
-    for cols in count_sets:
-        out = np.empty(n, np.int64)
-        if len(cols) == 1:
-            v = np.ascontiguousarray(V[:, cols[0]])
-            o = np.argsort(v, kind="mergesort")
-            sv = v[o]
-            rank = _inverse(o)
-            tb = _buckets(sv)
-            _split(n, threads, lambda a, b: _sorted_counts(a, b, order, v, sv, rank, tb, eps, out))
-        else:
-            Q = np.ascontiguousarray(V[:, cols])
-            qo, Qt, qlo, qhi, qs, qe, ql = tree_build(Q, LEAF)
-            _split(n, threads, lambda a, b: _tree_count(a, b, order, Q, eps, qo, Qt, qlo, qhi, qs, qe, ql, out))
-        counts.append(out)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        order, Vt, lo, hi, start, end, left = tree_build(V, LEAF, pool)
+        eps = np.empty(n, np.float64)
+        _chunks(n, pool, lambda a, b: _tree_kth(a, b, k, order, Vt, lo, hi, start, end, left, eps), grain=512)
+        counts = []
+        for cols in count_sets:
+            out = np.empty(n, np.int64)
+            if len(cols) == 1:
+                v = np.ascontiguousarray(V[:, cols[0]])
+                o = np.argsort(v, kind="mergesort")
+                sv = v[o]
+                rank = _inverse(o)
+                tb = _buckets(sv)
+                _chunks(n, pool, lambda a, b: _sorted_counts(a, b, order, v, sv, rank, tb, eps, out), grain=512)
+            else:
+                Q = np.ascontiguousarray(V[:, cols])
+                qo, Qt, qlo, qhi, qs, qe, ql = tree_build(Q, LEAF, pool)
+                _chunks(n, pool, lambda a, b: _tree_count(a, b, order, Q, eps, qo, Qt, qlo, qhi, qs, qe, ql, out), grain=512)
+            counts.append(out)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return eps, counts
 
 
@@ -704,7 +761,12 @@ def tree_knn_indices(V: np.ndarray, k: int, threads: int = 1) -> np.ndarray:
     max-norm (itself included), nearest first, ties broken by the smaller row index."""
     V = np.ascontiguousarray(V, dtype=np.float64)
     n = V.shape[0]
-    order, Vt, lo, hi, start, end, left = tree_build(V, LEAF)
-    idx = np.empty((n, k), np.int64)
-    _split(n, threads, lambda a, b: _tree_knn_idx(a, b, k, order, Vt, lo, hi, start, end, left, idx))
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        order, Vt, lo, hi, start, end, left = tree_build(V, LEAF, pool)
+        idx = np.empty((n, k), np.int64)
+        _chunks(n, pool, lambda a, b: _tree_knn_idx(a, b, k, order, Vt, lo, hi, start, end, left, idx), grain=512)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return idx
