@@ -516,7 +516,7 @@ def tree_build(P: np.ndarray, leaf: int, pool: ThreadPoolExecutor | None = None)
     """A k-d tree over the rows of ``P [n, D]``. Returns ``order`` (tree position -> row),
     ``Pt = P[order]``, and per node: box ``lo``, ``hi`` [M, D], point range ``start``, ``end``
     (tree positions) and first child ``left`` (-1 for a leaf; the right child is left + 1).
-    The top levels are built serially until there are about 4 nodes per thread of ``pool``,
+    The top levels are built serially until there are about 2 nodes per thread of ``pool``,
     then each of those subtrees by one task (a node is always built by one thread: the
     result does not depend on the thread count)."""
     P = np.ascontiguousarray(P, dtype=np.float64)
@@ -527,7 +527,7 @@ def tree_build(P: np.ndarray, leaf: int, pool: ThreadPoolExecutor | None = None)
     lo = np.zeros((M, D), np.float64)
     hi = np.zeros((M, D), np.float64)
     threads = pool._max_workers if pool is not None else 1
-    top = levels if threads <= 1 else min(levels, (4 * threads - 1).bit_length())
+    top = levels if threads <= 1 else min(levels, (2 * threads - 1).bit_length())
     _build_levels(P, order, lo, hi, start, end, left, 0, top)
     if top < levels:
         a, b = (1 << top) - 1, min(M, (1 << (top + 1)) - 1)
@@ -721,34 +721,45 @@ def _chunks(total: int, pool: ThreadPoolExecutor | None, fn, grain: int = 2048) 
     list(pool.map(lambda ab: fn(*ab), bounds))
 
 
+def _sorted_marginal(v: np.ndarray):
+    """What the 1-D strict counts need: the sorted values, each value's rank, a bucket table."""
+    o = np.argsort(v, kind="mergesort")
+    sv = v[o]
+    return sv, _inverse(o), _buckets(sv)
+
+
 def tree_radius_counts(V: np.ndarray, k: int, count_sets: list[list[int]], threads: int = 1) -> tuple[np.ndarray, list[np.ndarray]]:
     """The quantities of ``arr_coc.info.knn.brute_radius_counts`` by k-d trees: ``V [n, D]``
     float64 (the joint space, columns of all variables), ``count_sets``: for each count, the
     columns of its subspace. Returns ``eps [n]`` and one ``[n]`` int64 count per set, equal
     to the brute-force ones bit for bit. Queries run in the joint tree's order (neighbouring
-    queries share their nodes); the builds and the queries are split over ``threads`` Python
-    threads (GIL-free kernels; every output element is written by one of them)."""
+    queries share their nodes). On ``threads`` Python threads (GIL-free kernels; every output
+    element is written by one of them): the subspace trees (and sorted 1-D marginals) are
+    built, each on one thread, while the joint tree is built on the others; then the queries
+    are split."""
     V = np.ascontiguousarray(V, dtype=np.float64)
     n = V.shape[0]
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
+        subs = [np.ascontiguousarray(V[:, cols]) if len(cols) > 1 else np.ascontiguousarray(V[:, cols[0]]) for cols in count_sets]
+
+        def prepare(sub):
+            return tree_build(sub, LEAF) if sub.ndim == 2 else _sorted_marginal(sub)
+
+        pending = [pool.submit(prepare, sub) for sub in subs] if pool is not None else None
         order, Vt, lo, hi, start, end, left = tree_build(V, LEAF, pool)
         eps = np.empty(n, np.float64)
         _chunks(n, pool, lambda a, b: _tree_kth(a, b, k, order, Vt, lo, hi, start, end, left, eps), grain=512)
         counts = []
-        for cols in count_sets:
+        for j, sub in enumerate(subs):
+            ready = pending[j].result() if pending is not None else prepare(sub)
             out = np.empty(n, np.int64)
-            if len(cols) == 1:
-                v = np.ascontiguousarray(V[:, cols[0]])
-                o = np.argsort(v, kind="mergesort")
-                sv = v[o]
-                rank = _inverse(o)
-                tb = _buckets(sv)
-                _chunks(n, pool, lambda a, b: _sorted_counts(a, b, order, v, sv, rank, tb, eps, out), grain=512)
+            if sub.ndim == 1:
+                sv, rank, tb = ready
+                _chunks(n, pool, lambda a, b: _sorted_counts(a, b, order, sub, sv, rank, tb, eps, out), grain=512)
             else:
-                Q = np.ascontiguousarray(V[:, cols])
-                qo, Qt, qlo, qhi, qs, qe, ql = tree_build(Q, LEAF, pool)
-                _chunks(n, pool, lambda a, b: _tree_count(a, b, order, Q, eps, qo, Qt, qlo, qhi, qs, qe, ql, out), grain=512)
+                qo, Qt, qlo, qhi, qs, qe, ql = ready
+                _chunks(n, pool, lambda a, b: _tree_count(a, b, order, sub, eps, qo, Qt, qlo, qhi, qs, qe, ql, out), grain=512)
             counts.append(out)
     finally:
         if pool is not None:
