@@ -235,3 +235,22 @@ def test_tree_threads_split_the_queries_without_changing_them():
     dz = (V[rows, 2:] - V[None, :, 2]).abs()
     dz[torch.arange(rows.numel()), rows] = math.inf
     assert torch.equal((dz < e1[rows, None]).sum(1), c1[2][rows])
+
+
+@needs_numba
+def test_auto_picks_the_tree_for_low_dimensional_cpu_inputs(monkeypatch):
+    # the O(n^2) tiles must not run for multivariate ksg_mi / ksg_cmi / ci_test on the CPU
+    from arr_coc.info import causal, continuous
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tiled O(n^2) search ran")
+
+    monkeypatch.setattr(continuous, "brute_radius_counts", refuse)
+    g = torch.Generator().manual_seed(33)
+    x, y, z = (torch.randn(400, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    continuous.ksg_mi(x, y)
+    continuous.ksg_cmi(x, y, z)
+    r = causal.ci_test(x[:, 0], y[:, 0], z, kind="continuous", n_permutations=3, generator=torch.Generator().manual_seed(0))
+    assert 0 < r.p_value <= 1
+    with pytest.raises(AssertionError, match="O\\(n\\^2\\)"):
+        continuous.ksg_mi(torch.randn(400, 5, generator=g, dtype=torch.float64), torch.randn(400, 4, generator=g, dtype=torch.float64))
