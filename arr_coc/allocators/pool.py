@@ -74,12 +74,14 @@ class PoolAllocator(Allocator):
             raise ValueError(f"mode: expected 'adaptive' or 'pyramid', got {mode!r}")
         self.mode = mode
 
-    def forward(self, patch_tokens, query=None, query_mask=None, budget=64, grid=None, num_prefix_tokens=0) -> AllocationOutput:
+    def forward(
+        self, patch_tokens, query=None, query_mask=None, budget=64, grid=None, num_prefix_tokens=0, *, host=None
+    ) -> AllocationOutput:
         if self.mode == "pyramid":
             g, _ = self._validate(patch_tokens, query, query_mask, budget, grid, num_prefix_tokens)
             top = max(1, math.ceil(math.log2(max(g)))) if max(g) > 1 else 1
             self.pyramid_levels = tuple(range(1, top + 1))  # up to a single region
-        return super().forward(patch_tokens, query, query_mask, budget, grid, num_prefix_tokens)
+        return super().forward(patch_tokens, query, query_mask, budget, grid, num_prefix_tokens, host=host)
 
     def select(self, ctx: AllocationContext) -> Selection:
         if self.mode == "pyramid":

@@ -20,13 +20,13 @@ class FullAllocator(Allocator):
 
     ignores_budget = True
 
-    def forward(self, patch_tokens, query=None, query_mask=None, budget=64, grid=None, num_prefix_tokens=0):
+    def forward(self, patch_tokens, query=None, query_mask=None, budget=64, grid=None, num_prefix_tokens=0, *, host=None):
         if isinstance(patch_tokens, torch.Tensor) and patch_tokens.dim() == 3:
             # the budget is not used, but a bad one is still bad input (checked on an empty view:
             # the tokens themselves are checked once, by the base class)
             self._validate(patch_tokens[..., :0], query, query_mask, budget, grid, num_prefix_tokens)
         n = patch_tokens.shape[1] - num_prefix_tokens
-        return super().forward(patch_tokens, query, query_mask, max(n, 0), grid, num_prefix_tokens)
+        return super().forward(patch_tokens, query, query_mask, max(n, 0), grid, num_prefix_tokens, host=host)
 
     def select(self, ctx: AllocationContext) -> Selection:  # pragma: no cover - budget >= N always
         raise AssertionError("unreachable: full always takes the budget >= N path")

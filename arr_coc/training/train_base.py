@@ -73,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop", choices=("image", "question"), default="image",
                    help="image: one random allocation per image (v1); question: one per question that then adds the "
                    "fine token of every relevant cell it left uncovered (answers always stay visible)")
+    p.add_argument("--ramp-steps", type=int, default=0,
+                   help="token curriculum: over the first RAMP_STEPS steps the largest kept fraction of a dropped row "
+                   "and the full-token probability grow linearly from keep_min and 0 to 1 and --full-prob, so routing "
+                   "is first learned among few tokens (0: off)")
     p.add_argument("--keep-dist", choices=("uniform", "loguniform"), default="uniform",
                    help="the kept fraction f of a dropped row: U(keep_min, 1) or exp U(log keep_min, 0)")
     p.add_argument("--image-size", type=int, default=64)
@@ -132,6 +136,7 @@ def random_allocation(
     full_prob: float = 0.5,
     keep_min: float = 0.05,
     log_uniform: bool = False,
+    keep_max: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random allocations: (indices [I, K] long with -1 padding, mask [I, K] bool), raster order.
 
@@ -145,7 +150,8 @@ def random_allocation(
     n_levels = int(levels.max()) + 1
     full = torch.rand(num_images, generator=generator) < full_prob
     u = torch.rand(num_images, generator=generator)
-    frac = torch.exp(math.log(keep_min) * (1.0 - u)) if log_uniform else keep_min + (1.0 - keep_min) * u
+    hi = max(keep_min, min(1.0, keep_max))
+    frac = torch.exp(math.log(keep_min) + (math.log(hi) - math.log(keep_min)) * u) if log_uniform else keep_min + (hi - keep_min) * u
     k = torch.where(full, torch.full_like(frac, num_fine), (frac * num_fine).round().clamp(min=1)).long()
     bias = 1.5 * torch.randn(num_images, n_levels, generator=generator)
     gumbel = -torch.log(-torch.log(torch.rand(num_images, m, generator=generator).clamp(1e-9, 1 - 1e-9)))
@@ -224,7 +230,11 @@ def step_losses(vlm: BaseVLM, tok, batch: VQABatch, args, generator: torch.Gener
     losses["aux"] = aux
     pyr = build_pyramid(fine, vlm.grid)
     qi = batch.image_index
-    drop = dict(full_prob=args.full_prob, keep_min=args.keep_min, log_uniform=getattr(args, "keep_dist", "uniform") == "loguniform")
+    ramp = min(1.0, getattr(args, "_progress", 1.0))
+    drop = dict(
+        full_prob=args.full_prob * ramp, keep_min=args.keep_min, keep_max=args.keep_min + (1.0 - args.keep_min) * ramp,
+        log_uniform=getattr(args, "keep_dist", "uniform") == "loguniform",
+    )
     if getattr(args, "drop", "image") == "question":
         idx, mask = relevance_preserving_allocation(batch.relevance.flatten(1), pyr.positions, pyr.num_fine, vlm.grid, generator, **drop)
         sel, pos = _gather(pyr.candidates[qi], pyr.positions, idx, mask)
@@ -432,6 +442,7 @@ def train(args) -> dict[str, float]:
         for g in opt.param_groups:
             g["lr"] = args.lr * _lr_factor(step, args.warmup, args.max_steps)
         qtypes = SINGLE_OBJECT if stage == 0 else None
+        args._progress = step / args.ramp_steps if args.ramp_steps > 0 else 1.0
         batch = task.batch(rng, args.images_per_step, args.questions_per_image, qtypes=qtypes)
         losses = step_losses(vlm, tok, batch, args, gen)
         opt.zero_grad(set_to_none=True)

@@ -14,6 +14,10 @@ InfoNCE bound on I(image; caption) of that set, and the patch heads' accuracy.
 
 Writes ``--out`` (model, config, tokenizer, ``best.json``, ``training_log.csv``) whenever the
 validation top-1 (mean of both directions) improves, and a resumable ``--run-dir/last.pt``.
+
+``--init-from FOLDER --lock-vision`` continues from a saved CLIP with the vision tower frozen
+(locked-image tuning, Zhai et al. 2022, "LiT"): the text tower and both projections keep
+learning while every patch token stays exactly what a base VLM built on that tower reads.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="checkpoints/clip_v2")
     p.add_argument("--run-dir", default="experiments/runs/clip_v2")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", default=None, help="start from this saved CLIP folder")
+    p.add_argument("--lock-vision", action="store_true", help="freeze the vision tower (and its patch heads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--grid", type=int, default=16)
@@ -59,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--max-steps", type=int, default=1500)
     p.add_argument("--max-minutes", type=float, default=60.0)
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop after this step without changing the schedule (which --max-steps sets)")
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--val-images", type=int, default=256)
@@ -100,9 +108,14 @@ def _pairs(task: ClutterVQATask, rng: np.random.Generator, n: int):
 
 
 def losses_of(clip: ClipModel, loss_fn: ClipLoss, tok, images, captions, cmap, smap, aux_weight: float):
-    tokens = clip.encode_image(images)
+    locked = not any(q.requires_grad for q in clip.vision.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not locked):
+        tokens = clip.encode_image(images)
     enc = tok(captions, padding=True, return_tensors="pt")
     out = loss_fn(clip.image_embedding(tokens), clip.text_embedding(enc["input_ids"], enc["attention_mask"]))
+    if locked:
+        aux = torch.zeros(())
+        return {"total": out["loss"], "clip": out["loss"], "aux": aux, "scale": out["logit_scale"]}
     colour, shape = clip.patch_logits(tokens)
     aux = F.cross_entropy(colour.flatten(0, 1), cmap.flatten()) + F.cross_entropy(shape.flatten(0, 1), smap.flatten())
     return {"total": out["loss"] + aux_weight * aux, "clip": out["loss"], "aux": aux, "scale": out["logit_scale"]}
@@ -156,10 +169,16 @@ def train(args) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     task, tok, clip = build(args)
+    if args.init_from is not None:
+        clip = ClipModel.from_pretrained(args.init_from)
+    if args.lock_vision:
+        for module in (clip.vision, clip.colour_head, clip.shape_head):
+            if module is not None:
+                module.requires_grad_(False)
     loss_fn = ClipLoss()
     val_task = ClutterVQATask(SPLIT_SEEDS["val"] + args.seed, image_size=args.image_size, grid=args.grid)
     val = _pairs(val_task, np.random.default_rng([val_task.seed, 5]), args.val_images)
-    params = list(clip.parameters()) + list(loss_fn.parameters())
+    params = [q for q in list(clip.parameters()) + list(loss_fn.parameters()) if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     run_dir, out_dir = Path(args.run_dir), Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +202,8 @@ def train(args) -> dict[str, float]:
     start = time.time() - elapsed0 * 60.0
     running: dict[str, float] = {}
     clip.train()
-    while step < args.max_steps and (time.time() - start) / 60.0 < args.max_minutes:
+    last = args.max_steps if args.stop_at_step is None else min(args.max_steps, args.stop_at_step)
+    while step < last and (time.time() - start) / 60.0 < args.max_minutes:
         for g in opt.param_groups:
             g["lr"] = args.lr * _lr_factor(step, args.warmup, args.max_steps)
         losses = losses_of(clip, loss_fn, tok, *_pairs(task, rng, args.batch), args.aux_weight)
@@ -198,7 +218,7 @@ def train(args) -> dict[str, float]:
         if step % args.log_every == 0:
             print(f"step {step} {(time.time() - start) / 60:.1f} min loss {running['total']:.3f} "
                   f"clip {running['clip']:.3f} aux {running['aux']:.3f} scale {running['scale']:.1f}", flush=True)
-        if step % args.eval_every == 0 or step == args.max_steps:
+        if step % args.eval_every == 0 or step == last:
             metrics = evaluate_retrieval(clip, tok, *val, scale=float(losses["scale"]))
             minutes = (time.time() - start) / 60.0
             row = {"step": step, "minutes": round(minutes, 2), "lr": opt.param_groups[0]["lr"], "loss": running["total"],
