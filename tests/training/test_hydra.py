@@ -100,6 +100,10 @@ def test_every_group_option_composes_and_instantiates(tmp_path, group, option):
     base = ["model=tiny"] if group.startswith("model/") else []
     cfg = make_cfg(tmp_path, base + [f"{group}={option}"])
     node = OmegaConf.select(cfg, group.replace("/", ".")) if group not in ("debug", "experiment") else cfg
+    if (group, option) in {("model", "llava_hf"), ("model", "qwen_vl_hf")}:
+        # transformers hosts need a local folder; tests/training/test_hosts_hydra.py builds and trains them
+        assert OmegaConf.is_missing(node, "path") and node._target_.startswith("arr_coc.training.hosts.")
+        return
     if (group, option) in DOWNLOADS:
         target = cfg.model.llm if group == "model" else node
         assert OmegaConf.is_missing(target, "name_or_path") or "/" in target.name_or_path
