@@ -31,6 +31,7 @@ shown on the page.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -255,10 +256,25 @@ def load_image(source: str | Path | np.ndarray | Image.Image, *, image_size: int
     if w < 1 or h < 1:
         raise ValueError(f"image: empty image ({w} x {h})")
     try:
-        img = img.convert("RGB")
+        with _strict_decoding():
+            img = img.convert("RGB")
     except (OSError, ValueError) as err:
         raise ValueError(f"image: the file is damaged or truncated ({err})") from None
     return _to_square(img, image_size)
+
+
+@contextlib.contextmanager
+def _strict_decoding():
+    """Decode with PIL's default strictness: a truncated file is an error even when another
+    library in the process (lmms-eval's task module does) set ``ImageFile.LOAD_TRUNCATED_IMAGES``."""
+    from PIL import ImageFile
+
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
 
 
 def _image_key(image: np.ndarray) -> str:

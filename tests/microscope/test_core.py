@@ -256,3 +256,19 @@ def test_cli_rejects_a_missing_checkpoint_and_bad_port(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--port", "70000"])
     assert e.value.code == 2 and "--port" in capsys.readouterr().err
+
+
+def test_truncated_file_is_refused_whatever_pil_global_another_library_set(tmp_path):
+    from PIL import ImageFile
+
+    trunc = tmp_path / "trunc.png"
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(trunc)
+    trunc.write_bytes(trunc.read_bytes()[:60])
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # as lmms-eval's task module does on import
+    try:
+        with pytest.raises(ValueError, match="image"):
+            core.load_image(trunc, image_size=64)
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
