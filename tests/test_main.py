@@ -46,7 +46,7 @@ def _cfg(tmp_path, *extra, v2: bool = False):
                 "grid_examples=2",
                 "progress=false",
                 "seeds=[0]",
-                *(() if v2 else V1_DATA),
+                *(("+experiment=v2",) if v2 else V1_DATA),
                 *extra,
             ],
         )

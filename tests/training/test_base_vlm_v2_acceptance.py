@@ -19,6 +19,11 @@ BUDGETS = (64, 28, 16)  # 1/4, 1/9, 1/16 of 256
 
 @pytest.fixture(scope="module")
 def results():
+    if not (FOLDER / "config.json").is_file():
+        pytest.skip(
+            "benchmark v2's base VLM is not shipped yet: stage 1 is still training "
+            "(resumable state and a snapshot in checkpoints/base_vlm_v2_run; experiments/results/base_vlm_v2.md)"
+        )
     from arr_coc.allocators import create_allocator
     from arr_coc.evaluation import ORACLE, build_eval_batches, evaluate_allocators
     from arr_coc.training.base_vlm import BaseVLM
