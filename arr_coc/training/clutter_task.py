@@ -41,9 +41,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from arr_coc.training.task import CELL_BACKGROUND, CELL_DISTRACTOR, Scene, VQABatch, VQAExample
+from arr_coc.training.task import CELL_DISTRACTOR, Scene, SceneQuestionTask
 
 __all__ = [
     "COLOURS_V2",
@@ -91,7 +90,7 @@ def _shape_masks_v2(px: int) -> dict[tuple[str, int], np.ndarray]:
     return out
 
 
-class ClutterVQATask:
+class ClutterVQATask(SceneQuestionTask):
     """The cluttered task (see the module docstring); same API as :class:`~arr_coc.training.task.VQATask`.
 
     Args:
@@ -168,13 +167,6 @@ class ClutterVQATask:
         )
 
     # ------------------------------------------------------------------ scenes
-    def _rng(self, index: int, stream: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, stream, int(index)])
-
-    def scene(self, index: int) -> Scene:
-        """The scene with this index (a function of ``(seed, index)`` only)."""
-        return self._make_scene(self._rng(index, 0))
-
     def _make_scene(self, rng: np.random.Generator) -> Scene:
         g, c, size = self.grid, self.cell_px, self.image_size
         img = 0.08 + self.noise * rng.standard_normal((size, size, 3)).astype(np.float32)
@@ -326,75 +318,6 @@ class ClutterVQATask:
             m = self._cells(cand)
             return t, f"is there a {cn[c]} {SHAPES_V2[s]} ?", "no", m, m
         raise ValueError(f"qtype: unknown {t!r}")
-
-    # ------------------------------------------------------------------ examples
-    def example(self, index: int, qtype: str | None = None) -> VQAExample:
-        """Example ``index``: scene ``index`` and one question about it (deterministic)."""
-        if index < 0:
-            raise ValueError(f"index: expected >= 0, got {index}")
-        scene = self.scene(index)
-        t, q, a, anchor, target = self.ask(scene, self._rng(index, 1), qtype)
-        return VQAExample(
-            image=torch.from_numpy(np.ascontiguousarray(scene.image.transpose(2, 0, 1))),
-            question=q,
-            answer=a,
-            relevance=torch.from_numpy(anchor | target),
-            qtype=t,
-            anchor=torch.from_numpy(anchor),
-            target=torch.from_numpy(target),
-            colour_map=torch.from_numpy(scene.colour_map),
-            shape_map=torch.from_numpy(scene.shape_map),
-        )
-
-    def __getitem__(self, index: int) -> VQAExample:
-        return self.example(index)
-
-    def batch(
-        self,
-        rng: np.random.Generator,
-        num_images: int,
-        questions_per_image: int = 1,
-        *,
-        qtypes: Sequence[str] | None = None,
-    ) -> VQABatch:
-        """A fresh batch drawn from ``rng`` (on-the-fly training); ``qtypes`` restricts the types."""
-        if num_images < 1 or questions_per_image < 1:
-            raise ValueError(
-                f"num_images / questions_per_image: expected >= 1, got {num_images} / {questions_per_image}"
-            )
-        images, cmaps, smaps = [], [], []
-        qs, ans, ts, rel, anc, tgt, idx = [], [], [], [], [], [], []
-        for k in range(num_images):
-            scene = self._make_scene(rng)
-            images.append(scene.image.transpose(2, 0, 1))
-            cmaps.append(scene.colour_map)
-            smaps.append(scene.shape_map)
-            for _ in range(questions_per_image):
-                want = None if qtypes is None else str(qtypes[int(rng.integers(len(qtypes)))])
-                t, q, a, an, tg = self.ask(scene, rng, want)
-                qs.append(q)
-                ans.append(a)
-                ts.append(t)
-                anc.append(an)
-                tgt.append(tg)
-                rel.append(an | tg)
-                idx.append(k)
-        return VQABatch(
-            images=torch.from_numpy(np.ascontiguousarray(np.stack(images))),
-            colour_map=torch.from_numpy(np.stack(cmaps)),
-            shape_map=torch.from_numpy(np.stack(smaps)),
-            image_index=torch.tensor(idx, dtype=torch.long),
-            questions=qs,
-            answers=ans,
-            qtypes=ts,
-            relevance=torch.from_numpy(np.stack(rel)),
-            anchor=torch.from_numpy(np.stack(anc)),
-            target=torch.from_numpy(np.stack(tgt)),
-        )
-
-    def fixed_batch(self, num_images: int, questions_per_image: int = 4, *, stream: int = 7) -> VQABatch:
-        """A deterministic batch (a validation or test set) from ``(seed, stream)``."""
-        return self.batch(np.random.default_rng([self.seed, stream]), num_images, questions_per_image)
 
     # ------------------------------------------------------------------ captions (stage 0)
     def caption(self, scene: Scene, rng: np.random.Generator, max_objects: int = 8) -> str:

@@ -52,6 +52,7 @@ __all__ = [
     "QUESTION_TYPES",
     "SHAPES",
     "Scene",
+    "SceneQuestionTask",
     "VQABatch",
     "VQAExample",
     "VQATask",
@@ -146,7 +147,99 @@ def _shape_masks(cell_px: int) -> dict[tuple[str, int, int], np.ndarray]:
     return out
 
 
-class VQATask:
+class SceneQuestionTask:
+    """What every embedded task shares: examples and batches from ``scene`` / ``_make_scene``
+    and ``ask`` (a subclass provides those, ``seed`` and ``question_types``)."""
+
+    seed: int
+    question_types: tuple[str, ...] = ()
+
+    def _rng(self, index: int, stream: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, stream, int(index)])
+
+    def scene(self, index: int) -> Scene:
+        """The scene with this index (a function of ``(seed, index)`` only)."""
+        return self._make_scene(self._rng(index, 0))
+
+    def _make_scene(self, rng: np.random.Generator) -> Scene:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def ask(self, scene: Scene, rng: np.random.Generator, qtype: str | None = None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def example(self, index: int, qtype: str | None = None) -> VQAExample:
+        """Example ``index``: scene ``index`` and one question about it (deterministic)."""
+        if index < 0:
+            raise ValueError(f"index: expected >= 0, got {index}")
+        scene = self.scene(index)
+        t, q, a, anchor, target = self.ask(scene, self._rng(index, 1), qtype)
+        return VQAExample(
+            image=torch.from_numpy(np.ascontiguousarray(scene.image.transpose(2, 0, 1))),
+            question=q,
+            answer=a,
+            relevance=torch.from_numpy(anchor | target),
+            qtype=t,
+            anchor=torch.from_numpy(anchor),
+            target=torch.from_numpy(target),
+            colour_map=torch.from_numpy(scene.colour_map),
+            shape_map=torch.from_numpy(scene.shape_map),
+        )
+
+    def __getitem__(self, index: int) -> VQAExample:
+        return self.example(index)
+
+    def batch(
+        self,
+        rng: np.random.Generator,
+        num_images: int,
+        questions_per_image: int = 1,
+        *,
+        qtypes: Sequence[str] | None = None,
+    ) -> VQABatch:
+        """A fresh batch drawn from ``rng`` (for on-the-fly training).
+
+        ``qtypes`` restricts the question types (a curriculum); None uses ``mix``.
+        """
+        if num_images < 1 or questions_per_image < 1:
+            raise ValueError(
+                f"num_images / questions_per_image: expected >= 1, got {num_images} / {questions_per_image}"
+            )
+        images, cmaps, smaps = [], [], []
+        qs, ans, ts, rel, anc, tgt, idx = [], [], [], [], [], [], []
+        for k in range(num_images):
+            scene = self._make_scene(rng)
+            images.append(scene.image.transpose(2, 0, 1))
+            cmaps.append(scene.colour_map)
+            smaps.append(scene.shape_map)
+            for _ in range(questions_per_image):
+                want = None if qtypes is None else str(qtypes[int(rng.integers(len(qtypes)))])
+                t, q, a, an, tg = self.ask(scene, rng, want)
+                qs.append(q)
+                ans.append(a)
+                ts.append(t)
+                anc.append(an)
+                tgt.append(tg)
+                rel.append(an | tg)
+                idx.append(k)
+        return VQABatch(
+            images=torch.from_numpy(np.ascontiguousarray(np.stack(images))),
+            colour_map=torch.from_numpy(np.stack(cmaps)),
+            shape_map=torch.from_numpy(np.stack(smaps)),
+            image_index=torch.tensor(idx, dtype=torch.long),
+            questions=qs,
+            answers=ans,
+            qtypes=ts,
+            relevance=torch.from_numpy(np.stack(rel)),
+            anchor=torch.from_numpy(np.stack(anc)),
+            target=torch.from_numpy(np.stack(tgt)),
+        )
+
+    def fixed_batch(self, num_images: int, questions_per_image: int = 4, *, stream: int = 7) -> VQABatch:
+        """A deterministic batch (e.g. a validation set) from ``(seed, stream)``."""
+        return self.batch(np.random.default_rng([self.seed, stream]), num_images, questions_per_image)
+
+
+class VQATask(SceneQuestionTask):
     """The procedural task (see the module docstring).
 
     Args:
@@ -242,13 +335,6 @@ class VQATask:
         return qs
 
     # ------------------------------------------------------------------ scenes
-    def _rng(self, index: int, stream: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, stream, int(index)])
-
-    def scene(self, index: int) -> Scene:
-        """The scene with this index (a function of ``(seed, index)`` only)."""
-        return self._make_scene(self._rng(index, 0))
-
     def _make_scene(self, rng: np.random.Generator) -> Scene:
         g, c, f = self.grid, self.cell_px, self.object_cells
         size = self.image_size
@@ -390,75 +476,3 @@ class VQATask:
             n = sum(o[3] == s for o in objs)
             return t, f"how many {PLURALS[SHAPES[s]]} are there ?", NUMBER_WORDS[n], m, m
         raise ValueError(f"qtype: unknown {t!r}")
-
-    # ------------------------------------------------------------------ examples
-    def example(self, index: int, qtype: str | None = None) -> VQAExample:
-        """Example ``index``: scene ``index`` and one question about it (deterministic)."""
-        if index < 0:
-            raise ValueError(f"index: expected >= 0, got {index}")
-        scene = self.scene(index)
-        t, q, a, anchor, target = self.ask(scene, self._rng(index, 1), qtype)
-        return VQAExample(
-            image=torch.from_numpy(np.ascontiguousarray(scene.image.transpose(2, 0, 1))),
-            question=q,
-            answer=a,
-            relevance=torch.from_numpy(anchor | target),
-            qtype=t,
-            anchor=torch.from_numpy(anchor),
-            target=torch.from_numpy(target),
-            colour_map=torch.from_numpy(scene.colour_map),
-            shape_map=torch.from_numpy(scene.shape_map),
-        )
-
-    def __getitem__(self, index: int) -> VQAExample:
-        return self.example(index)
-
-    def batch(
-        self,
-        rng: np.random.Generator,
-        num_images: int,
-        questions_per_image: int = 1,
-        *,
-        qtypes: Sequence[str] | None = None,
-    ) -> VQABatch:
-        """A fresh batch drawn from ``rng`` (for on-the-fly training).
-
-        ``qtypes`` restricts the question types (a curriculum); None uses ``mix``.
-        """
-        if num_images < 1 or questions_per_image < 1:
-            raise ValueError(
-                f"num_images / questions_per_image: expected >= 1, got {num_images} / {questions_per_image}"
-            )
-        images, cmaps, smaps = [], [], []
-        qs, ans, ts, rel, anc, tgt, idx = [], [], [], [], [], [], []
-        for k in range(num_images):
-            scene = self._make_scene(rng)
-            images.append(scene.image.transpose(2, 0, 1))
-            cmaps.append(scene.colour_map)
-            smaps.append(scene.shape_map)
-            for _ in range(questions_per_image):
-                want = None if qtypes is None else str(qtypes[int(rng.integers(len(qtypes)))])
-                t, q, a, an, tg = self.ask(scene, rng, want)
-                qs.append(q)
-                ans.append(a)
-                ts.append(t)
-                anc.append(an)
-                tgt.append(tg)
-                rel.append(an | tg)
-                idx.append(k)
-        return VQABatch(
-            images=torch.from_numpy(np.ascontiguousarray(np.stack(images))),
-            colour_map=torch.from_numpy(np.stack(cmaps)),
-            shape_map=torch.from_numpy(np.stack(smaps)),
-            image_index=torch.tensor(idx, dtype=torch.long),
-            questions=qs,
-            answers=ans,
-            qtypes=ts,
-            relevance=torch.from_numpy(np.stack(rel)),
-            anchor=torch.from_numpy(np.stack(anc)),
-            target=torch.from_numpy(np.stack(tgt)),
-        )
-
-    def fixed_batch(self, num_images: int, questions_per_image: int = 4, *, stream: int = 7) -> VQABatch:
-        """A deterministic batch (e.g. a validation set) from ``(seed, stream)``."""
-        return self.batch(np.random.default_rng([self.seed, stream]), num_images, questions_per_image)

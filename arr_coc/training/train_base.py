@@ -115,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot-only", action="store_true", help="only draw OUT/learning_curve.png from OUT/training_log.csv")
     p.add_argument("--eval-only", action="store_true", help="only evaluate the checkpoint in OUT on a held-out test set")
     p.add_argument("--test-images", type=int, default=1000)
+    p.add_argument("--snapshot", action="store_true",
+                   help="only write RUN_DIR/last.pt's model (the run's own arguments) to OUT as a BaseVLM folder")
     args = p.parse_args(argv)
     for name in ("images_per_step", "questions_per_image", "max_steps", "eval_every", "val_images", "threads"):
         if getattr(args, name) < 1:
@@ -350,11 +352,12 @@ def evaluate_budgets(
     return out
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
+def lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``floor`` x at ``total``."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _task_spec(args) -> dict:
@@ -440,7 +443,7 @@ def train(args) -> dict[str, float]:
     last = args.max_steps if args.stop_at_step is None else min(args.max_steps, args.stop_at_step)
     while step < last and (time.time() - start) / 60.0 < args.max_minutes:
         for g in opt.param_groups:
-            g["lr"] = args.lr * _lr_factor(step, args.warmup, args.max_steps)
+            g["lr"] = args.lr * lr_factor(step, args.warmup, args.max_steps)
         qtypes = SINGLE_OBJECT if stage == 0 else None
         args._progress = step / args.ramp_steps if args.ramp_steps > 0 else 1.0
         batch = task.batch(rng, args.images_per_step, args.questions_per_image, qtypes=qtypes)
@@ -524,8 +527,35 @@ def plot_learning_curve(log_csv: str | Path, png: str | Path) -> Path:
     return Path(png)
 
 
+def snapshot(run_dir: str | Path, out: str | Path) -> dict:
+    """Write the model of ``run_dir/last.pt`` (built from ``run_dir/train_args.json``) to ``out``
+    as a loadable BaseVLM folder with its tokenizer; returns the run's state summary."""
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "last.pt").is_file() or not (run_dir / "train_args.json").is_file():
+        raise ValueError(f"run_dir: expected last.pt and train_args.json in {run_dir}")
+    saved = json.loads((run_dir / "train_args.json").read_text())
+    args = parse_args([])
+    for key, value in saved.items():
+        setattr(args, key, value)
+    _, tok, vlm = build(args)
+    state = torch.load(run_dir / "last.pt", weights_only=False)
+    vlm.load_state_dict(state["model"])
+    vlm.save_pretrained(out)
+    tok.save_pretrained(str(out))
+    meta = {"step": state["step"], "curriculum_stage": state["stage"], "questions_seen": state["seen"],
+            "minutes": state["elapsed"], "best_val": state["best"], "run_dir": str(run_dir)}
+    (out / "snapshot.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if (run_dir / "training_log.csv").is_file():
+        (out / "training_log.csv").write_text((run_dir / "training_log.csv").read_text())
+    return meta
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    if args.snapshot:
+        meta = snapshot(args.run_dir, args.out)
+        print(json.dumps(meta), flush=True)
+        return meta
     if args.plot_only:
         png = plot_learning_curve(Path(args.out) / "training_log.csv", Path(args.out) / "learning_curve.png")
         print(f"wrote {png}")

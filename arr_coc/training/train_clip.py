@@ -39,6 +39,7 @@ from arr_coc.training.backbones import VisionConfig
 from arr_coc.training.clip import ClipConfig, ClipModel, TextTowerConfig
 from arr_coc.training.clutter_task import COLOURS_V2, SHAPES_V2, SPLIT_SEEDS, ClutterVQATask
 from arr_coc.training.tokenizer import build_tokenizer, readout_id
+from arr_coc.training.train_base import lr_factor
 
 __all__ = ["build", "evaluate_retrieval", "main", "parse_args", "train"]
 
@@ -158,13 +159,6 @@ def evaluate_retrieval(
     return out
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def train(args) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -205,7 +199,7 @@ def train(args) -> dict[str, float]:
     last = args.max_steps if args.stop_at_step is None else min(args.max_steps, args.stop_at_step)
     while step < last and (time.time() - start) / 60.0 < args.max_minutes:
         for g in opt.param_groups:
-            g["lr"] = args.lr * _lr_factor(step, args.warmup, args.max_steps)
+            g["lr"] = args.lr * lr_factor(step, args.warmup, args.max_steps, floor=0.05)
         losses = losses_of(clip, loss_fn, tok, *_pairs(task, rng, args.batch), args.aux_weight)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
