@@ -1,4 +1,5 @@
-"""Compiled CPU kernels (numba) for the scalar k-NN estimators and 1-D distance covariance.
+"""Compiled CPU kernels (numba) for the k-NN estimators (a rank-space grid for scalar pairs,
+k-d trees for low-dimensional joint spaces) and 1-D distance covariance.
 
 These are the CPU fast paths behind ``ksg_mi`` / ``mi_features`` (scalar pairs) and
 ``distance_correlation`` (scalar pairs). They compute exactly what the torch engines in
