@@ -61,7 +61,7 @@ base-vlm: $(STAMP)
 # side); stage 1, the base VLM on the frozen vision tower, no attention supervision,
 # relevance-preserving per-question token dropping. Resumable: rerun with RESUME=--resume.
 CLIP_RUN := experiments/runs/clip_v2
-BASE_V2_RUN := experiments/runs/base_vlm_v2
+BASE_V2_RUN := checkpoints/base_vlm_v2_run
 RESUME ?=
 base-vlm-v2: $(STAMP)
 	$(PY) -m arr_coc.training.train_clip --out $(CLIP_RUN)/phase1 --run-dir $(CLIP_RUN)/phase1_run --vit-dim 64 --text-dim 64 --batch 48 --max-steps 600 --stop-at-step 300 --warmup 50 --eval-every 50 --max-minutes 100000
