@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 MICROSCOPE_ARGS ?=
 ARGS ?=
 
-.PHONY: install real-llm run test test-slow bench base-vlm base-vlm-v2 base-vlm-v2-stage1 train sweep smoke analysis inference microscope clean-venv
+.PHONY: install real-llm run test test-slow bench base-vlm base-vlm-v2 base-vlm-v2-stage1 base-vlm-v2-resume train sweep smoke analysis inference microscope clean-venv
 
 install: $(STAMP)
 
@@ -59,21 +59,27 @@ base-vlm: $(STAMP)
 # Benchmark v2 from scratch (experiments/results/base_vlm_v2.md): stage 0, the CLIP towers
 # (joint training to step 300 of a 600-step schedule, then 300 locked-image steps of the text
 # side); stage 1, the base VLM on the frozen vision tower, no attention supervision,
-# relevance-preserving per-question token dropping. Resumable: rerun with RESUME=--resume.
+# relevance-preserving per-question token dropping. `make base-vlm-v2-resume` continues stage 1.
 CLIP_RUN := experiments/runs/clip_v2
 BASE_V2_RUN := checkpoints/base_vlm_v2_run
-RESUME ?=
 base-vlm-v2: $(STAMP)
 	$(PY) -m arr_coc.training.train_clip --out $(CLIP_RUN)/phase1 --run-dir $(CLIP_RUN)/phase1_run --vit-dim 64 --text-dim 64 --batch 48 --max-steps 600 --stop-at-step 300 --warmup 50 --eval-every 50 --max-minutes 100000
 	$(PY) -m arr_coc.training.train_clip --init-from $(CLIP_RUN)/phase1 --lock-vision --out checkpoints/clip_v2 --run-dir $(CLIP_RUN)/lit_run --vit-dim 64 --text-dim 64 --batch 96 --max-steps 300 --warmup 20 --lr 1e-3 --eval-every 25 --max-minutes 100000
 	$(MAKE) base-vlm-v2-stage1
 
-base-vlm-v2-stage1: $(STAMP)
-	$(PY) -m arr_coc.training.train_base $(RESUME) --task clutter --image-size 128 --grid 16 --clip checkpoints/clip_v2 \
+STAGE1_V2 := --task clutter --image-size 128 --grid 16 --clip checkpoints/clip_v2 \
 	  --drop question --keep-dist loguniform --keep-min 0.03 --full-prob 0.15 --ramp-steps 1500 --attn-weight 0 --attn sdpa \
 	  --llm-layers 4 --llm-dim 96 --llm-heads 4 --images-per-step 16 --questions-per-image 4 \
 	  --max-steps 6000 --warmup 150 --eval-every 100 --val-images 250 --max-minutes 100000 \
 	  --run-dir $(BASE_V2_RUN) --out checkpoints/base_vlm_v2
+# phase 1: single-object questions first (to step 1000); phase 2: every question type
+base-vlm-v2-stage1: $(STAMP)
+	$(PY) -m arr_coc.training.train_base $(STAGE1_V2) --stop-at-step 1000
+	$(MAKE) base-vlm-v2-resume
+
+# continue stage 1 from $(BASE_V2_RUN)/last.pt (what the session that stopped it shipped)
+base-vlm-v2-resume: $(STAMP)
+	$(PY) -m arr_coc.training.train_base --resume $(STAGE1_V2) --curriculum-threshold 0.0001
 	$(PY) -m arr_coc.training.train_base --out checkpoints/base_vlm_v2 --plot-only
 	$(PY) -m arr_coc.training.train_base --task clutter --image-size 128 --grid 16 --out checkpoints/base_vlm_v2 --eval-only --test-images 256
 

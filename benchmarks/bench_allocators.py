@@ -90,6 +90,10 @@ def main(argv: list[str]) -> None:
         f"B = {B}, N = {n} ({GRID[0]} x {GRID[1]}) + {P} CLS prefix token, D = {D}, T = {T} query tokens "
         f"(3 rows padded to 9), budget K = {K}, device {device}, {torch.get_num_threads()} threads, "
         f"median of {repeats} calls after 1 warm-up, no grad. `full` only validates and copies. "
+        "No host is given, so the host-reading methods (cls_attention, visionzip, cdpruner, tome) time "
+        "their host-free rule and the in-LLM methods (fastv, sparsevlm) their before-the-LLM fallback; "
+        "with a host their cost is the signal (a ViT pass) or a partial LLM forward (see the v2 main job's "
+        "`alloc ms`). "
         f"Load average when the run started: {load}.\n\n"
         + markdown_table(
             ["allocator", "wall ms / call (B = 8)", "wall ms / example", "CPU ms / call (all threads)",
