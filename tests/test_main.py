@@ -35,6 +35,7 @@ def _cfg(tmp_path, *extra, v2: bool = False):
                 "name=tiny",
                 "command=pytest tiny run",
                 "allocators=[full,random,arr_coc]",
+                "extra_allocators=null",  # v1's fastv_k1 needs 2 LLM layers; the micro VLM has 1
                 "budgets=[4,2]",
                 "eval.size=12",
                 "eval.batch_size=6",
