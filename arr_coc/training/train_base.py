@@ -215,7 +215,9 @@ def _gather(candidates: torch.Tensor, positions: torch.Tensor, idx: torch.Tensor
     return tokens, pos
 
 
-def step_losses(vlm: BaseVLM, tok, batch: VQABatch, args, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def step_losses(
+    vlm: BaseVLM, tok, batch: VQABatch, args, generator: torch.Generator, *, step: int | None = None
+) -> dict[str, torch.Tensor]:
     """All training losses of one batch (answer CE + aux patch CE + attention supervision)."""
     frozen_vision = not any(q.requires_grad for q in vlm.vision.parameters())
     with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_vision):
@@ -232,7 +234,8 @@ def step_losses(vlm: BaseVLM, tok, batch: VQABatch, args, generator: torch.Gener
     losses["aux"] = aux
     pyr = build_pyramid(fine, vlm.grid)
     qi = batch.image_index
-    ramp = min(1.0, getattr(args, "_progress", 1.0))
+    ramp_steps = getattr(args, "ramp_steps", 0)
+    ramp = 1.0 if step is None or ramp_steps <= 0 else min(1.0, step / ramp_steps)  # the token curriculum
     drop = dict(
         full_prob=args.full_prob * ramp, keep_min=args.keep_min, keep_max=args.keep_min + (1.0 - args.keep_min) * ramp,
         log_uniform=getattr(args, "keep_dist", "uniform") == "loguniform",
@@ -445,9 +448,8 @@ def train(args) -> dict[str, float]:
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(step, args.warmup, args.max_steps)
         qtypes = SINGLE_OBJECT if stage == 0 else None
-        args._progress = step / args.ramp_steps if args.ramp_steps > 0 else 1.0
         batch = task.batch(rng, args.images_per_step, args.questions_per_image, qtypes=qtypes)
-        losses = step_losses(vlm, tok, batch, args, gen)
+        losses = step_losses(vlm, tok, batch, args, gen, step=step)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
