@@ -64,15 +64,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="checkpoints/base_vlm", help="where the best checkpoint goes")
     p.add_argument("--run-dir", default="experiments/runs/base_vlm", help="log + resumable state")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--init-from", default=None,
+                   help="start from the model weights of another run's last.pt (fresh optimiser, step 0, stage 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task", choices=("sort_of_clevr", "clutter"), default="sort_of_clevr",
                    help="sort_of_clevr: the v1 task; clutter: benchmark v2 (arr_coc.training.clutter_task)")
     p.add_argument("--clip", default=None,
                    help="a stage-0 CLIP folder (arr_coc.training.train_clip): its vision tower is loaded and frozen, "
                    "its text tower carried along (frozen) for text-conditioned baselines")
-    p.add_argument("--drop", choices=("image", "question"), default="image",
+    p.add_argument("--drop", choices=("image", "question", "shared"), default="image",
                    help="image: one random allocation per image (v1); question: one per question that then adds the "
-                   "fine token of every relevant cell it left uncovered (answers always stay visible)")
+                   "fine token of every relevant cell it left uncovered (answers always stay visible); shared: one per "
+                   "image that keeps every cell any of its questions needs, the LLM reading each image's visual tokens "
+                   "once for all its questions (several times faster per question)")
+    p.add_argument("--bucket-images", type=int, default=4,
+                   help="--drop shared: images per LLM call, grouped by kept count (less padding)")
     p.add_argument("--ramp-steps", type=int, default=0,
                    help="token curriculum: over the first RAMP_STEPS steps the largest kept fraction of a dropped row "
                    "and the full-token probability grow linearly from keep_min and 0 to 1 and --full-prob, so routing "
@@ -121,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("images_per_step", "questions_per_image", "max_steps", "eval_every", "val_images", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if args.drop == "shared" and (args.attn_weight > 0 or args.count_attn_weight > 0):
+        raise ValueError("--drop shared: the LLM's attention is not returned; use --attn-weight 0 --count-attn-weight 0")
+    if args.bucket_images < 1:
+        raise ValueError(f"--bucket-images: expected >= 1, got {args.bucket_images}")
     if not 0.0 < args.keep_min <= 1.0:
         raise ValueError(f"--keep-min: expected in (0, 1], got {args.keep_min}")
     if not 0.0 <= args.full_prob <= 1.0:
@@ -240,6 +250,8 @@ def step_losses(
         full_prob=args.full_prob * ramp, keep_min=args.keep_min, keep_max=args.keep_min + (1.0 - args.keep_min) * ramp,
         log_uniform=getattr(args, "keep_dist", "uniform") == "loguniform",
     )
+    if getattr(args, "drop", "image") == "shared":
+        return _shared_step_losses(vlm, tok, batch, args, generator, pyr, drop, losses)
     if getattr(args, "drop", "image") == "question":
         idx, mask = relevance_preserving_allocation(batch.relevance.flatten(1), pyr.positions, pyr.num_fine, vlm.grid, generator, **drop)
         sel, pos = _gather(pyr.candidates[qi], pyr.positions, idx, mask)
@@ -284,6 +296,38 @@ def step_losses(
     return losses
 
 
+def _shared_step_losses(vlm, tok, batch, args, generator, pyr, drop, losses) -> dict[str, torch.Tensor]:
+    """``--drop shared``: one relevance-preserving allocation per image that keeps every cell any
+    of its questions needs; the LLM reads each image's visual prefix once for all its questions
+    (:meth:`BaseVLM.answer_logits_shared`), images grouped by kept count so padding stays small."""
+    qi = batch.image_index
+    n_img = batch.images.shape[0]
+    rel = batch.relevance.flatten(1)
+    union = torch.zeros(n_img, rel.shape[1], dtype=torch.long).index_add_(0, qi, rel.long()) > 0  # [I, N]
+    idx, mask = relevance_preserving_allocation(union, pyr.positions, pyr.num_fine, vlm.grid, generator, **drop)
+    sel, pos = _gather(pyr.candidates, pyr.positions, idx, mask)
+    visual = vlm.project(sel)  # [I, K, Dl]
+    enc = tok(batch.questions, padding=True, return_tensors="pt")
+    kept = mask.sum(1)
+    by_len = kept.argsort()
+    logits = torch.empty(len(batch.questions), vlm.llm.lm_head.out_features)
+    for group in by_len.split(max(1, getattr(args, "bucket_images", 4))):
+        k = int(kept[group].max())  # padding is last in every row (raster order, pads at the end)
+        local = torch.full((n_img,), -1, dtype=torch.long)
+        local[group] = torch.arange(len(group))
+        rows = (local[qi] >= 0).nonzero().squeeze(1)
+        logits = logits.index_put((rows,), vlm.answer_logits_shared(
+            visual[group, :k], mask[group, :k], pos[group, :k],
+            enc["input_ids"][rows], enc["attention_mask"][rows], local[qi[rows]],
+        ))
+    target_ids = _answer_ids(tok, batch.answers)
+    losses["answer"] = F.cross_entropy(logits, target_ids)
+    losses["acc"] = (logits.argmax(-1) == target_ids).float().mean().detach()
+    losses["attn"] = torch.zeros(())
+    losses["total"] = losses["answer"] + args.aux_weight * losses["aux"]
+    return losses
+
+
 @torch.no_grad()
 def evaluate(vlm: BaseVLM, tok, batch: VQABatch, *, question_types=None, chunk: int = 256) -> dict[str, float]:
     """Accuracy at full tokens, overall and per question type (plus patch-head accuracy)."""
@@ -295,7 +339,9 @@ def evaluate(vlm: BaseVLM, tok, batch: VQABatch, *, question_types=None, chunk: 
     for i in range(0, len(batch.questions), chunk):
         qi = batch.image_index[i : i + chunk]
         enc = tok(batch.questions[i : i + chunk], padding=True, return_tensors="pt")
-        logits = vlm.answer_logits(visual[qi], None, None, enc["input_ids"], enc["attention_mask"])
+        images, local = qi.unique(return_inverse=True)  # each image's visual tokens read once
+        positions = vlm.fine_positions(len(images))
+        logits = vlm.answer_logits_shared(visual[images], None, positions, enc["input_ids"], enc["attention_mask"], local)
         preds.append(logits.argmax(-1))
     correct = (torch.cat(preds) == target).float()
     out = {"val_acc": float(correct.mean())}
@@ -432,8 +478,12 @@ def train(args) -> dict[str, float]:
         step, stage, best, seen, elapsed0 = state["step"], state["stage"], state["best"], state["seen"], state["elapsed"]
         rng = state["rng"]
         gen.set_state(state["gen"])
-    elif log_path.exists():
-        log_path.unlink()
+    else:
+        if args.init_from is not None:
+            vlm.load_state_dict(torch.load(args.init_from, weights_only=False, map_location="cpu")["model"])
+            stage = 1  # a trained model: every question type from the start
+        if log_path.exists():
+            log_path.unlink()
     fields = ["step", "minutes", "questions_seen", "stage", "lr", "loss", "answer_loss", "aux_loss", "attn_loss",
               "train_acc", "val_acc", *[f"val_{t}" for t in qtypes_all], "patch_colour_acc", "patch_shape_acc"]
     if not log_path.exists():

@@ -156,3 +156,59 @@ def test_training_smoke_run_writes_checkpoint_and_curve(tmp_path):
     assert full == result["full"] and result["full"]["tokens"] == 16
     assert result["random_4"]["tokens"] == 4 and result["pooled_2x2"]["tokens"] == 4 and result["pooled_4x4"]["tokens"] == 1
     assert all(0.0 <= r["all"] <= 1.0 for k, r in result.items() if k != "_meta")
+
+
+def test_shared_prefix_equals_one_sequence_per_question_and_carries_gradients(setup):
+    task, tok, vlm, pixels, _ = setup
+    torch.manual_seed(3)
+    tokens = vlm.encode_image(pixels)
+    pyr = build_pyramid(tokens[:, 1:], vlm.grid)
+    visual = vlm.project(pyr.candidates)  # [3, M, D]: fine + pooled, some rows padded below
+    mask = torch.ones(visual.shape[:2], dtype=torch.bool)
+    mask[0, 9:] = False
+    mask[1, 15:] = False
+    pos = pyr.positions[None].expand(3, -1, -1).masked_fill(~mask[..., None], -1)
+    questions = ["what colour is the circle ?", "how many objects are there ?", "what shape is the red object ?",
+                 "is the blue square on the left ?", "what colour is the square ?"]
+    enc = tok(questions, padding=True, return_tensors="pt")
+    image_index = torch.tensor([2, 0, 2, 1, 0])  # unsorted, uneven questions per image
+    ref = vlm.answer_logits(visual[image_index], mask[image_index], pos[image_index], enc["input_ids"], enc["attention_mask"])
+    shared = vlm.answer_logits_shared(visual, mask, pos, enc["input_ids"], enc["attention_mask"], image_index)
+    assert torch.allclose(shared, ref, atol=1e-5)
+    wrong = vlm.answer_logits_shared(visual, mask, pos, enc["input_ids"], enc["attention_mask"], image_index.flip(0))
+    assert not torch.allclose(wrong, ref, atol=1e-3)  # the image each question reads matters
+    # an image no question asks about is skipped, and gradients reach the visual tokens
+    vis = visual.detach().requires_grad_(True)
+    ids1 = enc["input_ids"][3:4]
+    out = vlm.answer_logits_shared(vis, mask, pos, ids1, enc["attention_mask"][3:4], torch.tensor([1]))
+    assert torch.allclose(out, ref[3:4], atol=1e-5)
+    out.sum().backward()
+    grad = vis.grad.abs().sum((1, 2))
+    assert grad[1] > 0 and grad[0] == 0 and grad[2] == 0
+    with pytest.raises(ValueError, match="image_index"):
+        vlm.answer_logits_shared(visual, mask, pos, enc["input_ids"], enc["attention_mask"], torch.tensor([0, 1, 2, 3, 0]))
+    with pytest.raises(ValueError, match="image_index"):
+        vlm.answer_logits_shared(visual, mask, pos, enc["input_ids"], enc["attention_mask"], torch.tensor([0, 1]))
+
+
+def test_shared_dropping_trains_and_init_from_starts_from_another_run(tmp_path):
+    from arr_coc.training.train_base import main, parse_args
+
+    tiny = [
+        "--image-size", "32", "--grid", "4", "--vit-dim", "16", "--vit-depth", "1", "--vit-heads", "2",
+        "--llm-dim", "16", "--llm-layers", "2", "--llm-heads", "2", "--images-per-step", "3",
+        "--questions-per-image", "3", "--eval-every", "2", "--val-images", "3", "--warmup", "2",
+        "--drop", "shared", "--attn-weight", "0", "--bucket-images", "2", "--curriculum-threshold", "0",
+    ]
+    first, second = tmp_path / "a", tmp_path / "b"
+    main([*tiny, "--out", str(first / "best"), "--run-dir", str(first), "--max-steps", "2"])
+    start = torch.load(first / "last.pt", weights_only=False)["model"]
+    # --init-from: the weights of the other run, a fresh step count and log
+    main([*tiny, "--out", str(second / "best"), "--run-dir", str(second), "--max-steps", "2", "--eval-every", "1",
+          "--init-from", str(first / "last.pt"), "--lr", "0"])
+    rows = list(csv.DictReader((second / "training_log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    after = torch.load(second / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(start[k], after[k]) for k in start)  # lr 0 (after warmup 0 too): nothing moved
+    with pytest.raises(ValueError, match="--drop shared"):
+        parse_args(["--drop", "shared", "--attn-weight", "0.5"])
