@@ -11,16 +11,22 @@ Three reports under ``experiments/results/``, each with the command and commit:
 - ``analysis_pipeline.md`` + ``analysis_pipeline.png``: a stage split of ViT + projector + LLM
   layers from measured per-layer time and activation size, the bubble fraction over
   micro-batch counts, and the gradient SNR over micro-batch sizes.
+- ``information_check.md`` (section ``information_check``, settings in
+  ``conf/information_check/default.yaml``): the allocators' reported I(c_S; Q) against the base
+  VLM's per-question Barber-Agakov bound, rank correlations per allocator x budget, per question
+  and pooled (issue 16, goal 5; :mod:`arr_coc.analysis.allocation_information`).
 
 ```bash
 python experiments/analysis.py                       # the shipped base VLM
 python experiments/analysis.py num_images=128 stages=[2,4]
+python experiments/analysis.py sections=[information_check] +information_check=default
 ```
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -274,16 +280,166 @@ def _plot_pipeline(cfg, snr: dict[int, float], path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------- information check
+def _information_check_config(cfg: DictConfig) -> DictConfig:
+    """``cfg.information_check`` (``+information_check=default``), else conf/information_check/default.yaml."""
+    node = cfg.get("information_check")
+    if node is None:
+        node = OmegaConf.load(ROOT / "conf" / "information_check" / "default.yaml")
+    if not node.get("cases"):
+        raise ValueError("information_check.cases: expected at least one case (base_vlm, task, budgets, allocators)")
+    return node
+
+
+def _ic_fmt(v: float, digits: int = 3) -> str:
+    return "nan" if v != v else f"{v:.{digits}f}"
+
+
+def _ic_ci(v: float, ci: tuple[float, float]) -> str:
+    return f"{_ic_fmt(v)} [{_ic_fmt(ci[0])}, {_ic_fmt(ci[1])}]"
+
+
+def _ic_case(name: str, case: DictConfig, ic: DictConfig) -> str:
+    """One case of the information check: load, record, correlate, and its Markdown."""
+    from arr_coc.allocators import create_allocator
+    from arr_coc.analysis.allocation_information import (
+        answer_token_ids,
+        information_check,
+        record_allocation_information,
+        type_breakdown,
+    )
+    from arr_coc.evaluation import build_eval_batches
+    from arr_coc.training.base_vlm import BaseVLM
+    from arr_coc.training.hub import load_allocator
+    from arr_coc.training.tasks import build_task
+    from arr_coc.training.tokenizer import build_tokenizer
+
+    folder = Path(case.base_vlm)
+    folder = folder if folder.is_absolute() else ROOT / folder
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"information_check.cases.{name}.base_vlm: no base VLM (config.json) in {folder}")
+    vlm = BaseVLM.from_pretrained(folder).eval()
+    vlm.requires_grad_(False)
+    task = build_task(OmegaConf.to_container(case.task, resolve=True), int(case.task_seed))
+    tok = build_tokenizer(task)
+    batches = build_eval_batches(task, tok, start=int(case.start), size=int(case.size), batch_size=int(ic.batch_size))
+    allocators, kinds = {}, {}
+    for label, spec in case.allocators.items():
+        spec = OmegaConf.to_container(spec, resolve=True)
+        if "checkpoint" in spec:
+            path = Path(spec["checkpoint"])
+            allocators[label] = load_allocator(path if path.is_absolute() else ROOT / path)
+            kinds[label] = f"trained, loaded from `{spec['checkpoint']}`"
+        else:
+            allocators[label] = create_allocator(spec["name"], **(spec.get("kwargs") or {}))
+            kinds[label] = f"`create_allocator({spec['name']!r})`, untrained (training-free)"
+    ids = answer_token_ids(task, tok)
+    t0 = time.perf_counter()
+    rec = record_allocation_information(vlm, allocators, batches, [int(k) for k in case.budgets], answer_ids=ids)
+    check = information_check(rec.cells, num_bootstrap=int(ic.num_bootstrap), level=float(ic.level), seed=int(ic.seed))
+    seconds = time.perf_counter() - t0
+    answers = torch.cat([b["answer"] for b in batches])
+    h_a = float(discrete_entropy(answers))
+    snap = folder / "snapshot.json"
+    step = ""
+    if snap.is_file():
+        import json
+
+        step = f" (stage-1 step {json.loads(snap.read_text()).get('step')})"
+    lvl = int(round(100 * float(ic.level)))
+    parts = [
+        f"## {case.get('title', name)}\n\n",
+        f"Base VLM `{case.base_vlm}`{step}; task `{dict(case.task)}` seed {int(case.task_seed)}, "
+        f"questions {int(case.start)} .. {int(case.start) + int(case.size) - 1} ({rec.full_bound.numel()}); "
+        f"budgets {list(case.budgets)} of {vlm.num_patches} tokens. Answer set |A| = {rec.num_answers} "
+        f"(log |A| = {math.log(rec.num_answers):.3f} nats; empirical H(A) = {h_a:.3f}). All {vlm.num_patches} tokens: "
+        f"accuracy {float(rec.full_correct.double().mean()):.3f}, mean bound log|A| - CE = {float(rec.full_bound.mean()):.3f} nats.\n\n",
+        "Allocators: " + "; ".join(f"`{k}` {v}" for k, v in kinds.items()) + ".",
+    ]
+    if rec.without_gain:
+        parts.append(f" Reporting no gain (no rows): {', '.join(rec.without_gain)}.")
+    parts.append(f" Recording and bootstrap: {seconds:.0f} s.\n\n")
+    parts.append(f"### Per allocator x budget, across questions ({lvl}% intervals, {int(ic.num_bootstrap)} question resamples)\n\n")
+    rows = []
+    for c in check.per_cell:
+        rows.append([
+            c.allocator, c.budget, _ic_fmt(c.tokens, 1), _ic_fmt(c.accuracy),
+            f"{_ic_fmt(c.gain_right)} / {_ic_fmt(c.gain_wrong)}", f"{_ic_fmt(c.bound_right)} / {_ic_fmt(c.bound_wrong)}",
+            _ic_ci(c.correlation.spearman, c.correlation.spearman_ci), _ic_ci(c.correlation.kendall, c.correlation.kendall_ci),
+            _ic_fmt(c.within_type_spearman), _ic_ci(c.gain_auroc, c.gain_auroc_ci),
+        ])
+    parts.append(markdown_table(
+        ["allocator", "budget", "tokens", "accuracy", "gain nats right / wrong", "bound nats right / wrong",
+         "Spearman(gain, bound)", "Kendall tau-b", "Spearman within type", "AUROC gain -> right"], rows))
+    parts.append("\n\n### Per question, across budgets / allocators (mean over questions where both vary)\n\n")
+    prow = [[p.scope, len(p.cells), f"{p.questions} / {p.total_questions}", _ic_ci(p.spearman, p.spearman_ci), _ic_ci(p.kendall, p.kendall_ci)]
+            for p in check.per_question]
+    parts.append(markdown_table(["scope", "cells", "questions used", "mean Spearman", "mean Kendall tau-b"], prow))
+    mid = sorted(int(k) for k in case.budgets)[len(case.budgets) // 2]
+    qtypes = list(getattr(task, "question_types", []))
+    trow = []
+    for c in rec.cells:
+        if c.budget != mid:
+            continue
+        for t in type_breakdown(c):
+            name_t = qtypes[t.question_type] if 0 <= t.question_type < len(qtypes) else str(t.question_type)
+            trow.append([c.allocator, name_t, t.n, _ic_fmt(t.accuracy), _ic_fmt(t.gain), _ic_fmt(t.bound), _ic_fmt(t.spearman)])
+    parts.append(f"\n\n### Per question type at budget {mid} (what moves the gain and the bound)\n\n")
+    parts.append(markdown_table(["allocator", "type", "questions", "accuracy", "mean gain nats", "mean bound nats", "Spearman within type"], trow))
+    pc = check.pooled
+    parts.append(
+        f"\n\nPooled over every (allocator, budget, question), {pc.n} rows, questions resampled as clusters: "
+        f"Spearman {_ic_ci(pc.spearman, pc.spearman_ci)}, Kendall tau-b {_ic_ci(pc.kendall, pc.kendall_ci)}.\n\n"
+    )
+    pos = sum(c.correlation.spearman_ci[0] > 0 for c in check.per_cell)
+    neg = sum(c.correlation.spearman_ci[1] < 0 for c in check.per_cell)
+    parts.append(
+        f"Across questions, the Spearman interval lies above 0 in {pos}, below 0 in {neg}, and covers 0 in "
+        f"{len(check.per_cell) - pos - neg} of {len(check.per_cell)} allocator x budget cells.\n\n"
+    )
+    return "".join(parts)
+
+
+def information_check_section(cfg: DictConfig) -> str:
+    """Issue 16 goal 5: the reported I(c_S; Q) checked against the VLM's Barber-Agakov bound."""
+    ic = _information_check_config(cfg)
+    if ic.get("threads"):
+        torch.set_num_threads(int(ic.threads))
+    head = (
+        "Does the allocator's reported information I(c_S; Q) (``out.gain``: the chain-rule sum of the "
+        "greedy's query gains, a mutual information under a Gaussian model of the candidates and the query "
+        "in the allocator's relevance space; `arr_coc_adapter` reports the same quantity for its own picks) "
+        "track what the kept tokens tell the frozen VLM about the answer? The independent estimate is the VLM's "
+        "Barber-Agakov term per question, log |A| + log q(answer | kept tokens, question), q the VLM's softmax "
+        "over the answer set A (mean: log |A| - CE; the bound proper, H(A) - CE <= I(kept, question; answer), "
+        "differs by a constant, so ranks are unchanged). Rank correlations of gain vs bound: per allocator x "
+        "budget across questions (with the count-weighted mean of per-question-type Spearman, since the type "
+        "moves both), per question across budgets and allocators, and pooled; percentile bootstrap intervals "
+        "over questions. AUROC gain -> right: the probability that a question answered right has a higher "
+        "gain than one answered wrong (0.5 = no signal). Module: `arr_coc.analysis.allocation_information`.\n\n"
+    )
+    return head + "".join(_ic_case(str(name), case, ic) for name, case in ic.cases.items())
+
+
 def run(cfg: DictConfig) -> dict[str, Path]:
     torch.manual_seed(int(cfg.seed))
     out_dir = Path(cfg.results_dir)
     if not out_dir.is_absolute():
         out_dir = ROOT / out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    if "information_check" in cfg.sections:  # its own base VLMs and tasks (conf/information_check)
+        ic_name = str(_information_check_config(cfg).get("results_name", "information_check"))
+        ic_command = "python experiments/analysis.py " + " ".join(cfg.get("overrides", []) or [])
+        paths[ic_name] = write_report(
+            ic_name, "Reported I(c_S; Q) vs the VLM's Barber-Agakov bound (issue 16, goal 5)",
+            ic_command.strip(), information_check_section(cfg), results_dir=out_dir,
+        )
+        if not set(cfg.sections) - {"information_check"}:
+            return paths
     vlm, batch, trained = load_model_and_data(cfg)
     note = "" if trained else "**The base VLM checkpoint was missing: these figures are for an untrained model.**\n\n"
     command = "python experiments/analysis.py " + " ".join(cfg.get("overrides", []) or [])
-    paths = {}
     for name, title, fn in (
         ("analysis_quantization", "Quantization information loss (FP8 / int8)", lambda: quantization_section(vlm, batch, cfg)),
         ("analysis_flow", "Information flow through the layers", lambda: flow_section(vlm, batch, cfg, out_dir)),

@@ -55,6 +55,7 @@ __all__ = [
     "InformationRecords",
     "PerQuestionCheck",
     "RankCorrelation",
+    "TypeSummary",
     "answer_token_ids",
     "auroc",
     "barber_agakov_bound",
@@ -63,6 +64,7 @@ __all__ = [
     "rank_correlation",
     "record_allocation_information",
     "spearman_rho",
+    "type_breakdown",
 ]
 
 
@@ -524,6 +526,33 @@ def _within_type_spearman(gain: torch.Tensor, bound: torch.Tensor, qt: torch.Ten
             num += r * int(sel.sum())
             den += int(sel.sum())
     return num / den if den else float("nan")
+
+
+@dataclass
+class TypeSummary:
+    """One question type within one allocator x budget: ``n`` questions, ``accuracy``, mean
+    ``gain`` and ``bound`` (nats), and ``spearman`` of gain vs bound within the type (NaN with
+    fewer than 3 questions or a constant)."""
+
+    question_type: int
+    n: int
+    accuracy: float
+    gain: float
+    bound: float
+    spearman: float
+
+
+def type_breakdown(cell: AllocationInformation) -> list[TypeSummary]:
+    """Per question type of ``cell`` (ascending type index): what moves the gain and the bound."""
+    if not isinstance(cell, AllocationInformation):
+        raise ValueError(f"cell: expected an AllocationInformation record, got {type(cell).__name__}")
+    out = []
+    for t in torch.unique(cell.question_type).tolist():
+        sel = cell.question_type == t
+        n = int(sel.sum())
+        rho = float(spearman_rho(cell.gain[sel], cell.bound[sel])) if n >= 3 else float("nan")
+        out.append(TypeSummary(int(t), n, _mean(cell.correct[sel].double()), _mean(cell.gain[sel]), _mean(cell.bound[sel]), rho))
+    return out
 
 
 def _per_question(scope: str, cells: Sequence[AllocationInformation], num_bootstrap: int, level: float, seed: int) -> PerQuestionCheck:

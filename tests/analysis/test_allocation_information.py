@@ -23,6 +23,7 @@ from arr_coc.analysis.allocation_information import (
     rank_correlation,
     record_allocation_information,
     spearman_rho,
+    type_breakdown,
 )
 
 
@@ -210,6 +211,20 @@ def test_information_check_leaves_constant_questions_out_and_adds_the_cross_allo
         information_check([])
     with pytest.raises(ValueError, match="cells"):
         information_check([cells[0], _cell("c", 4, torch.ones(3), torch.ones(3))])
+
+
+def test_type_breakdown_values():
+    gain = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0])
+    bound = torch.tensor([0.3, 0.2, 0.1, 1.0, 1.0])
+    correct = torch.tensor([True, False, True, True, True])
+    qt = torch.tensor([0, 0, 0, 2, 2])
+    rows = type_breakdown(_cell("a", 4, gain, bound, correct=correct, qt=qt))
+    assert [(r.question_type, r.n) for r in rows] == [(0, 3), (2, 2)]
+    assert rows[0].accuracy == pytest.approx(2 / 3) and rows[0].gain == pytest.approx(2.0)
+    assert rows[0].bound == pytest.approx(0.2) and rows[0].spearman == pytest.approx(-1.0)
+    assert rows[1].gain == pytest.approx(15.0) and math.isnan(rows[1].spearman)  # 2 questions: undefined
+    with pytest.raises(ValueError, match="cell"):
+        type_breakdown("a")
 
 
 # ---------------------------------------------------------------------------- the recording loop
