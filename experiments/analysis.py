@@ -304,6 +304,7 @@ def _ic_case(name: str, case: DictConfig, ic: DictConfig) -> str:
     from arr_coc.allocators import create_allocator
     from arr_coc.analysis.allocation_information import (
         answer_token_ids,
+        gain_saturation,
         information_check,
         record_allocation_information,
         type_breakdown,
@@ -367,10 +368,12 @@ def _ic_case(name: str, case: DictConfig, ic: DictConfig) -> str:
             f"{_ic_fmt(c.gain_right)} / {_ic_fmt(c.gain_wrong)}", f"{_ic_fmt(c.bound_right)} / {_ic_fmt(c.bound_wrong)}",
             _ic_ci(c.correlation.spearman, c.correlation.spearman_ci), _ic_ci(c.correlation.kendall, c.correlation.kendall_ci),
             _ic_fmt(c.within_type_spearman), _ic_ci(c.gain_auroc, c.gain_auroc_ci),
+            _ic_fmt(c.gain_type_share), _ic_fmt(c.gain_query_tokens_spearman),
         ])
     parts.append(markdown_table(
         ["allocator", "budget", "tokens", "accuracy", "gain nats right / wrong", "bound nats right / wrong",
-         "Spearman(gain, bound)", "Kendall tau-b", "Spearman within type", "AUROC gain -> right"], rows))
+         "Spearman(gain, bound)", "Kendall tau-b", "Spearman within type", "AUROC gain -> right",
+         "gain variance between types", "Spearman(gain, question tokens)"], rows))
     parts.append("\n\n### Per question, across budgets / allocators (mean over questions where both vary)\n\n")
     prow = [[p.scope, len(p.cells), f"{p.questions} / {p.total_questions}", _ic_ci(p.spearman, p.spearman_ci), _ic_ci(p.kendall, p.kendall_ci)]
             for p in check.per_question]
@@ -391,6 +394,12 @@ def _ic_case(name: str, case: DictConfig, ic: DictConfig) -> str:
         f"\n\nPooled over every (allocator, budget, question), {pc.n} rows, questions resampled as clusters: "
         f"Spearman {_ic_ci(pc.spearman, pc.spearman_ci)}, Kendall tau-b {_ic_ci(pc.kendall, pc.kendall_ci)}.\n\n"
     )
+    sat = gain_saturation(rec.cells)
+    if sat:
+        parts.append(
+            "Reported gain unchanged between an allocator's two largest budgets (the query chain ran out of "
+            "information first): " + ", ".join(f"`{k}` {100 * v:.1f}% of questions" for k, v in sat.items()) + ".\n\n"
+        )
     pos = sum(c.correlation.spearman_ci[0] > 0 for c in check.per_cell)
     neg = sum(c.correlation.spearman_ci[1] < 0 for c in check.per_cell)
     parts.append(
@@ -416,7 +425,8 @@ def information_check_section(cfg: DictConfig) -> str:
         "budget across questions (with the count-weighted mean of per-question-type Spearman, since the type "
         "moves both), per question across budgets and allocators, and pooled; percentile bootstrap intervals "
         "over questions. AUROC gain -> right: the probability that a question answered right has a higher "
-        "gain than one answered wrong (0.5 = no signal). Module: `arr_coc.analysis.allocation_information`.\n\n"
+        "gain than one answered wrong (0.5 = no signal). What the gain follows instead: the share of its variance "
+        "between question types (eta^2) and its Spearman with the question's token count. Module: `arr_coc.analysis.allocation_information`.\n\n"
     )
     return head + "".join(_ic_case(str(name), case, ic) for name, case in ic.cases.items())
 

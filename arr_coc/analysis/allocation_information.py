@@ -58,6 +58,7 @@ __all__ = [
     "TypeSummary",
     "answer_token_ids",
     "auroc",
+    "gain_saturation",
     "barber_agakov_bound",
     "information_check",
     "kendall_tau",
@@ -364,8 +365,9 @@ def rank_correlation(
 class AllocationInformation:
     """One allocator at one budget over the evaluation set, per question ([Q] tensors):
     ``gain`` the allocator's reported I(c_S ; Q) (nats), ``bound`` the Barber-Agakov term
-    log |A| + log q(answer | kept tokens) (nats), ``correct`` (bool), ``tokens`` kept and
-    ``question_type`` (index into the task's question types)."""
+    log |A| + log q(answer | kept tokens) (nats), ``correct`` (bool), ``tokens`` kept,
+    ``question_type`` (index into the task's question types) and ``query_tokens`` (the number
+    of question tokens the allocator's query had; None where not recorded)."""
 
     allocator: str
     budget: int
@@ -374,6 +376,7 @@ class AllocationInformation:
     correct: torch.Tensor
     tokens: torch.Tensor
     question_type: torch.Tensor
+    query_tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -443,18 +446,19 @@ def record_allocation_information(
                     if gain is None:
                         without.append(label)
                         break
-                    s = slots.setdefault((label, k), {"gain": [], "bound": [], "correct": [], "tokens": [], "qt": []})
+                    s = slots.setdefault((label, k), {"gain": [], "bound": [], "correct": [], "tokens": [], "qt": [], "qlen": []})
                     s["gain"].append(gain.detach().double().reshape(-1).cpu())
                     s["bound"].append(barber_agakov_bound(res.logits, ans, candidates=answer_ids).cpu())
                     s["correct"].append((res.logits.argmax(-1) == ans).cpu())
                     s["tokens"].append(res.mask.sum(1).double().cpu())
                     s["qt"].append(qt.cpu())
+                    s["qlen"].append(batch["question_mask"].sum(1).double().cpu())
     finally:
         vlm.train(was_training)
     cells = [
         AllocationInformation(
             label, k, torch.cat(s["gain"]), torch.cat(s["bound"]), torch.cat(s["correct"]),
-            torch.cat(s["tokens"]), torch.cat(s["qt"]),
+            torch.cat(s["tokens"]), torch.cat(s["qt"]), torch.cat(s["qlen"]),
         )
         for (label, k), s in slots.items()
         if label not in without
@@ -472,7 +476,10 @@ class CellCheck:
     """One allocator x budget across its questions: ``correlation`` of gain vs bound,
     ``within_type_spearman`` (count-weighted mean of per-question-type Spearman, types with
     >= 3 questions and a defined correlation), means of gain and bound on right / wrong
-    answers, ``gain_auroc`` (rank AUROC of the gain for correctness, bootstrap interval)."""
+    answers, ``gain_auroc`` (rank AUROC of the gain for correctness, bootstrap interval), and
+    what the gain follows instead: ``gain_type_share`` (the share of the gain's variance between
+    question types, eta^2) and ``gain_query_tokens_spearman`` (Spearman of the gain with the
+    question's token count; NaN where not recorded or constant)."""
 
     allocator: str
     budget: int
@@ -486,6 +493,8 @@ class CellCheck:
     bound_wrong: float
     gain_auroc: float
     gain_auroc_ci: tuple[float, float]
+    gain_type_share: float = float("nan")
+    gain_query_tokens_spearman: float = float("nan")
 
 
 @dataclass
@@ -513,6 +522,36 @@ class InformationCheck:
 
 def _mean(x: torch.Tensor) -> float:
     return float(x.double().mean()) if x.numel() else float("nan")
+
+
+def _between_share(v: torch.Tensor, groups: torch.Tensor) -> float:
+    """eta^2: the share of v's variance that lies between the groups (NaN for a constant v)."""
+    tot = float(((v - v.mean()) ** 2).sum())
+    if tot <= 0:
+        return float("nan")
+    within = sum(float(((v[groups == t] - v[groups == t].mean()) ** 2).sum()) for t in torch.unique(groups).tolist())
+    return 1.0 - within / tot
+
+
+def gain_saturation(cells: Sequence[AllocationInformation], *, rtol: float = 1e-9) -> dict[str, float]:
+    """Per allocator, the fraction of questions whose reported gain at its largest budget equals
+    (within ``rtol``) its gain at the next largest: the greedy's query chain ran out of
+    information before the budget did. Allocators with one budget are left out."""
+    by: dict[str, dict[int, torch.Tensor]] = {}
+    for c in cells:
+        if not isinstance(c, AllocationInformation):
+            raise ValueError(f"cells: expected AllocationInformation records, got {type(c).__name__}")
+        by.setdefault(c.allocator, {})[int(c.budget)] = c.gain.double()
+    out = {}
+    for label, gains in by.items():
+        if len(gains) < 2:
+            continue
+        top, second = sorted(gains)[-1], sorted(gains)[-2]
+        a, b = gains[top], gains[second]
+        if a.shape != b.shape:
+            raise ValueError(f"cells: {label} has different question counts at budgets {second} and {top}")
+        out[label] = float(((a - b).abs() <= rtol * a.abs().clamp_min(1e-12)).double().mean())
+    return out
 
 
 def _within_type_spearman(gain: torch.Tensor, bound: torch.Tensor, qt: torch.Tensor) -> float:
@@ -614,7 +653,8 @@ def information_check(
                 c.allocator, c.budget, _mean(right.double()), _mean(c.tokens), corr,
                 _within_type_spearman(c.gain.double(), c.bound.double(), c.question_type),
                 _mean(c.gain[right]), _mean(c.gain[~right]), _mean(c.bound[right]), _mean(c.bound[~right]),
-                au, au_ci,
+                au, au_ci, _between_share(c.gain.double(), c.question_type),
+                float(spearman_rho(c.gain, c.query_tokens)) if c.query_tokens is not None else float("nan"),
             )
         )
     per_question = []

@@ -17,6 +17,7 @@ from arr_coc.analysis.allocation_information import (
     _spearman_weighted,
     answer_token_ids,
     auroc,
+    gain_saturation,
     barber_agakov_bound,
     information_check,
     kendall_tau,
@@ -153,13 +154,14 @@ def test_correlations_reject_bad_input_naming_the_argument():
 
 
 # ---------------------------------------------------------------------------- the check
-def _cell(name, k, gain, bound, correct=None, qt=None):
+def _cell(name, k, gain, bound, correct=None, qt=None, qlen=None):
     q = gain.shape[0]
     return AllocationInformation(
         name, k, gain.double(), bound.double(),
         correct if correct is not None else torch.ones(q, dtype=torch.bool),
         torch.full((q,), float(k), dtype=torch.float64),
         qt if qt is not None else torch.zeros(q, dtype=torch.long),
+        qlen,
     )
 
 
@@ -171,6 +173,8 @@ def test_information_check_values():
     # bound is the reversed gain: per-question correlation +1, per-cell -1
     cells = [_cell("a", k, base + k, -base + 0.1 * k, correct=base > 0) for k in (4, 8, 16)]
     check = information_check(cells, num_bootstrap=100)
+    assert math.isnan(check.per_cell[0].gain_query_tokens_spearman)  # not recorded
+    assert check.per_cell[0].gain_type_share == pytest.approx(0.0, abs=1e-12)  # one type: all within
     assert [(c.allocator, c.budget) for c in check.per_cell] == [("a", 4), ("a", 8), ("a", 16)]
     for c in check.per_cell:
         assert c.correlation.spearman == pytest.approx(-1.0) and c.correlation.kendall == pytest.approx(-1.0)
@@ -211,6 +215,35 @@ def test_information_check_leaves_constant_questions_out_and_adds_the_cross_allo
         information_check([])
     with pytest.raises(ValueError, match="cells"):
         information_check([cells[0], _cell("c", 4, torch.ones(3), torch.ones(3))])
+
+
+def test_gain_follows_type_and_query_length_diagnostics():
+    # the gain is a function of the question type alone (type share 1) and rises with the
+    # question's length (Spearman 1); the bound is noise
+    qt = torch.tensor([0, 0, 1, 1, 2, 2])
+    gain = torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0, 3.0])
+    qlen = torch.tensor([5.0, 5.0, 6.0, 6.0, 7.0, 7.0])
+    bound = torch.tensor([0.3, 0.1, 0.6, 0.2, 0.5, 0.4])
+    (c,) = information_check([_cell("a", 4, gain, bound, qt=qt, qlen=qlen)], num_bootstrap=0).per_cell
+    assert c.gain_type_share == pytest.approx(1.0) and c.gain_query_tokens_spearman == pytest.approx(1.0)
+    # values (0, 2 | 2, 4): total SS 8, within-group SS 2 + 2 -> eta^2 = 1 - 4 / 8
+    (c,) = information_check(
+        [_cell("a", 4, torch.tensor([0.0, 2.0, 2.0, 4.0]), torch.randn(4), qt=torch.tensor([0, 0, 1, 1]))], num_bootstrap=0
+    ).per_cell
+    assert c.gain_type_share == pytest.approx(0.5)
+
+
+def test_gain_saturation_counts_questions_whose_gain_stopped_growing():
+    b = torch.zeros(4)
+    cells = [
+        _cell("a", 4, torch.tensor([1.0, 1.0, 1.0, 1.0]), b),
+        _cell("a", 16, torch.tensor([1.0, 2.0, 3.0, 1.0]), b),
+        _cell("a", 8, torch.tensor([1.0, 2.0, 2.0, 1.0 + 1e-13]), b),  # the next largest budget
+        _cell("b", 4, torch.ones(4), b),
+    ]
+    assert gain_saturation(cells) == {"a": pytest.approx(0.75)}
+    with pytest.raises(ValueError, match="cells"):
+        gain_saturation(["a"])
 
 
 def test_type_breakdown_values():
@@ -257,6 +290,7 @@ def test_record_matches_the_evaluation_pipeline_on_a_micro_vlm():
         assert torch.equal(cell.correct, torch.cat(correct))
         assert (cell.bound <= math.log(len(ids)) + 1e-12).all()
         assert (cell.gain >= 0).all() and cell.tokens.max() <= cell.budget
+        assert torch.equal(cell.query_tokens, torch.cat([b["question_mask"].sum(1) for b in batches]).double())
     full = torch.cat([
         barber_agakov_bound(vlm(b["pixels"], b["question_ids"], b["question_mask"]), b["answer"], candidates=ids)
         for b in batches
