@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "is first learned among few tokens (0: off)")
     p.add_argument("--keep-dist", choices=("uniform", "loguniform"), default="uniform",
                    help="the kept fraction f of a dropped row: U(keep_min, 1) or exp U(log keep_min, 0)")
+    p.add_argument("--train-objects", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="clutter task: objects per TRAINING scene (validation and the shipped task spec keep the "
+                   "task's own range); a wider range with simple scenes gives counting and nearest easy examples")
+    p.add_argument("--train-mix", default=None,
+                   help="clutter task: question-type weights of TRAINING batches, e.g. 'nearest=2,count=2' "
+                   "(types not named keep their default weight)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--object-cells", type=int, default=1)
@@ -421,6 +427,27 @@ def split_task(args, split: str):
     return build_task(_task_spec(args), args.seed + offset)
 
 
+def training_task(args, task):
+    """The task training batches are drawn from: ``task`` itself, or (clutter) the same task with
+    ``--train-objects`` / ``--train-mix``. Evaluation and the model's task spec never change."""
+    if args.train_objects is None and args.train_mix is None:
+        return task
+    if args.task != "clutter":
+        raise ValueError("--train-objects / --train-mix: only with --task clutter")
+    from arr_coc.training.clutter_task import DEFAULT_MIX_V2, ClutterVQATask
+
+    mix = dict(DEFAULT_MIX_V2)
+    for item in (args.train_mix or "").split(","):
+        if not item.strip():
+            continue
+        name, _, weight = item.partition("=")
+        if name.strip() not in mix or not weight:
+            raise ValueError(f"--train-mix: expected 'type=weight,...' over {tuple(mix)}, got {args.train_mix!r}")
+        mix[name.strip()] = float(weight) * DEFAULT_MIX_V2[name.strip()]
+    objects = tuple(args.train_objects) if args.train_objects is not None else task.num_objects
+    return ClutterVQATask(task.seed, image_size=task.image_size, grid=task.grid, num_objects=objects, mix=mix)
+
+
 def build(args) -> tuple[object, object, BaseVLM]:
     """The training task, its tokenizer and a fresh base VLM. With ``--clip`` the vision tower
     and the text tower come from the stage-0 CLIP (sizes from its config) and are frozen."""
@@ -461,6 +488,7 @@ def train(args) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     task, tok, vlm = build(args)
+    train_task = training_task(args, task)
     qtypes_all = list(task.question_types)
     val = split_task(args, "val").fixed_batch(args.val_images, 4)
     trainable = [q for q in vlm.parameters() if q.requires_grad]
@@ -498,7 +526,7 @@ def train(args) -> dict[str, float]:
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(step, args.warmup, args.max_steps)
         qtypes = SINGLE_OBJECT if stage == 0 else None
-        batch = task.batch(rng, args.images_per_step, args.questions_per_image, qtypes=qtypes)
+        batch = train_task.batch(rng, args.images_per_step, args.questions_per_image, qtypes=qtypes)
         losses = step_losses(vlm, tok, batch, args, gen, step=step)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()

@@ -212,3 +212,27 @@ def test_shared_dropping_trains_and_init_from_starts_from_another_run(tmp_path):
     assert all(torch.equal(start[k], after[k]) for k in start)  # lr 0 (after warmup 0 too): nothing moved
     with pytest.raises(ValueError, match="--drop shared"):
         parse_args(["--drop", "shared", "--attn-weight", "0.5"])
+
+
+def test_training_task_widens_objects_and_reweights_types_but_not_the_evaluated_task():
+    import numpy as np
+
+    from arr_coc.training.clutter_task import DEFAULT_MIX_V2
+    from arr_coc.training.train_base import parse_args, split_task, training_task
+
+    args = parse_args(["--task", "clutter", "--image-size", "128", "--grid", "16",
+                       "--train-objects", "2", "12", "--train-mix", "nearest=2,count=3"])
+    task = split_task(args, "train")
+    train = training_task(args, task)
+    assert task.num_objects == (6, 12) and train.num_objects == (2, 12) and train.seed == task.seed
+    w = {t: DEFAULT_MIX_V2[t] * {"nearest": 2, "count": 3}.get(t, 1) for t in DEFAULT_MIX_V2}
+    assert all(abs(train.mix[t] - w[t] / sum(w.values())) < 1e-12 for t in w)
+    sizes = [len(train.scene(i).objects) for i in range(200)]
+    assert min(sizes) < 6 and max(sizes) <= 12
+    batch = train.batch(np.random.default_rng(0), 50, 4)
+    assert 0.30 < np.mean([t in ("nearest", "count") for t in batch.qtypes]) < 0.65  # 0.46 expected
+    assert training_task(parse_args(["--task", "clutter"]), task) is task
+    with pytest.raises(ValueError, match="--train-mix"):
+        training_task(parse_args(["--task", "clutter", "--train-mix", "colour"]), task)
+    with pytest.raises(ValueError, match="--train-objects"):
+        training_task(parse_args(["--train-objects", "2", "5"]), task)
