@@ -36,7 +36,14 @@ from torch.nn.parameter import UninitializedParameter
 from arr_coc.info.bounds import infonce_lower_bound
 from arr_coc.knowing import _Lazy
 
-__all__ = ["AdapterOutput", "QualityAdapter", "distillation_loss", "infonce_bound", "relaxed_topk"]
+__all__ = [
+    "AdapterOutput",
+    "QualityAdapter",
+    "distillation_loss",
+    "infonce_bound",
+    "relaxed_topk",
+    "shortlist_recall_loss",
+]
 
 
 @dataclass
@@ -276,6 +283,41 @@ def distillation_loss(
     log_denom = (total - removed).clamp_min(torch.finfo(pred.dtype).tiny).log() + top
     nll = -((picked - log_denom) * valid).sum() / valid.sum()
     return nll + mse_weight * mse
+
+
+def shortlist_recall_loss(
+    pred: torch.Tensor, picks: torch.Tensor, size: int, *, temperature: float = 0.1
+) -> torch.Tensor:
+    """Train the adapter so that the exact greedy's picks land in its top-``size`` shortlist.
+
+    pred [B, M] scores, picks [B, K] candidate indices (-1 padded; pass the picks to recall,
+    e.g. those with a positive greedy gain), size L. Row b's top-L holds all its n_b picks iff
+    every pick scores above the (L - n_b + 1)-th best non-pick, the threshold t_b. The loss is
+    the pairwise logistic loss ``softplus((t_b - pred_i) / temperature)`` averaged over the
+    real picks (its gradient raises the pick and lowers the threshold candidate); 0 for a row
+    whose non-picks all fit in the shortlist (L - n_b + 1 > M - n_b) or with no pick.
+    """
+    if pred.dim() != 2 or picks.dim() != 2 or picks.shape[0] != pred.shape[0]:
+        raise ValueError(f"pred, picks: expected [B, M], [B, K]; got {tuple(pred.shape)}, {tuple(picks.shape)}")
+    if not (isinstance(size, int) and size >= 1):
+        raise ValueError(f"size: expected an int >= 1, got {size!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    b, m = pred.shape
+    valid = picks >= 0
+    n = valid.sum(1)  # [B]
+    if not valid.any():
+        return pred.sum() * 0
+    is_pick = torch.zeros(b, m, dtype=torch.bool, device=pred.device).scatter_(1, picks.clamp_min(0), valid)
+    others = pred.masked_fill(is_pick, -math.inf)
+    rank = (size - n).clamp_min(0)  # 0-based rank of the threshold among the non-picks
+    order = others.detach().argsort(dim=1, descending=True)
+    thr_idx = order.gather(1, rank.clamp(max=m - 1)[:, None])  # [B, 1]
+    thr = pred.gather(1, thr_idx)
+    live = (rank < (m - n)) & (n > 0)  # a threshold non-pick exists
+    loss = F.softplus((thr - pred.gather(1, picks.clamp_min(0))) / temperature)  # [B, K]
+    w = valid & live[:, None]
+    return (loss * w).sum() / valid.sum()
 
 
 def relaxed_topk(

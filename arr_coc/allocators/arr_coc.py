@@ -33,10 +33,12 @@ at the same budget (the anchor that keeps the answer loss from collapsing the ad
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from arr_coc.adapter import QualityAdapter, distillation_loss, relaxed_topk
+from arr_coc.adapter import QualityAdapter, distillation_loss, relaxed_topk, shortlist_recall_loss
 from arr_coc.allocators.base import (
     AllocationContext,
     Allocator,
@@ -56,6 +58,7 @@ from arr_coc.knowing import (
     PerspectivalScorer,
     PropositionalScorer,
     ScorerOutput,
+    masked_mean,
     pyramid_scores,
 )
 
@@ -249,29 +252,50 @@ class ArrCocAllocator(Allocator):
 
 @register_allocator("arr_coc_adapter")
 class ArrCocAdapterAllocator(ArrCocAllocator):
-    """The fast path: one adapter forward over the candidates, then top-k (Gumbel top-k in training).
+    """The fast path: the adapter scores every candidate in one forward, then (``mode``):
 
-    Args: those of :class:`ArrCocAllocator` (``price`` is not used: the budget is spent),
+    - ``"shortlist"`` (default): the exact greedy runs only on the adapter's top
+      ``L = ceil(shortlist * K)`` candidates (the budget K spent there). Conditional
+      variances depend only on the candidate and the picks, so a shortlisted candidate's
+      gain is the exact greedy's: the picks equal the exact greedy's as long as its every pick
+      is in the shortlist, ``gain`` is the chain-rule I(c_S ; Q) of the picks at no extra
+      cost, and a ``price`` works as in ``arr_coc``. Cost O(L K (T + K) + L^2 R) instead of
+      O(M K (T + K) + N^2 R), and the scorer's pointwise MI (a softmax per head and query
+      token over all M candidates) is not computed unless ``use_pmi``. With ``fill="scores"``
+      the greedy stops once no shortlisted candidate has a positive gain (every one is within
+      the numerical floor of what the picks already explain) and the rest of the budget is
+      the best-scoring remaining candidates: the exact greedy's picks past that point are
+      ordered by residual variances below the floor (its float32 and float64 runs disagree
+      on them), so they are not worth K more sequential steps.
+    - ``"topk"``: keep the adapter's top-k (the one-pass design; Gumbel top-k in training).
+
+    Args: those of :class:`ArrCocAllocator` (``price`` is used in ``"shortlist"`` mode only),
     plus ``adapter`` (a ready-made :class:`QualityAdapter`), ``proj_dim``, ``hidden`` and
-    ``max_residual`` (its size and residual bound), ``gumbel_temperature`` and ``gumbel``
-    (the training relaxation), ``straight_through`` and ``report_gain`` (compute
+    ``max_residual`` (its size and residual bound), ``mode``, ``shortlist`` (L / K >= 1),
+    ``fill`` (``"greedy"``: the greedy spends the whole budget; ``"scores"``: see above),
+    ``use_pmi`` (feed the scorer's pmi to the adapter; None: only in ``"topk"`` mode, as the
+    adapter was first trained), ``gumbel_temperature`` and ``gumbel`` (the ``"topk"``
+    training relaxation), ``straight_through`` and ``report_gain`` (``"topk"``: compute
     I(c_S ; Q) of the kept set, a small extra cost), ``distill``.
 
     Training signals (in training mode with gradients on):
 
     - ``distill`` (default on): the exact greedy at the same budget, alpha and scorer is
-      run as a teacher (detached) and :func:`arr_coc.adapter.distillation_loss` of the
-      adapter scores against its pick order and gains is returned as
+      run as a teacher (detached). ``"shortlist"``: :func:`arr_coc.adapter.shortlist_recall_loss`
+      of the adapter scores for the teacher's picks with a positive gain (the picks after the
+      gains vanish are set by residual variances below the numerical floor: float32 and
+      float64 runs of the greedy disagree on them), at the shortlist size; ``"topk"``:
+      :func:`arr_coc.adapter.distillation_loss` against its pick order and gains. Returned as
       ``extras["losses"]["distill"]`` (weighted by ``loss_weights.distill`` in
       :class:`arr_coc.training.module.ARRCOCModule`). The answer loss alone, through any
-      straight-through top-k, is a biased first-order signal: it drove the adapter to keep
-      pooled tokens only (fine-token recall -> 0); the teacher anchors it.
-    - ``straight_through="slot"`` (default): each kept token carries the gradient of its
-      relaxed pick, the successive softmax of :func:`relaxed_topk` times the candidates,
-      so the answer loss compares the pick with every alternative (centred);
-      ``"scale"``: the old estimator (the kept token times its relaxed keep probability:
-      its gradient only says whether scaling a kept token up helps, which is not a
-      selection signal and reaches no unselected candidate).
+      straight-through top-k, is a biased first-order signal: it drove the one-pass adapter
+      to keep pooled tokens only (fine-token recall -> 0); the teacher anchors it.
+    - ``"shortlist"``: each kept token carries the gradient of its relaxed shortlist
+      membership ``sigmoid((score - t) / gumbel_temperature)`` (value 1; t the L-th score).
+    - ``"topk"``, ``straight_through="slot"`` (default): each kept token carries the gradient
+      of its relaxed pick, the successive softmax of :func:`relaxed_topk` times the
+      candidates, so the answer loss compares the pick with every alternative (centred);
+      ``"scale"``: the old estimator (the kept token times its relaxed keep probability).
     """
 
     def __init__(
@@ -282,6 +306,10 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
         proj_dim: int = 16,
         hidden: int = 64,
         max_residual: float | None = None,
+        mode: str = "shortlist",
+        shortlist: float = 3.0,
+        fill: str = "greedy",
+        use_pmi: bool | None = None,
         gumbel_temperature: float = 0.5,
         gumbel: bool = True,
         straight_through: str = "slot",
@@ -293,6 +321,10 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
     ):
         kwargs.setdefault("price", 0.0)
         super().__init__(alpha, **kwargs)
+        if mode not in ("shortlist", "topk"):
+            raise ValueError(f"mode: expected 'shortlist' or 'topk', got {mode!r}")
+        if not (isinstance(shortlist, (int, float)) and shortlist >= 1):
+            raise ValueError(f"shortlist: expected a number >= 1 (shortlist size / budget), got {shortlist!r}")
         if not gumbel_temperature > 0:
             raise ValueError(f"gumbel_temperature: expected > 0, got {gumbel_temperature!r}")
         if straight_through not in ("slot", "scale"):
@@ -301,6 +333,10 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
             raise ValueError(f"distill_mse_weight: expected >= 0, got {distill_mse_weight!r}")
         if not distill_temperature > 0:
             raise ValueError(f"distill_temperature: expected > 0, got {distill_temperature!r}")
+        if fill not in ("greedy", "scores"):
+            raise ValueError(f"fill: expected 'greedy' or 'scores', got {fill!r}")
+        self.mode, self.shortlist, self.fill = mode, float(shortlist), fill
+        self.use_pmi = (mode == "topk") if use_pmi is None else bool(use_pmi)
         self.distill_temperature = float(distill_temperature)
         self.adapter = adapter if adapter is not None else QualityAdapter(
             proj_dim=proj_dim, hidden=hidden, distortion=self.distortion, var_floor=self.var_floor,
@@ -309,7 +345,34 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
         self.gumbel_temperature, self.gumbel, self.report_gain = float(gumbel_temperature), bool(gumbel), bool(report_gain)
         self.straight_through = straight_through
         self.distill, self.distill_mse_weight = bool(distill), float(distill_mse_weight)
-        self.fixed_budget = True
+        self.fixed_budget = True if mode == "topk" else not self.balancer.adaptive
+
+    def _lean_front(self, ctx: AllocationContext):
+        """The front end without the scorer's pointwise MI (pmi = 0): relevance-space
+        embeddings and the query summary only (the adapter's inputs when ``use_pmi`` is off)."""
+        sc = self.scorer
+        if self.use_pmi or not isinstance(sc, ParticipatoryScorer):
+            return self._front(ctx)
+        cand = ctx.candidates
+        b, m = ctx.batch_size, ctx.num_candidates
+        dtype = torch.float64 if cand.dtype == torch.float64 else torch.float32
+        grow = self._training()
+        emb = sc.candidate_map(cand.to(dtype), materialize=grow)  # [B, M, R]
+        r = emb.shape[-1]
+        zeros = torch.zeros(b, m, dtype=dtype, device=emb.device)
+        query = ctx.query
+        if query is None or query.shape[1] == 0:
+            qemb, summary = None, torch.zeros(b, r, dtype=dtype, device=emb.device)
+            has_query = torch.zeros(b, dtype=torch.bool, device=emb.device)
+        else:
+            t = query.shape[1]
+            mask = torch.ones(b, t, dtype=torch.bool, device=emb.device) if ctx.query_mask is None else ctx.query_mask.bool()
+            qemb = sc.query_map(query.to(dtype), out_dim=r, materialize=grow)  # [B, T, R]
+            summary, has_query = masked_mean(qemb, mask), mask.any(1)
+        out = ScorerOutput(pmi=zeros, candidate_emb=emb, query_emb=qemb, query_summary=summary,
+                           has_query=has_query, log_prior=zeros - math.log(m))
+        bal = self.balancer(summary if qemb is not None else None, has_query, batch_size=b, device=ctx.fine.device)
+        return out, bal
 
     def _teacher(self, ctx: AllocationContext, out: ScorerOutput, alpha: torch.Tensor):
         """The exact greedy at the same budget, alpha and scorer (no gradient, price 0)."""
@@ -331,17 +394,95 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
             cand_gram=self._pyramid_gram(ctx, emb),
         )
 
+    def shortlist_size(self, budget: int, num_candidates: int) -> int:
+        """L = min(M, ceil(shortlist * K))."""
+        return min(int(num_candidates), int(math.ceil(self.shortlist * int(budget))))
+
+    def _shortlist_greedy(self, ctx: AllocationContext, out: ScorerOutput, bal, scores: torch.Tensor):
+        """The exact greedy on each row's top-L candidates by ``scores`` (L from the row's own budget).
+
+        Rows are grouped by budget (one greedy call per distinct budget; one call for an int
+        budget), so a row's picks never depend on its batch mates. Returns (indices [B, K]
+        into the M candidates in pick order, -1 padded; step gains, query gains, coverage gains
+        [B, K]; total I(c_S ; Q) [B]; the shortlists [B, L_max], -1 padded).
+        """
+        emb = out.candidate_emb.detach()
+        qemb = out.query_emb.detach() if out.query_emb is not None else None
+        b, m, r = emb.shape
+        bandwidth = self.bandwidth
+        if self.kernel == "rbf" and bandwidth is None:
+            # the full candidate set's bandwidth (the greedy would take the shortlist's): scale, then bandwidth 1
+            x = emb.to(torch.float64 if emb.dtype == torch.float64 else torch.float32)
+            ell2 = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(dim=1)
+            scale = torch.where(ell2 > 0, ell2, torch.ones_like(ell2)).sqrt()[:, None, None]
+            emb = emb / scale.to(emb.dtype)
+            qemb = qemb / scale.to(qemb.dtype) if qemb is not None else None
+            bandwidth = 1.0
+        unary = self._fused_unary(ctx)
+        price = bal.price.detach()
+        fill = self.fill == "scores" and not bool((price > 0).any())
+        kmax = ctx.max_budget
+        dtype = torch.float64 if emb.dtype == torch.float64 else torch.float32
+        idx = torch.full((b, kmax), -1, dtype=torch.long, device=emb.device)
+        gains = torch.zeros(3, b, kmax, dtype=dtype, device=emb.device)
+        total = torch.zeros(b, dtype=dtype, device=emb.device)
+        shortlists = torch.full((b, self.shortlist_size(kmax, m)), -1, dtype=torch.long, device=emb.device)
+        sc = scores.detach()
+        for u in ctx.budget.unique().tolist():
+            if u <= 0:
+                continue
+            rows = (ctx.budget == u).nonzero()[:, 0]
+            whole = rows.numel() == b
+            pick = (lambda t: t) if whole else (lambda t: t.index_select(0, rows))  # noqa: E731
+            size = self.shortlist_size(u, m)
+            short = pick(sc).topk(size, dim=1).indices  # [b', L]
+            sub = pick(emb).gather(1, short[..., None].expand(-1, -1, r))
+            res = greedy_conditional_mi(
+                sub,
+                pick(qemb) if qemb is not None else None,
+                pick(ctx.query_mask) if (qemb is not None and ctx.query_mask is not None) else None,
+                u,
+                pick(bal.alpha.detach()),
+                pick(price).clamp_min(1e-12) if fill else pick(price),  # fill: a row stops when no gain is positive
+                kernel=self.kernel,
+                jitter=self.jitter,
+                var_floor=self.var_floor,
+                distortion=self.distortion,
+                bandwidth=bandwidth,
+                check_finite=False,
+                unary=pick(unary).gather(1, short) if unary is not None else None,
+            )
+            sel = torch.where(res.indices >= 0, short.gather(1, res.indices.clamp_min(0)), -1)  # [b', u]
+            if fill and bool((res.counts < u).any()):
+                # the rest of the budget: the row's best-scoring candidates not yet picked, in score order
+                rs = pick(sc)
+                free = rs.scatter(1, sel.clamp_min(0), torch.where(sel >= 0, -math.inf, rs.gather(1, sel.clamp_min(0))))
+                extra = free.topk(u, dim=1).indices
+                slot = torch.arange(u, device=sel.device)[None]
+                filled = extra.gather(1, (slot - res.counts[:, None]).clamp_min(0))
+                sel = torch.where(sel >= 0, sel, filled)
+            g = torch.stack([res.gains, res.query_gains, res.coverage_gains]).to(dtype)
+            if whole:
+                idx[:, :u], gains[:, :, :u], total[:], shortlists[:, :size] = sel, g, res.total.to(dtype), short
+            else:
+                idx[rows, :u], total[rows] = sel, res.total.to(dtype)
+                gains[:, rows, :u] = g
+                shortlists[rows, :size] = short
+        return idx, gains, total, shortlists
+
     def select(self, ctx: AllocationContext) -> Selection:
-        out, bal = self._front(ctx)
+        out, bal = self._lean_front(ctx)
         pred = self.adapter(
             out.candidate_emb,
             out.query_summary if out.query_emb is not None else None,
-            out.pmi,
+            out.pmi if self.use_pmi else None,
             bal.alpha,
             ctx.pyramid.positions[:, 2],
             out.has_query,
         )
         scores = pred.score
+        if self.mode == "shortlist":
+            return self._select_shortlist(ctx, out, bal, scores)
         tokens = None
         losses: dict[str, torch.Tensor] = {}
         if self._training():
@@ -378,4 +519,33 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
         extras = dict(scores=scores, alpha=bal.alpha, price=bal.price, pmi=out.pmi, keep_prob=keep)
         if losses:
             extras["losses"] = losses
+        return Selection(indices=idx, tokens=tokens, gain=gain, extras=extras)
+
+    def _select_shortlist(self, ctx: AllocationContext, out: ScorerOutput, bal, scores: torch.Tensor) -> Selection:
+        idx, gains, total, short = self._shortlist_greedy(ctx, out, bal, scores)
+        m = scores.shape[1]
+        valid = idx >= 0
+        keep = torch.zeros_like(scores).scatter_add(1, idx.clamp_min(0), valid.to(scores.dtype))
+        extras = dict(
+            scores=scores, shortlist=short, pick_order=idx, step_gains=gains[0], query_gains=gains[1],
+            coverage_gains=gains[2], alpha=bal.alpha, price=bal.price, pmi=out.pmi, keep_prob=keep,
+        )
+        tokens, gain = None, total
+        if self._training():
+            size = (short >= 0).sum(1, keepdim=True).clamp_min(1)  # each row's L
+            thr = scores.detach().gather(1, short.gather(1, size - 1).clamp_min(0))  # [B, 1] the row's L-th score
+            member = torch.sigmoid((scores - thr) / self.gumbel_temperature)  # relaxed shortlist membership
+            tokens = self._gather_tokens(ctx, idx, member - member.detach() + 1.0)
+            extras["keep_prob"] = torch.where(keep > 0, member, member.detach() * 0)
+            if out.query_emb is not None:  # differentiable I(c_S ; Q) of the picks, as arr_coc returns in training
+                gain = gaussian_set_mi(
+                    out.candidate_emb, out.query_emb, idx, ctx.query_mask,
+                    kernel=self.kernel, jitter=self.jitter, var_floor=self.var_floor, bandwidth=self.bandwidth,
+                )
+            if self.distill:
+                teacher = self._teacher(ctx, out, bal.alpha)
+                determined = torch.where(teacher.gains > 0, teacher.indices, -1)
+                extras.setdefault("losses", {})["distill"] = shortlist_recall_loss(
+                    scores, determined, self.shortlist_size(ctx.max_budget, m), temperature=self.distill_temperature
+                )
         return Selection(indices=idx, tokens=tokens, gain=gain, extras=extras)
