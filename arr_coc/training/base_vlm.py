@@ -83,6 +83,10 @@ class BaseVLMConfig:
     projector_hidden: int | None = None
     num_levels: int = 4
     fourier_octaves: int = 4
+    # also feed the centre (y, x) in [-1, 1] and y^2 + x^2 to the position embedding: attention
+    # logits can then be -|p_j - p_a|^2 up to a constant, a linear function of these features,
+    # which is what "the object nearest to the anchor" needs (False on the v1 base VLM)
+    position_quadratic: bool = False
     colour_classes: int = 0
     shape_classes: int = 0
     answer_words: list[str] = field(default_factory=list)
@@ -138,15 +142,20 @@ class VisualPositionEmbedding(nn.Module):
 
     positions: [B, K, 3] long; the region of (r, c, l) covers rows r .. r + 2^l - 1 (clipped
     to the grid), so its centre is min(r + (2^l - 1) / 2, (r + gh - 1) / 2 ...) normalised by
-    the grid. Padded rows (-1) give zeros.
+    the grid. Padded rows (-1) give zeros. With ``quadratic`` the features also hold the centre
+    (y, x) mapped to [-1, 1] and y^2 + x^2, so a bilinear attention score can be minus the squared
+    distance between two tokens' centres up to a constant.
     """
 
-    def __init__(self, dim: int, grid: tuple[int, int], num_levels: int = 4, octaves: int = 4) -> None:
+    def __init__(
+        self, dim: int, grid: tuple[int, int], num_levels: int = 4, octaves: int = 4, quadratic: bool = False
+    ) -> None:
         super().__init__()
         self.grid = grid
         self.num_levels = num_levels
+        self.quadratic = quadratic
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(octaves).float(), persistent=False)
-        self.coord = nn.Linear(4 * octaves, dim)
+        self.coord = nn.Linear(4 * octaves + (3 if quadratic else 0), dim)
         self.level = nn.Embedding(num_levels, dim)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
@@ -162,6 +171,9 @@ class VisualPositionEmbedding(nn.Module):
         x = (col.float() + c_end) / (2.0 * gw)
         ang = torch.cat([y[..., None] * self.freqs, x[..., None] * self.freqs], dim=-1)
         feats = torch.cat([ang.sin(), ang.cos()], dim=-1)
+        if self.quadratic:
+            yc, xc = 2.0 * y - 1.0, 2.0 * x - 1.0
+            feats = torch.cat([feats, yc[..., None], xc[..., None], (yc * yc + xc * xc)[..., None]], dim=-1)
         out = self.coord(feats) + self.level(lvl.clamp(min=0))
         return out.masked_fill(pad[..., None], 0.0)
 
@@ -192,7 +204,9 @@ class BaseVLM(nn.Module):
         self.projector = nn.Sequential(nn.Linear(dv, hidden), nn.GELU(), nn.Linear(hidden, dl))
         self.grid = encoder_grid(self.vision)
         self.num_prefix_tokens = int(getattr(self.vision, "num_prefix_tokens", 0))
-        self.position = VisualPositionEmbedding(dl, self.grid, config.num_levels, config.fourier_octaves)
+        self.position = VisualPositionEmbedding(
+            dl, self.grid, config.num_levels, config.fourier_octaves, quadratic=config.position_quadratic
+        )
         self.text_tower = self.visual_projection = self.text_projection = None
         if config.text_tower is not None:
             from arr_coc.training.clip import TextTower, TextTowerConfig

@@ -91,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-mix", default=None,
                    help="clutter task: question-type weights of TRAINING batches, e.g. 'nearest=2,count=2' "
                    "(types not named keep their default weight)")
+    p.add_argument("--position-quadratic", action="store_true",
+                   help="the visual position embedding also reads the centre (y, x) and y^2 + x^2 (squared "
+                   "distances become linear in attention); with --init-from a model without them, their weights "
+                   "start at zero, so the loaded model's function is unchanged")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--object-cells", type=int, default=1)
@@ -448,6 +452,20 @@ def training_task(args, task):
     return ClutterVQATask(task.seed, image_size=task.image_size, grid=task.grid, num_objects=objects, mix=mix)
 
 
+def load_widening(vlm: BaseVLM, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``vlm``; a position embedding that gained input features
+    (``--position-quadratic``) gets the old weights in its first columns and zeros after them."""
+    own = vlm.state_dict()
+    state = dict(state)
+    key = "position.coord.weight"
+    if key in state and key in own and state[key].shape != own[key].shape:
+        old, new = state[key], own[key]
+        if old.shape[0] != new.shape[0] or old.shape[1] > new.shape[1]:
+            raise ValueError(f"--init-from: {key} {tuple(old.shape)} cannot widen to {tuple(new.shape)}")
+        state[key] = torch.cat([old, old.new_zeros(old.shape[0], new.shape[1] - old.shape[1])], dim=1)
+    vlm.load_state_dict(state)
+
+
 def build(args) -> tuple[object, object, BaseVLM]:
     """The training task, its tokenizer and a fresh base VLM. With ``--clip`` the vision tower
     and the text tower come from the stage-0 CLIP (sizes from its config) and are frozen."""
@@ -457,12 +475,13 @@ def build(args) -> tuple[object, object, BaseVLM]:
         hidden_size=args.llm_dim, num_layers=args.llm_layers, num_heads=args.llm_heads,
         intermediate_size=2 * args.llm_dim, initializer_range=args.llm_init, attn_implementation=args.attn,
     )
+    quadratic = dict(position_quadratic=True) if getattr(args, "position_quadratic", False) else {}
     if args.clip is None:
         vision = VisionConfig(
             img_size=args.image_size, patch_size=args.image_size // args.grid,
             embed_dim=args.vit_dim, depth=args.vit_depth, num_heads=args.vit_heads,
         )
-        vlm = BaseVLM(BaseVLMConfig.for_task(task, tok, vision=vision, llm=llm, task_spec=_task_spec(args)))
+        vlm = BaseVLM(BaseVLMConfig.for_task(task, tok, vision=vision, llm=llm, task_spec=_task_spec(args), **quadratic))
         return task, tok, vlm
     from dataclasses import asdict
 
@@ -473,7 +492,7 @@ def build(args) -> tuple[object, object, BaseVLM]:
         raise ValueError(f"--clip: its tokenizer does not match the task's ({args.clip})")
     cfg = BaseVLMConfig.for_task(
         task, tok, vision=clip.config.vision, llm=llm, task_spec=_task_spec(args),
-        text_tower=asdict(clip.config.text), clip_embed_dim=clip.config.embed_dim,
+        text_tower=asdict(clip.config.text), clip_embed_dim=clip.config.embed_dim, **quadratic,
     )
     cfg.colour_classes = cfg.shape_classes = 0  # the tower is frozen: its auxiliary heads stayed in stage 0
     vlm = BaseVLM(cfg)
@@ -508,7 +527,7 @@ def train(args) -> dict[str, float]:
         gen.set_state(state["gen"])
     else:
         if args.init_from is not None:
-            vlm.load_state_dict(torch.load(args.init_from, weights_only=False, map_location="cpu")["model"])
+            load_widening(vlm, torch.load(args.init_from, weights_only=False, map_location="cpu")["model"])
             stage = 1  # a trained model: every question type from the start
         if log_path.exists():
             log_path.unlink()

@@ -236,3 +236,35 @@ def test_training_task_widens_objects_and_reweights_types_but_not_the_evaluated_
         training_task(parse_args(["--task", "clutter", "--train-mix", "colour"]), task)
     with pytest.raises(ValueError, match="--train-objects"):
         training_task(parse_args(["--train-objects", "2", "5"]), task)
+
+
+def test_quadratic_position_features_make_squared_distance_bilinear_and_widening_keeps_the_model(setup):
+    from arr_coc.training.base_vlm import VisualPositionEmbedding
+    from arr_coc.training.train_base import load_widening
+
+    emb = VisualPositionEmbedding(3, (16, 16), quadratic=True)
+    with torch.no_grad():  # read out (y, x, y^2 + x^2) exactly
+        emb.coord.weight.zero_()
+        emb.coord.bias.zero_()
+        emb.coord.weight[:, -3:] = torch.eye(3)
+        emb.level.weight.zero_()
+    g = torch.Generator().manual_seed(0)
+    pos = torch.cat([torch.randint(0, 16, (1, 40, 2), generator=g), torch.zeros(1, 40, 1, dtype=torch.long)], -1)
+    f = emb(pos)[0]  # [40, 3]
+    centre = (pos[0, :, :2].float() + 0.5) / 16 * 2 - 1
+    assert torch.allclose(f[:, :2], centre, atol=1e-6)
+    a, j = f[0], f[1:]
+    score = j[:, 0] * 2 * a[0] + j[:, 1] * 2 * a[1] - j[:, 2]  # a bilinear form of the two tokens' features
+    dist2 = ((centre[1:] - centre[0]) ** 2).sum(-1)
+    assert torch.allclose(score, -dist2 + (centre[0] ** 2).sum(), atol=1e-5)
+    # a model without the features loads into one with them and computes the same thing
+    task, tok, vlm, pixels, enc = setup
+    wide = BaseVLM(BaseVLMConfig.from_dict({**vlm.config.to_dict(), "position_quadratic": True})).eval()
+    load_widening(wide, vlm.state_dict())
+    assert wide.position.coord.weight.shape[1] == vlm.position.coord.weight.shape[1] + 3
+    assert torch.allclose(wide(pixels, enc["input_ids"], enc["attention_mask"]),
+                          vlm(pixels, enc["input_ids"], enc["attention_mask"]), atol=1e-5)
+    old = {k: v for k, v in vlm.config.to_dict().items() if k != "position_quadratic"}
+    assert BaseVLMConfig.from_dict(old).position_quadratic is False  # configs written before the option
+    with pytest.raises(ValueError, match="cannot widen"):
+        load_widening(vlm, wide.state_dict())
