@@ -8,7 +8,10 @@ VLM already has (:mod:`arr_coc.allocators.host`):
   vision tower and its paired text tower were contrastively aligned;
 - ``host.text_features()`` ([B, T, Dj], [B, T]) (``text="tokens"``) or
   ``host.text_embedding()`` [B, Dj] (``text="pooled"``): the instruction in that space;
-- ``host.vision_attention(prior_layer)``: the vision tower's [CLS] attention (``prior="cls"``).
+- ``host.vision_attention(prior_layer)``: the vision tower's [CLS] attention (``prior="cls"``);
+- the LLM's own attention in an early layer (``prior="llm"``, the default; see below).
+
+Validation (benchmark v2, step-3,200 stage-1 snapshot): experiments/results/arr_coc_host.md.
 
 What it computes, exactly (M candidates: the N fine tokens, plus pooled 2^l x 2^l regions
 for each ``levels`` entry, a pooled candidate being the area mean of its patches' vectors):
@@ -40,6 +43,14 @@ for each ``levels`` entry, a pooled candidate being the area mean of its patches
    - ``prior="deviation"``: p_j proportional to ``|x_j - mean(x)|^2`` in the token space, so
      ``log(N p_j) = log(Var_j / mean Var)``: twice the Gaussian rate of token j at the
      distortion of the average token under the centred linear kernel;
+   - ``prior="llm"`` (the default): p = the host LLM's attention in layer ``llm_layer``
+     (default 0) of the question tokens over the fine tokens (heads averaged, then the real
+     question tokens; ``llm_reader="readout"``: the last token, FastV's reader), read before
+     any pruning by a partial forward (``host.llm_attention(layer)`` of the plug-ins, or
+     ``host.answer_in_llm`` with a :class:`LayerAttentionProbe` on the embedded base VLM).
+     This is the question's relevance: ``log(N p_j)`` is the pointwise information of "the
+     question reads j" against a uniform reading. Its cost is one LLM layer over every
+     token (1 / 4 of an unpruned prefill on the base VLM v2, 1 / 32 on LLaVA-1.5-7B);
    - ``prior=None``: no prior.
 3. Greedy: pick the largest gain, condition on it, repeat until ``budget`` picks or the best
    gain falls below ``price``. ``gain`` reports the chain-rule total ``I(c_S ; Q)`` in the
@@ -156,8 +167,8 @@ class ArrCocHostAllocator(ArrCocAllocator):
         space: str = "sum",
         joint_weight: float = 0.5,
         text: str = "tokens",
-        prior: str | None = "cls",
-        prior_weight: float = 0.5,
+        prior: str | None = "llm",
+        prior_weight: float = 1.0,
         prior_layer: int = -2,
         llm_layer: int = 0,
         llm_reader: str = "question",
@@ -234,23 +245,44 @@ class ArrCocHostAllocator(ArrCocAllocator):
         return att[:, :, 0, p:].mean(1).to(dtype)
 
     def _llm_attention(self, ctx: AllocationContext, dtype: torch.dtype) -> torch.Tensor | None:
-        """[B, N] layer ``llm_layer``'s attention of the question to the fine tokens (a partial
-        forward of the host's LLM on every fine token: ``host.answer_in_llm`` with a probe), or
-        None without a query to read it (no host, or a host without the question)."""
+        """[B, N] layer ``llm_layer``'s attention of the question to the fine tokens, or None
+        without a host.
+
+        From ``host.llm_attention(layer)`` where the host has it (the LLaVA / Qwen-VL
+        plug-ins: a partial prefill on the unpruned prompt; heads averaged, then the real
+        question tokens, or the last one for ``llm_reader="readout"``), else from a partial
+        forward of the host's LLM on every fine token (``host.answer_in_llm`` with a
+        :class:`LayerAttentionProbe`: the embedded base VLM, whose text is the question and its
+        readout token).
+        """
         host = ctx.host
         if host is None:
             return None
-        ids, mask = getattr(host, "question_ids", None), getattr(host, "question_mask", None)
-        if ids is None:
-            from arr_coc.allocators.host import SignalUnavailable
+        from arr_coc.allocators.host import SignalUnavailable
 
-            raise SignalUnavailable("host: arr_coc_host(prior='llm') needs the host's question_ids, which it was not given")
+        p = ctx.prefix.shape[1]
+        if callable(getattr(host, "llm_attention", None)):
+            att, mask = host.llm_attention(self.llm_layer)  # [B, H, T, P+N], [B, T]
+            if att.dim() != 4 or att.shape[-1] != p + ctx.num_fine:
+                raise ValueError(f"host: llm_attention must be [B, H, T, P+N={p + ctx.num_fine}], got {tuple(att.shape)}")
+            a = att.to(dtype).mean(1)[:, :, p:]  # [B, T, N]
+            m = mask.to(device=a.device, dtype=dtype)
+            if self.llm_reader == "readout":
+                last = (mask.long().cumsum(1).argmax(1))  # the last real question token
+                return a[torch.arange(a.shape[0], device=a.device), last]
+            return (a * m[:, :, None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+        ids, mask = getattr(host, "question_ids", None), getattr(host, "question_mask", None)
+        if ids is None or not callable(getattr(host, "answer_in_llm", None)):
+            raise SignalUnavailable(
+                "host: arr_coc_host(prior='llm') needs host.llm_attention(layer), or host.answer_in_llm and the "
+                "host's question_ids; this host has neither"
+            )
         c = self._llm_cache
         if c is not None and c[0] is host and c[1].shape == ctx.fine.shape and torch.equal(c[1], ctx.fine):
             return c[2].to(dtype)
         probe = LayerAttentionProbe(self.llm_layer, self.llm_reader)
         with torch.no_grad():
-            request_signal(host, "answer_in_llm", probe, ctx.fine, None, None, ids, mask, 1, requester="arr_coc_host")
+            host.answer_in_llm(probe, ctx.fine, None, None, ids, mask, 1)
         if probe.attention is None or probe.attention.shape != ctx.fine.shape[:2]:
             raise ValueError(f"host: layer {self.llm_layer}'s attention must be [B, N] = {tuple(ctx.fine.shape[:2])}")
         self._llm_cache = (host, ctx.fine, probe.attention)

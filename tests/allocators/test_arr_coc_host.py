@@ -92,7 +92,7 @@ def test_gain_is_the_closed_form_set_information_in_the_joint_space():
 def test_selection_is_deterministic():
     host, tokens = joint_setup()
     host.cls = torch.softmax(torch.randn(2, 16, generator=torch.Generator().manual_seed(3)), -1)
-    alloc = create_allocator("arr_coc_host").eval()
+    alloc = create_allocator("arr_coc_host", prior="cls").eval()
     a = alloc(tokens, budget=6, grid=(4, 4), num_prefix_tokens=1, host=host)
     b = alloc(tokens, budget=6, grid=(4, 4), num_prefix_tokens=1, host=host)
     assert torch.equal(a.indices, b.indices) and torch.equal(a.gain, b.gain)
@@ -256,3 +256,31 @@ def test_in_llm_variant_prunes_after_its_layer_by_the_same_gain():
     res = greedy_conditional_mi(h[:, :k], h[:, k:], tm, 5, 0.5, 0.0, unary=u)
     want = res.indices.sort(1).values
     assert torch.equal(trace.kept.sort(1).values, want)
+
+
+def test_llm_prior_reads_a_plugin_hosts_llm_attention():
+    """A host with ``llm_attention(layer)`` (the LLaVA / Qwen-VL plug-ins) is read directly."""
+    host, tokens = joint_setup()
+    g = torch.Generator().manual_seed(5)
+    att = torch.rand(2, 3, 4, 17, generator=g)  # [B, H, T, P+N]
+    qmask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    calls = []
+
+    def llm_attention(layer):
+        calls.append(layer)
+        return att, qmask
+
+    host.llm_attention = llm_attention
+    alloc = create_allocator("arr_coc_host", space="tokens", prior="llm", llm_layer=2).eval()
+    out = alloc(tokens, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host)
+    a = att.mean(1)[:, :, 1:]
+    want = torch.stack([a[0, :3].mean(0), a[1, :2].mean(0)])
+    torch.testing.assert_close(out.extras["llm_attention"], want)
+    assert calls == [2]
+    alloc_r = create_allocator("arr_coc_host", space="tokens", prior="llm", llm_reader="readout").eval()
+    out = alloc_r(tokens, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host)
+    torch.testing.assert_close(out.extras["llm_attention"], torch.stack([a[0, 2], a[1, 1]]))
+    # the most attended patch, with a large prior weight, is the first pick
+    big = create_allocator("arr_coc_host", space="tokens", prior="llm", prior_weight=10.0, alpha=0.0).eval()
+    out = big(tokens, budget=1, grid=(4, 4), num_prefix_tokens=1, host=host)
+    assert out.indices[:, 0].tolist() == want.argmax(1).tolist()
