@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 MICROSCOPE_ARGS ?=
 ARGS ?=
 
-.PHONY: install real-llm run test test-slow bench base-vlm base-vlm-v2 base-vlm-v2-stage1 base-vlm-v2-resume train sweep smoke analysis inference microscope clean-venv
+.PHONY: install real-llm run test test-slow bench base-vlm base-vlm-v2 base-vlm-v2-stage1 base-vlm-v2-phase2 base-vlm-v2-phase3 base-vlm-v2-resume base-vlm-v2-finish train sweep smoke analysis inference microscope clean-venv
 
 install: $(STAMP)
 
@@ -75,11 +75,38 @@ STAGE1_V2 := --task clutter --image-size 128 --grid 16 --clip checkpoints/clip_v
 # phase 1: single-object questions first (to step 1000); phase 2: every question type
 base-vlm-v2-stage1: $(STAMP)
 	$(PY) -m arr_coc.training.train_base $(STAGE1_V2) --stop-at-step 1000
-	$(MAKE) base-vlm-v2-resume
+	$(MAKE) base-vlm-v2-phase2
 
-# continue stage 1 from $(BASE_V2_RUN)/last.pt (what the session that stopped it shipped)
+# phase 2 (session 3): every question type, branch B, stopped at step 3,200 (its state: $(BASE_V2_RUN)/last.pt)
+base-vlm-v2-phase2: $(STAMP)
+	$(PY) -m arr_coc.training.train_base --resume $(STAGE1_V2) --curriculum-threshold 0.0001 --stop-at-step 3200
+	$(MAKE) base-vlm-v2-phase3
+
+# phase 3 (session 4, experiments/results/base_vlm_v2.md): each image's visual prefix read once for
+# its 8 questions (--drop shared, 5.8x the questions per second); C: 3,500 steps on the task's own
+# scenes; F: training scenes with 2-12 objects, nearest and count weighted x2, quadratic position
+# features. `make base-vlm-v2-resume` continues F from $(BASE_V2_F_RUN)/last.pt.
+BASE_V2_C_RUN := experiments/runs/v2c
+BASE_V2_F_RUN := checkpoints/base_vlm_v2_run_f
+STAGE1_V2_SHARED := --task clutter --image-size 128 --grid 16 --clip checkpoints/clip_v2 \
+	  --drop shared --keep-dist loguniform --keep-min 0.03 --full-prob 0.15 --attn-weight 0 --attn sdpa \
+	  --llm-layers 4 --llm-dim 96 --llm-heads 4 --images-per-step 16 --questions-per-image 8 \
+	  --lr 1.5e-3 --warmup 100 --max-steps 12000 --eval-every 250 --val-images 250 --max-minutes 100000 \
+	  --curriculum-threshold 0.0001
+STAGE1_V2_F := $(STAGE1_V2_SHARED) --position-quadratic --train-objects 2 12 --train-mix nearest=2,count=2 \
+	  --run-dir $(BASE_V2_F_RUN) --out checkpoints/base_vlm_v2
+base-vlm-v2-phase3: $(STAMP)
+	$(PY) -m arr_coc.training.train_base $(STAGE1_V2_SHARED) --init-from $(BASE_V2_RUN)/last.pt --stop-at-step 3500 \
+	  --run-dir $(BASE_V2_C_RUN) --out $(BASE_V2_C_RUN)/best
+	$(PY) -m arr_coc.training.train_base $(STAGE1_V2_F) --init-from $(BASE_V2_C_RUN)/last.pt
+	$(MAKE) base-vlm-v2-finish
+
+# continue phase 3 (F) from $(BASE_V2_F_RUN)/last.pt, what the session that stopped it shipped
 base-vlm-v2-resume: $(STAMP)
-	$(PY) -m arr_coc.training.train_base --resume $(STAGE1_V2) --curriculum-threshold 0.0001
+	$(PY) -m arr_coc.training.train_base --resume $(STAGE1_V2_F)
+	$(MAKE) base-vlm-v2-finish
+
+base-vlm-v2-finish: $(STAMP)
 	$(PY) -m arr_coc.training.train_base --out checkpoints/base_vlm_v2 --plot-only
 	$(PY) -m arr_coc.training.train_base --task clutter --image-size 128 --grid 16 --out checkpoints/base_vlm_v2 --eval-only --test-images 256
 

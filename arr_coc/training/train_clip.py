@@ -38,8 +38,11 @@ from arr_coc.losses import ClipLoss
 from arr_coc.training.backbones import VisionConfig
 from arr_coc.training.clip import ClipConfig, ClipModel, TextTowerConfig
 from arr_coc.training.clutter_task import COLOURS_V2, SHAPES_V2, SPLIT_SEEDS, ClutterVQATask
-from arr_coc.training.tokenizer import build_tokenizer, readout_id
+from arr_coc.training.task import CELL_DISTRACTOR
+from arr_coc.training.tokenizer import build_tokenizer, load_tokenizer, readout_id
 from arr_coc.training.train_base import lr_factor
+
+OBJECT_CLASS_START = CELL_DISTRACTOR + 1  # cell label ids: 0 background, 1 distractor, then the classes
 
 __all__ = ["build", "evaluate_retrieval", "main", "parse_args", "train"]
 
@@ -73,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-images", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--probe-only", action="store_true",
+                   help="only measure the CLIP in OUT on validation scenes (retrieval, object-cell head accuracy, "
+                   "an MLP shape probe) and write OUT/probe.json")
     args = p.parse_args(argv)
     for name in ("batch", "max_steps", "eval_every", "val_images", "threads"):
         if getattr(args, name) < 1:
@@ -130,7 +136,7 @@ def evaluate_retrieval(
     trained logit scale, for the InfoNCE bound log N - CE."""
     was = clip.training
     clip.eval()
-    img, txt, col_ok, sh_ok = [], [], [], []
+    img, txt, col_ok, sh_ok, obj = [], [], [], [], []
     for i in range(0, len(captions), chunk):
         tokens = clip.encode_image(images[i : i + chunk])
         img.append(clip.image_embedding(tokens))
@@ -140,6 +146,7 @@ def evaluate_retrieval(
             colour, shape = clip.patch_logits(tokens)
             col_ok.append((colour.argmax(-1) == cmap[i : i + chunk].flatten(1)).float())
             sh_ok.append((shape.argmax(-1) == smap[i : i + chunk].flatten(1)).float())
+            obj.append(smap[i : i + chunk].flatten(1) >= OBJECT_CLASS_START)
     sim = torch.cat(img) @ torch.cat(txt).T  # [N, N]
     n = sim.shape[0]
     target = torch.arange(n)
@@ -155,6 +162,9 @@ def evaluate_retrieval(
     if col_ok:
         out["patch_colour_acc"] = float(torch.cat(col_ok).mean())
         out["patch_shape_acc"] = float(torch.cat(sh_ok).mean())
+        on = torch.cat(obj)  # object cells only: background and distractor cells dominate the two above
+        out["object_colour_acc"] = float(torch.cat(col_ok)[on].mean())
+        out["object_shape_acc"] = float(torch.cat(sh_ok)[on].mean())
     clip.train(was)
     return out
 
@@ -236,8 +246,57 @@ def train(args) -> dict[str, float]:
     return best
 
 
+def shape_probe(
+    clip: ClipModel, train_task: ClutterVQATask, val_task: ClutterVQATask, *,
+    train_images: int = 1500, val_images: int = 300, steps: int = 1500, seed: int = 0,
+) -> dict[str, float]:
+    """How well the frozen vision tower's tokens tell an object's shape: an MLP probe (one
+    hidden layer of 256, Adam 1e-3, batch 256) from an object cell's output token to its shape,
+    fitted on ``train_task`` scenes, accuracy on ``val_task`` scenes. What a stage-1 LLM can
+    read about shapes is bounded by what this probe (and the linear head) find."""
+    gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def cells(task: ClutterVQATask, n: int, stream: int):
+        images, _, _, smap = _pairs(task, np.random.default_rng([task.seed, stream]), n)
+        tokens = torch.cat([clip.encode_image(images[i : i + 128])[:, clip.num_prefix_tokens :] for i in range(0, n, 128)])
+        labels = smap.flatten(1)
+        on = labels >= OBJECT_CLASS_START
+        return tokens[on], labels[on] - OBJECT_CLASS_START
+
+    clip.eval()
+    x_tr, y_tr = cells(train_task, train_images, 21)
+    x_va, y_va = cells(val_task, val_images, 22)
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+    n_cls = int(max(y_tr.max(), y_va.max())) + 1
+    probe = torch.nn.Sequential(torch.nn.Linear(x_tr.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, n_cls))
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-3)
+    for _ in range(steps):
+        i = torch.randint(0, len(x_tr), (256,), generator=gen)
+        loss = F.cross_entropy(probe((x_tr[i] - mu) / sd), y_tr[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = lambda x, y: float((probe((x - mu) / sd).argmax(-1) == y).float().mean())  # noqa: E731
+        return {"probe_train_acc": acc(x_tr, y_tr), "probe_val_acc": acc(x_va, y_va),
+                "train_cells": len(y_tr), "val_cells": len(y_va)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    best = train(parse_args(argv))
+    args = parse_args(argv)
+    if args.probe_only:  # measure the saved tower in --out (object-cell heads and the MLP probe)
+        torch.set_num_threads(args.threads)
+        clip = ClipModel.from_pretrained(args.out)
+        tok = load_tokenizer(args.out)
+        task = build(args)[0]
+        val = ClutterVQATask(task.seed + SPLIT_SEEDS["val"], image_size=task.image_size, grid=task.grid)
+        images, captions, cmap, smap = _pairs(val, np.random.default_rng([val.seed, 5]), args.val_images)
+        result = {**evaluate_retrieval(clip, tok, images, captions, cmap, smap), **shape_probe(clip, task, val)}
+        (Path(args.out) / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
+        print("probe", json.dumps(result), flush=True)
+        return result
+    best = train(args)
     print("best", json.dumps(best), flush=True)
     return best
 
