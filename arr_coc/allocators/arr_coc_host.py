@@ -147,11 +147,13 @@ class ArrCocHostAllocator(ArrCocAllocator):
 
     Args:
         alpha: query focus in [0, 1]; price: nats per token (> 0 makes the budget adaptive).
-        space: ``"joint"`` or ``"sum"`` (see the module docstring).
+        space: ``"joint"``, ``"sum"`` or ``"tokens"`` (see the module docstring).
         joint_weight: w in [0, 1], the joint space's share of the candidate covariance (``"sum"``).
         text: ``"tokens"`` (the text tower's per-token features) or ``"pooled"`` (its eos embedding).
-        prior: None, ``"cls"`` or ``"deviation"``; prior_weight: its weight (nats per nat, >= 0).
+        prior: None, ``"cls"``, ``"deviation"`` or ``"llm"``; prior_weight: its weight (nats per nat, >= 0).
         prior_layer: the vision block whose [CLS] attention ``prior="cls"`` reads.
+        llm_layer, llm_reader: the LLM layer whose attention ``prior="llm"`` reads, and whose rows
+            (``"question"``: the mean over the question tokens; ``"readout"``: the last token).
         levels: pooled pyramid levels (() = fine tokens only, the default).
         jitter, var_floor, distortion: of :func:`arr_coc.attending.greedy_conditional_mi`.
     """
