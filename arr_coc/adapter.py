@@ -39,6 +39,7 @@ from arr_coc.knowing import _Lazy
 __all__ = [
     "AdapterOutput",
     "QualityAdapter",
+    "TokenCritic",
     "distillation_loss",
     "infonce_bound",
     "relaxed_topk",
@@ -218,6 +219,69 @@ class QualityAdapter(nn.Module):
         feats = self._pair_features(x, inv, q, cos_q, cos_m, pmi, levels)
         score = self._base(cos_q, cos_m[:, None], torch.ones(b, b, dtype=dtype, device=x.device)) + self._residual(feats)
         return torch.logsumexp(score, dim=-1) - math.log(m)
+
+
+class TokenCritic(nn.Module):
+    """An InfoNCE critic between images and questions that reads the question token by token.
+
+    ``S[a, b] = tau * mean_t max_j cos(A c^a_j, B q^b_t)`` over the real tokens t of question b
+    and the candidates j of image a: each question word looks for its best match in the image
+    (a question names objects that are in its image), ``tau`` a learned inverse temperature.
+    :meth:`QualityAdapter.critic_matrix` instead scores each candidate against the mean of the
+    question's tokens, in nats of the closed-form gain, and averages over all candidates: on the
+    v2 tokens its scores barely depend on the question (see experiments/results/adapter_v2.md).
+
+    Args:
+        proj_dim: width p of the two projections A, B (created on first use for the widths seen).
+        temperature: initial tau.
+
+    forward(candidate_emb [B, M, R], query_emb [B, T, Rq], query_mask [B, T] | None) -> S [B, B]
+    (positives on the diagonal; feed to :func:`infonce_bound`).
+    """
+
+    def __init__(self, proj_dim: int = 32, temperature: float = 10.0):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+        self.cand_proj = _LazyProjection(None, proj_dim)
+        self.query_proj = _LazyProjection(None, proj_dim)
+        self.log_tau = nn.Parameter(torch.tensor(math.log(temperature)))
+        self.register_load_state_dict_post_hook(_absent_critic_is_untrained)
+
+    def materialize(self, relevance_dim: int, query_dim: int | None = None) -> "TokenCritic":
+        """Create the projections for these widths now (before building an optimizer)."""
+        self.cand_proj.initialize_parameters(relevance_dim)
+        self.query_proj.initialize_parameters(relevance_dim if query_dim is None else query_dim)
+        return self
+
+    def forward(
+        self, candidate_emb: torch.Tensor, query_emb: torch.Tensor, query_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if candidate_emb.dim() != 3 or query_emb.dim() != 3 or query_emb.shape[0] != candidate_emb.shape[0]:
+            raise ValueError(
+                f"candidate_emb, query_emb: expected [B, M, R], [B, T, Rq]; got {tuple(candidate_emb.shape)}, {tuple(query_emb.shape)}"
+            )
+        dtype = torch.float64 if candidate_emb.dtype == torch.float64 else torch.float32
+        c = F.normalize(self.cand_proj(candidate_emb.to(dtype)), dim=-1)  # [B, M, p]
+        q = F.normalize(self.query_proj(query_emb.to(dtype)), dim=-1)  # [B, T, p]
+        w = (torch.ones(q.shape[:2], dtype=dtype, device=q.device) if query_mask is None else query_mask.to(dtype))
+        best = torch.einsum("amp,btp->abtm", c, q).amax(-1)  # [B_img, B_q, T]: best match of each question token
+        mean = (best * w[None]).sum(-1) / w.sum(-1).clamp_min(1)[None]
+        return self.log_tau.to(dtype).clamp(max=math.log(100.0)).exp() * mean
+
+
+_CRITIC_KEYS = ("cand_proj.weight", "query_proj.weight", "log_tau")
+
+
+def _absent_critic_is_untrained(module: nn.Module, incompatible) -> None:
+    """Load-state-dict post-hook of :class:`TokenCritic`: a checkpoint saved before the critic
+    existed (all of its keys missing) loads with the critic untrained (a training-time term only)."""
+    prefixes = {k[: -len(s)] for k in incompatible.missing_keys for s in _CRITIC_KEYS if k.endswith(s)}
+    for prefix in prefixes:
+        keys = [prefix + s for s in _CRITIC_KEYS]
+        if all(k in incompatible.missing_keys for k in keys):
+            for k in keys:
+                incompatible.missing_keys.remove(k)
 
 
 def _geometry(x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ import math
 import torch
 from torch import nn
 
-from arr_coc.adapter import QualityAdapter, distillation_loss, relaxed_topk, shortlist_recall_loss
+from arr_coc.adapter import QualityAdapter, TokenCritic, distillation_loss, relaxed_topk, shortlist_recall_loss
 from arr_coc.allocators.base import (
     AllocationContext,
     Allocator,
@@ -276,7 +276,13 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
     ``use_pmi`` (feed the scorer's pmi to the adapter; None: only in ``"topk"`` mode, as the
     adapter was first trained), ``gumbel_temperature`` and ``gumbel`` (the ``"topk"``
     training relaxation), ``straight_through`` and ``report_gain`` (``"topk"``: compute
-    I(c_S ; Q) of the kept set, a small extra cost), ``distill``.
+    I(c_S ; Q) of the kept set, a small extra cost), ``distill``, ``critic`` (the stage-2
+    InfoNCE critic between images and questions that
+    :func:`arr_coc.training.module.allocator_loss_terms` trains and reports: ``"adapter"``
+    (default, unchanged), the adapter's own :meth:`QualityAdapter.critic_matrix`, which did not
+    learn on benchmark v2 (experiments/results/adapter_v2.md); ``"token"``, a
+    :class:`arr_coc.adapter.TokenCritic` held as ``self.critic`` (each question token's best
+    match among the candidates; not yet measured on v2); None: no critic term).
 
     Training signals (in training mode with gradients on):
 
@@ -317,6 +323,8 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
         distill: bool = True,
         distill_mse_weight: float = 0.0,
         distill_temperature: float = 0.1,
+        critic: str | None = "adapter",
+        critic_dim: int = 32,
         **kwargs,
     ):
         kwargs.setdefault("price", 0.0)
@@ -335,7 +343,11 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
             raise ValueError(f"distill_temperature: expected > 0, got {distill_temperature!r}")
         if fill not in ("greedy", "scores"):
             raise ValueError(f"fill: expected 'greedy' or 'scores', got {fill!r}")
+        if critic not in ("token", "adapter", None):
+            raise ValueError(f"critic: expected 'token', 'adapter' or None, got {critic!r}")
         self.mode, self.shortlist, self.fill = mode, float(shortlist), fill
+        self.critic_kind = critic
+        self.critic = TokenCritic(proj_dim=critic_dim) if critic == "token" else None
         self.use_pmi = (mode == "topk") if use_pmi is None else bool(use_pmi)
         self.distill_temperature = float(distill_temperature)
         self.adapter = adapter if adapter is not None else QualityAdapter(
@@ -472,6 +484,9 @@ class ArrCocAdapterAllocator(ArrCocAllocator):
 
     def select(self, ctx: AllocationContext) -> Selection:
         out, bal = self._lean_front(ctx)
+        if self.critic is not None and self._training():  # the critic reads the relevance space: create it
+            r = out.candidate_emb.shape[-1]  # with the allocator's other parameters (before the optimizer)
+            self.critic.materialize(r, r)
         pred = self.adapter(
             out.candidate_emb,
             out.query_summary if out.query_emb is not None else None,

@@ -189,10 +189,12 @@ def allocator_loss_terms(
       ``arr_coc`` / ``arr_coc_adapter``): ``rate="kl"`` is the variational IB bound
       sum_j KL(Bernoulli(p_j) || Bernoulli(r)) with the prior keep rate r = ``rate_prior``
       or budget / M; ``rate="tokens"`` the expected number of kept tokens;
-    - critic from an allocator with a ``scorer`` and an ``adapter`` (``arr_coc_adapter``):
-      the adapter's critic matrix between images and queries of the batch, whose InfoNCE
-      loss is returned as ``critic`` and ``log B - loss`` (a lower bound on I(image; query))
-      as ``mi_infonce``. This needs ``tokens`` [B, P+N, D], ``query``, ``grid``.
+    - critic from an allocator with a ``scorer`` and a critic (``arr_coc_adapter``): per its
+      ``critic_kind``, its :class:`arr_coc.adapter.TokenCritic` (``"token"``) or its adapter's
+      critic matrix (``"adapter"``) between the images and questions of the batch, whose
+      InfoNCE loss is returned as ``critic`` and ``log B - loss`` (a lower bound on
+      I(image; question)) as ``mi_infonce``; ``critic_kind`` None: no critic term. This needs
+      ``tokens`` [B, P+N, D], ``query``, ``grid``.
     """
     from arr_coc.balancing import bernoulli_rate, expected_tokens
 
@@ -215,10 +217,12 @@ def allocator_loss_terms(
             prior = rate_prior if rate_prior is not None else min(max(budget / m, 1e-3), 1 - 1e-3)
             terms["rate"] = bernoulli_rate(keep.float(), prior).mean()
     scorer, adapter = getattr(allocator, "scorer", None), getattr(allocator, "adapter", None)
+    critic_kind = getattr(allocator, "critic_kind", "adapter")  # "token", "adapter" or None (no critic term)
+    token_critic = getattr(allocator, "critic", None) if critic_kind == "token" else None
     if (
         "critic" not in terms
         and scorer is not None
-        and hasattr(adapter, "critic_matrix")
+        and (token_critic is not None or (critic_kind == "adapter" and hasattr(adapter, "critic_matrix")))
         and tokens is not None
         and query is not None
         and grid is not None
@@ -228,7 +232,10 @@ def allocator_loss_terms(
 
         pyr = build_pyramid(tokens[:, num_prefix_tokens:], grid, tuple(getattr(allocator, "pyramid_levels", ())))
         so = scorer(pyr.candidates, query, query_mask)
-        critic = adapter.critic_matrix(so.candidate_emb, so.query_summary, pyr.positions[:, 2])
+        if token_critic is not None:  # each question token's best match among the image's candidates
+            critic = token_critic(so.candidate_emb, so.query_emb, query_mask)
+        else:
+            critic = adapter.critic_matrix(so.candidate_emb, so.query_summary, pyr.positions[:, 2])
         loss, bound = infonce_bound(critic)
         terms["critic"] = loss
         terms["mi_infonce"] = bound.detach()
