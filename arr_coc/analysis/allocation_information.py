@@ -248,13 +248,17 @@ def _kendall_resampled(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, chunk:
     num = torch.zeros(r, dtype=torch.float64, device=x.device)
     nx = torch.zeros_like(num)
     ny = torch.zeros_like(num)
+    # integer counts whose row sums stay below 2^24 multiply exactly in float32 (twice as fast)
+    exact32 = bool((w == w.round()).all()) and float(w.sum(0).max()) < 2**24
+    mdt = torch.float32 if exact32 else torch.float64
+    wm = w.to(mdt)
     for i in range(0, n, chunk):
         dx = _sign(x[i : i + chunk, None] - x[None])  # [c, n]
         dy = _sign(y[i : i + chunk, None] - y[None])
         wi = w[i : i + chunk]
-        num += ((dx * dy) @ w * wi).sum(0)
-        nx += (dx.abs() @ w * wi).sum(0)
-        ny += (dy.abs() @ w * wi).sum(0)
+        num += ((dx * dy).to(mdt) @ wm).double().mul_(wi).sum(0)
+        nx += (dx.abs().to(mdt) @ wm).double().mul_(wi).sum(0)
+        ny += (dy.abs().to(mdt) @ wm).double().mul_(wi).sum(0)
     ok = (nx > 0) & (ny > 0)
     tau = num / torch.sqrt(torch.where(ok, nx * ny, torch.ones_like(nx)))
     return torch.where(ok, tau.clamp(-1.0, 1.0), torch.full_like(tau, float("nan")))

@@ -302,3 +302,50 @@ def test_record_matches_the_evaluation_pipeline_on_a_micro_vlm():
         record_allocation_information(vlm, {"x": "oracle"}, batches, [4])
     with pytest.raises(ValueError, match="batches"):
         record_allocation_information(vlm, allocs, [], [4])
+
+
+# ---------------------------------------------------------------------------- the entry point
+@pytest.mark.slow  # builds, saves and loads a model and runs the entry point (about 10 s idle, minutes on a loaded machine)
+def test_information_check_section_writes_the_report(tmp_path):
+    """experiments/analysis.py sections=[information_check]: a tiny case on a saved micro VLM,
+    one allocator built untrained, one loaded from a saved folder, one without a gain."""
+    import importlib.util
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from arr_coc.training.hub import save_allocator
+    from tests.training._helpers import micro_vlm
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("analysis_job", root / "experiments" / "analysis.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    micro_vlm(0).save_pretrained(tmp_path / "vlm")
+    # a saved folder loads through arr_coc.training.hub (random: no lazy weights, and no gain)
+    save_allocator(create_allocator("random", seed=0), tmp_path / "alloc", name="random", config={"seed": 0})
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = compose("analysis", overrides=["sections=[information_check]", "+information_check=default",
+                                             f"results_dir={tmp_path / 'results'}"])
+    OmegaConf.set_struct(cfg, False)
+    cfg.information_check.num_bootstrap = 20
+    cfg.information_check.cases = {
+        "tiny": {
+            "title": "tiny case", "base_vlm": str(tmp_path / "vlm"),
+            "task": {"name": "sort_of_clevr", "image_size": 64, "grid": 8}, "task_seed": 3,
+            "start": 100, "size": 8, "budgets": [4, 9],
+            "allocators": {"arr_coc": {"name": "arr_coc"}, "saved": {"checkpoint": str(tmp_path / "alloc")},
+                           "adapter": {"name": "arr_coc_adapter"}},
+        }
+    }
+    paths = job.run(cfg)
+    md = paths["information_check"].read_text()
+    assert paths["information_check"] == tmp_path / "results" / "information_check.md"
+    assert "## tiny case" in md and "Commit:" in md and "Reporting no gain (no rows): saved" in md
+    assert "| arr_coc | 9 |" in md and "| adapter | 4 |" in md and "| saved |" not in md
+    assert "trained, loaded from" in md and "Pooled over every (allocator, budget, question), 32 rows" in md
+    assert "| every allocator x budget | 4 | " in md
+    cfg.information_check.cases = {}
+    with pytest.raises(ValueError, match="information_check.cases"):
+        job.run(cfg)
