@@ -131,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot-only", action="store_true", help="only draw OUT/learning_curve.png from OUT/training_log.csv")
     p.add_argument("--eval-only", action="store_true", help="only evaluate the checkpoint in OUT on a held-out test set")
     p.add_argument("--test-images", type=int, default=1000)
+    p.add_argument("--acceptance", choices=("val", "test"), default=None,
+                   help="only measure benchmark v2's acceptance criteria for the model in OUT on this split "
+                   "(TEST_IMAGES questions) and write OUT/acceptance_<split>.json")
     p.add_argument("--snapshot", action="store_true",
                    help="only write RUN_DIR/last.pt's model (the run's own arguments) to OUT as a BaseVLM folder")
     args = p.parse_args(argv)
@@ -649,6 +652,42 @@ def snapshot(run_dir: str | Path, out: str | Path) -> dict:
     return meta
 
 
+def acceptance_check(folder: str | Path, split: str = "val", *, size: int = 1024) -> dict:
+    """Benchmark v2's acceptance criteria (tests/training/test_base_vlm_v2_acceptance.py) measured
+    on ``split`` for the BaseVLM in ``folder``: accuracy per question type of full tokens, the
+    ground-truth reference (``oracle``) and ``random`` at 1/4, 1/9, 1/16 of the fine tokens, and
+    whether each criterion holds. Writes ``folder/acceptance_<split>.json``. Read on validation
+    while training; the test split is for the shipped checkpoint."""
+    from arr_coc.allocators import create_allocator
+    from arr_coc.evaluation import ORACLE, build_eval_batches, evaluate_allocators
+
+    if split not in ("val", "test"):
+        raise ValueError(f"split: expected 'val' or 'test', got {split!r}")
+    folder = Path(folder)
+    vlm = BaseVLM.from_pretrained(folder).eval()
+    seed = {"val": 1_000_003, "test": 2_000_003}[split]
+    task = build_task(vlm.config.task_spec, seed)
+    n = vlm.num_patches
+    budgets = [round(n / 4), round(n / 9), round(n / 16)]
+    batches = build_eval_batches(task, load_tokenizer(folder), start=0, size=size, batch_size=128)
+    allocators = {"full": create_allocator("full"), "random": create_allocator("random", seed=0), ORACLE: ORACLE}
+    types = list(task.question_types)
+    rows = evaluate_allocators(vlm, allocators, batches, budgets, question_types=types, progress=False)
+    table = {f"{r['allocator']}@{r['budget']}": {"all": r["accuracy"], **{t: r[f"acc_{t}"] for t in types}} for r in rows}
+    full = table[f"full@{budgets[0]}"]
+    checks = {
+        "full >= 0.95": full["all"] >= 0.95,
+        "full >= 0.90 on every type": all(full[t] >= 0.90 for t in types),
+        **{f"oracle@{b} >= 95% of full on every type": all(table[f"{ORACLE}@{b}"][t] >= 0.95 * full[t] for t in types)
+           for b in budgets},
+        f"random@{budgets[1]} <= 70% of full": table[f"random@{budgets[1]}"]["all"] <= 0.70 * full["all"],
+    }
+    result = {"split": split, "task_seed": seed, "questions": size, "budgets": budgets, "accuracy": table,
+              "checks": checks, "passed": all(checks.values())}
+    (folder / f"acceptance_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     if args.snapshot:
@@ -659,6 +698,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         png = plot_learning_curve(Path(args.out) / "training_log.csv", Path(args.out) / "learning_curve.png")
         print(f"wrote {png}")
         return {}
+    if args.acceptance is not None:
+        torch.set_num_threads(args.threads)
+        result = acceptance_check(args.out, args.acceptance, size=args.test_images)
+        print(json.dumps(result, indent=2))
+        return result
     if args.eval_only:
         torch.set_num_threads(args.threads)
         vlm = BaseVLM.from_pretrained(args.out)

@@ -268,3 +268,25 @@ def test_quadratic_position_features_make_squared_distance_bilinear_and_widening
     assert BaseVLMConfig.from_dict(old).position_quadratic is False  # configs written before the option
     with pytest.raises(ValueError, match="cannot widen"):
         load_widening(vlm, wide.state_dict())
+
+
+def test_acceptance_check_measures_the_v2_criteria_on_a_split(tmp_path):
+    from arr_coc.training.train_base import acceptance_check, main
+
+    out, run = tmp_path / "ckpt", tmp_path / "run"
+    main(["--task", "clutter", "--image-size", "48", "--grid", "6", "--vit-dim", "16", "--vit-depth", "1",
+          "--vit-heads", "2", "--llm-dim", "16", "--llm-layers", "2", "--llm-heads", "2", "--images-per-step", "2",
+          "--questions-per-image", "2", "--max-steps", "1", "--eval-every", "1", "--val-images", "2",
+          "--curriculum-threshold", "0", "--warmup", "1", "--out", str(out), "--run-dir", str(run)])
+    res = acceptance_check(out, "val", size=12)
+    assert res["budgets"] == [9, 4, 2] and res["task_seed"] == 1_000_003 and res["questions"] == 12
+    acc = res["accuracy"]
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 (NaN-safe)
+    assert same(acc["full@9"], acc["full@2"])  # full tokens whatever the budget
+    full, rand = acc["full@9"], acc["random@4"]
+    assert res["checks"]["random@4 <= 70% of full"] == (rand["all"] <= 0.70 * full["all"])
+    assert res["checks"]["full >= 0.95"] == (full["all"] >= 0.95)
+    assert res["passed"] == all(res["checks"].values())
+    assert same(json.loads((out / "acceptance_val.json").read_text()), res)
+    with pytest.raises(ValueError, match="split"):
+        acceptance_check(out, "train")
