@@ -94,7 +94,7 @@ STAGE1_V2_SHARED := --task clutter --image-size 128 --grid 16 --clip checkpoints
 	  --lr 1.5e-3 --warmup 100 --max-steps 12000 --eval-every 250 --val-images 250 --max-minutes 100000 \
 	  --curriculum-threshold 0.0001
 STAGE1_V2_F := $(STAGE1_V2_SHARED) --position-quadratic --train-objects 2 12 --train-mix nearest=2,count=2 \
-	  --run-dir $(BASE_V2_F_RUN) --out checkpoints/base_vlm_v2
+	  --run-dir $(BASE_V2_F_RUN) --out $(BASE_V2_F_RUN)/best
 base-vlm-v2-phase3: $(STAMP)
 	$(PY) -m arr_coc.training.train_base $(STAGE1_V2_SHARED) --init-from $(BASE_V2_RUN)/last.pt --stop-at-step 3500 \
 	  --run-dir $(BASE_V2_C_RUN) --out $(BASE_V2_C_RUN)/best
@@ -106,9 +106,11 @@ base-vlm-v2-resume: $(STAMP)
 	$(PY) -m arr_coc.training.train_base --resume $(STAGE1_V2_F)
 	$(MAKE) base-vlm-v2-finish
 
+# the run's best-on-validation model: learning curve and the acceptance criteria on validation;
+# it is shipped (copied to checkpoints/base_vlm_v2) only when `--acceptance test` passes too
 base-vlm-v2-finish: $(STAMP)
-	$(PY) -m arr_coc.training.train_base --out checkpoints/base_vlm_v2 --plot-only
-	$(PY) -m arr_coc.training.train_base --task clutter --image-size 128 --grid 16 --out checkpoints/base_vlm_v2 --eval-only --test-images 256
+	$(PY) -m arr_coc.training.train_base --out $(BASE_V2_F_RUN)/best --plot-only
+	$(PY) -m arr_coc.training.train_base --out $(BASE_V2_F_RUN)/best --acceptance val --test-images 1024
 
 # Stage 2 on its own (Hydra): `make train ARGS="allocator=visionzip budget=8"`.
 train: $(STAMP)
