@@ -25,9 +25,11 @@ for each ``levels`` entry, a pooled candidate being the area mean of its patches
    ``Cov(c_i, c_j) = w cos(z_i, z_j) + (1 - w) cos(x_i, x_j)`` (redundancy seen in both
    spaces) and ``Cov(c_j, q_i) = sqrt(w) cos(z_j, q_i)`` (relevance read in the joint space
    only, where text and patches were aligned), unit variances, plus the jitter.
-   ``space="tokens"``: the allocator's token space alone (candidates x_j, the query the
-   allocator's ``query`` tokens when their width is the tokens', e.g. the LLM's word
-   embeddings; otherwise no query term): no text tower needed, for ``prior="llm"``.
+   ``space="tokens"`` (the default): the allocator's token space alone (candidates x_j, the
+   query the allocator's ``query`` tokens when their width is the tokens', e.g. the LLM's
+   word embeddings; otherwise no query term): no text tower needed. On validation the joint
+   part added nothing once the LLM prior is on (the stage-0 text tower does not ground the
+   question), so the default reads no text tower.
 2. The gain of candidate j given the picks S, in nats:
    ``alpha * I(c_j ; Q | c_S) + (1 - alpha) * R_j(S) + u_j [c_j not redundant]``, with the
    query and coverage terms of :func:`~arr_coc.attending.greedy_conditional_mi` and the
@@ -166,7 +168,7 @@ class ArrCocHostAllocator(ArrCocAllocator):
         alpha: float = 0.9,
         price: float = 0.0,
         *,
-        space: str = "sum",
+        space: str = "tokens",
         joint_weight: float = 0.5,
         text: str = "tokens",
         prior: str | None = "llm",

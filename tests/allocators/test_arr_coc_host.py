@@ -176,7 +176,7 @@ def test_bad_arguments_name_themselves(kwargs, name):
 def test_bad_host_signals_raise():
     host, tokens = joint_setup()
     host.patches = host.patches[:, :15]
-    alloc = create_allocator("arr_coc_host").eval()
+    alloc = create_allocator("arr_coc_host", space="sum").eval()
     with pytest.raises(ValueError, match="host: patch_features"):
         alloc(tokens, budget=3, grid=(4, 4), num_prefix_tokens=1, host=host)
 
@@ -186,6 +186,9 @@ def test_bad_host_signals_raise():
 
     with pytest.raises(SignalUnavailable, match="text_features"):
         alloc(tokens, budget=3, grid=(4, 4), num_prefix_tokens=1, host=NoText())
+    # the default (token space, LLM prior) needs the LLM's attention, which this host lacks
+    with pytest.raises(SignalUnavailable, match="llm_attention"):
+        create_allocator("arr_coc_host").eval()(tokens, budget=3, grid=(4, 4), num_prefix_tokens=1, host=NoText())
 
 
 @torch.no_grad()
