@@ -131,3 +131,20 @@ def test_bad_arguments_are_refused():
         ClutterVQATask(0).example(0, qtype="nonsense")
     with pytest.raises(ValueError, match="spec"):
         build_task({"name": "nope"}, 0)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known task defect (session 4): at 6 px the circle and the diamond are the same drawing, and at "
+    "6-8 px circle / cross / diamond differ by 4 px; every question naming those shapes has a ceiling "
+    "below 1. Fixing _shape_masks_v2 changes every image, so stage 0 and stage 1 retrain with it "
+    "(experiments/results/base_vlm_v2.md)"))
+def test_every_shape_is_distinguishable_at_every_size():
+    from itertools import combinations
+
+    from arr_coc.training.clutter_task import SHAPES_V2, _shape_masks_v2
+
+    masks = _shape_masks_v2(8)
+    for size in sorted({s for _, s in masks}):
+        for a, b in combinations(SHAPES_V2, 2):
+            differ = int((masks[(a, size)] != masks[(b, size)]).sum())
+            assert differ >= size, f"{a} vs {b} at {size} px differ in {differ} pixels"
