@@ -322,17 +322,18 @@ def _shared_step_losses(vlm, tok, batch, args, generator, pyr, drop, losses) -> 
     visual = vlm.project(sel)  # [I, K, Dl]
     enc = tok(batch.questions, padding=True, return_tensors="pt")
     kept = mask.sum(1)
-    by_len = kept.argsort()
-    logits = torch.empty(len(batch.questions), vlm.llm.lm_head.out_features)
-    for group in by_len.split(max(1, getattr(args, "bucket_images", 4))):
+    rows_seen, parts = [], []
+    for group in kept.argsort().split(max(1, getattr(args, "bucket_images", 4))):
         k = int(kept[group].max())  # padding is last in every row (raster order, pads at the end)
         local = torch.full((n_img,), -1, dtype=torch.long)
         local[group] = torch.arange(len(group))
         rows = (local[qi] >= 0).nonzero().squeeze(1)
-        logits = logits.index_put((rows,), vlm.answer_logits_shared(
+        rows_seen.append(rows)
+        parts.append(vlm.answer_logits_shared(
             visual[group, :k], mask[group, :k], pos[group, :k],
             enc["input_ids"][rows], enc["attention_mask"][rows], local[qi[rows]],
         ))
+    logits = torch.cat(parts)[torch.cat(rows_seen).argsort()]  # back to question order
     target_ids = _answer_ids(tok, batch.answers)
     losses["answer"] = F.cross_entropy(logits, target_ids)
     losses["acc"] = (logits.argmax(-1) == target_ids).float().mean().detach()
@@ -660,12 +661,13 @@ def acceptance_check(folder: str | Path, split: str = "val", *, size: int = 1024
     while training; the test split is for the shipped checkpoint."""
     from arr_coc.allocators import create_allocator
     from arr_coc.evaluation import ORACLE, build_eval_batches, evaluate_allocators
+    from arr_coc.training.clutter_task import SPLIT_SEEDS
 
     if split not in ("val", "test"):
         raise ValueError(f"split: expected 'val' or 'test', got {split!r}")
     folder = Path(folder)
     vlm = BaseVLM.from_pretrained(folder).eval()
-    seed = {"val": 1_000_003, "test": 2_000_003}[split]
+    seed = SPLIT_SEEDS[split]
     task = build_task(vlm.config.task_spec, seed)
     n = vlm.num_patches
     budgets = [round(n / 4), round(n / 9), round(n / 16)]
