@@ -75,18 +75,24 @@ SPLIT_SEEDS: dict[str, int] = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
 def _shape_masks_v2(px: int) -> dict[tuple[str, int], np.ndarray]:
-    """Boolean drawings [s, s] of every shape at sizes s in [px - 2, px], keyed by (shape, s)."""
+    """Boolean drawings [s, s] of every shape at sizes s in [px - 2, px], keyed by (shape, s).
+
+    Drawn so that every pair of shapes differs in at least 8 pixels at every size pair and every
+    relative offset inside a cell (``tests/training/test_clutter_task.py``): at 6-8 px a filled
+    disc, a filled diamond and a plus sign differ by 0-4 pixels, so the circle is a ring and the
+    cross a saltire (x). The square is filled, the triangle points up, the diamond is filled.
+    """
     out = {}
     for s in range(max(4, px - 2), px + 1):
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
         c = r = s / 2.0
-        out[("circle", s)] = (yy - c) ** 2 + (xx - c) ** 2 <= (r * 0.95) ** 2
-        inset = max(0.5, s * 0.1)
-        out[("square", s)] = (np.abs(yy - c) <= r - inset) & (np.abs(xx - c) <= r - inset)
-        out[("triangle", s)] = np.abs(xx - c) <= (yy / s) * r + 0.25
-        w = max(0.5, s * 0.16)
-        out[("cross", s)] = (np.abs(yy - c) <= w) | (np.abs(xx - c) <= w)
-        out[("diamond", s)] = np.abs(yy - c) + np.abs(xx - c) <= r
+        dy, dx = yy - c, xx - c
+        d2 = dy**2 + dx**2
+        out[("circle", s)] = (d2 <= (r * 0.98) ** 2) & (d2 >= (r - 1.4) ** 2)
+        out[("square", s)] = np.ones((s, s), dtype=bool)
+        out[("triangle", s)] = np.abs(dx) <= (yy / s) * r + 0.25
+        out[("cross", s)] = (np.abs(dy - dx) <= 0.75) | (np.abs(dy + dx) <= 0.75)
+        out[("diamond", s)] = np.abs(dy) + np.abs(dx) <= r + 0.01
     return out
 
 

@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-at-step", type=int, default=None,
                    help="stop after this step without changing the schedule (which --max-steps sets)")
     p.add_argument("--aux-weight", type=float, default=1.0)
+    p.add_argument("--aux-object-weight", type=float, default=0.0,
+                   help="weight of the patch colour / shape cross-entropies averaged over object cells only "
+                        "(the all-cell average is mostly background, which a head can get right without "
+                        "reading shapes)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--val-images", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
@@ -114,7 +118,12 @@ def _pairs(task: ClutterVQATask, rng: np.random.Generator, n: int):
     return images, captions, cmap, smap
 
 
-def losses_of(clip: ClipModel, loss_fn: ClipLoss, tok, images, captions, cmap, smap, aux_weight: float):
+def losses_of(
+    clip: ClipModel, loss_fn: ClipLoss, tok, images, captions, cmap, smap, aux_weight: float,
+    aux_object_weight: float = 0.0,
+):
+    """The CLIP loss plus ``aux_weight`` x the per-patch colour / shape cross-entropies over all cells
+    plus ``aux_object_weight`` x the same over object cells only (``smap >= 2``)."""
     locked = not any(q.requires_grad for q in clip.vision.parameters())
     with torch.set_grad_enabled(torch.is_grad_enabled() and not locked):
         tokens = clip.encode_image(images)
@@ -124,8 +133,15 @@ def losses_of(clip: ClipModel, loss_fn: ClipLoss, tok, images, captions, cmap, s
         aux = torch.zeros(())
         return {"total": out["loss"], "clip": out["loss"], "aux": aux, "scale": out["logit_scale"]}
     colour, shape = clip.patch_logits(tokens)
-    aux = F.cross_entropy(colour.flatten(0, 1), cmap.flatten()) + F.cross_entropy(shape.flatten(0, 1), smap.flatten())
-    return {"total": out["loss"] + aux_weight * aux, "clip": out["loss"], "aux": aux, "scale": out["logit_scale"]}
+    colour, shape, cmap, smap = colour.flatten(0, 1), shape.flatten(0, 1), cmap.flatten(), smap.flatten()
+    aux = F.cross_entropy(colour, cmap) + F.cross_entropy(shape, smap)
+    total = out["loss"] + aux_weight * aux
+    objects = smap >= 2
+    if aux_object_weight > 0 and bool(objects.any()):
+        total = total + aux_object_weight * (
+            F.cross_entropy(colour[objects], cmap[objects]) + F.cross_entropy(shape[objects], smap[objects])
+        )
+    return {"total": total, "clip": out["loss"], "aux": aux, "scale": out["logit_scale"]}
 
 
 @torch.no_grad()
@@ -210,7 +226,8 @@ def train(args) -> dict[str, float]:
     while step < last and (time.time() - start) / 60.0 < args.max_minutes:
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(step, args.warmup, args.max_steps, floor=0.05)
-        losses = losses_of(clip, loss_fn, tok, *_pairs(task, rng, args.batch), args.aux_weight)
+        losses = losses_of(clip, loss_fn, tok, *_pairs(task, rng, args.batch), args.aux_weight,
+                           args.aux_object_weight)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
