@@ -653,11 +653,11 @@ def snapshot(run_dir: str | Path, out: str | Path) -> dict:
     return meta
 
 
-def acceptance_check(folder: str | Path, split: str = "val", *, size: int = 1024) -> dict:
+def acceptance_check(folder: str | Path, split: str = "val", *, size: int = 1024, write: bool = True) -> dict:
     """Benchmark v2's acceptance criteria (tests/training/test_base_vlm_v2_acceptance.py) measured
     on ``split`` for the BaseVLM in ``folder``: accuracy per question type of full tokens, the
     ground-truth reference (``oracle``) and ``random`` at 1/4, 1/9, 1/16 of the fine tokens, and
-    whether each criterion holds. Writes ``folder/acceptance_<split>.json``. Read on validation
+    whether each criterion holds. Writes ``folder/acceptance_<split>.json`` (``write``). Read on validation
     while training; the test split is for the shipped checkpoint."""
     from arr_coc.allocators import create_allocator
     from arr_coc.evaluation import ORACLE, build_eval_batches, evaluate_allocators
@@ -686,7 +686,8 @@ def acceptance_check(folder: str | Path, split: str = "val", *, size: int = 1024
     }
     result = {"split": split, "task_seed": seed, "questions": size, "budgets": budgets, "accuracy": table,
               "checks": checks, "passed": all(checks.values())}
-    (folder / f"acceptance_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if write:
+        (folder / f"acceptance_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
