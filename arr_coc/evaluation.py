@@ -183,7 +183,8 @@ def summarize(
 ) -> dict[str, float]:
     """Aggregate per-example results ([E] tensors; ``question_type`` indexes ``question_types``,
     -1 unknown) into one row: accuracy, retained_pct, recall, recall_fine, tokens,
-    acc_<type>, acc_<category> (NaN where a type has no example), n."""
+    acc_<type>, tokens_<type> (tokens used on that type: where an adaptive budget spends),
+    acc_<category> (NaN where a type has no example), n."""
     e = correct.shape[0]
     for name, t in (("recall", recall), ("recall_fine", recall_fine), ("tokens", tokens), ("question_type", question_type)):
         if t.shape != (e,):
@@ -204,6 +205,7 @@ def summarize(
     for i, name in enumerate(question_types):
         sel = question_type == i
         row[f"acc_{name}"] = float(correct[sel].mean()) if sel.any() else float("nan")
+        row[f"tokens_{name}"] = float(tokens[sel].float().mean()) if sel.any() else float("nan")
         cats.setdefault(CATEGORIES.get(name, "other"), []).append(i)
     for cat, ids in cats.items():
         sel = torch.isin(question_type, torch.tensor(ids, dtype=question_type.dtype))

@@ -272,6 +272,29 @@ def type_table(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], questio
     return markdown_table(["allocator", "budget"] + [k.removeprefix("acc_") for k in keys], body)
 
 
+def tokens_table(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], question_types: Sequence[str]) -> str:
+    """Tokens used per question type beside accuracy per type, for the rows that spend less than
+    their budget (an adaptive budget: arr_coc's price) and, as the fixed-budget comparison, every
+    other row at the same budgets; empty when no row is adaptive."""
+    from arr_coc.reporting import markdown_table
+
+    adaptive = {r["allocator"] for r in agg if r.get("tokens", r["budget"]) < r["budget"] - 1e-6}
+    if not adaptive:
+        return ""
+    order = {k: i for i, k in enumerate(budgets)}
+    rows = sorted(
+        (r for r in agg if r["allocator"] in adaptive | {"random", "full", "oracle"} or r["allocator"].startswith("arr_coc")),
+        key=lambda r: (order.get(r["budget"], 99), r["allocator"]),
+    )
+    head = ["allocator", "budget", "tokens"] + [f"{t}: tokens / acc" for t in question_types]
+    body = [
+        [r["allocator"], r["budget"], _fmt(r, "tokens", 1)]
+        + [f"{_fmt(r, f'tokens_{t}', 1)} / {_fmt(r, f'acc_{t}', 3)}" for t in question_types]
+        for r in rows
+    ]
+    return markdown_table(head, body)
+
+
 def verdict(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], *, ours: str = "arr_coc") -> str:
     """Plain sentences: at each budget, the best non-oracle row, and where ``ours`` stands."""
     lines = []
@@ -570,6 +593,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "## Accuracy by question type\n\nsingle_object = shape, colour, side; relational = nearest, compare; "
         "counting = count; existence = exists.\n\n" + type_table(agg, budgets, question_types)
     )
+    spent = tokens_table(agg, budgets, question_types)
+    if spent:
+        parts.append(
+            "## Tokens used per question type\n\nRows that spend less than their budget (an adaptive price) "
+            "beside the fixed-budget rows: mean tokens kept / accuracy, per question type.\n\n" + spent
+        )
     if cfg.plots:
         parts.append(
             "## Figures\n\n"

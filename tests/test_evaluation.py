@@ -60,7 +60,8 @@ def test_summarize_by_type_and_category():
     qt = torch.tensor([0, 3, 4, 0, 2])  # shape, nearest, count, shape, side
     correct = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
     recall = torch.tensor([1.0, 0.5, float("nan"), 0.0, 1.0])
-    row = summarize(correct, recall, recall, torch.full((5,), 4.0), qt, question_types=QUESTION_TYPES, full_acc=0.75)
+    tokens = torch.tensor([4.0, 2.0, 4.0, 1.0, 3.0])
+    row = summarize(correct, recall, recall, tokens, qt, question_types=QUESTION_TYPES, full_acc=0.75)
     assert row["accuracy"] == pytest.approx(0.6)
     assert row["retained_pct"] == pytest.approx(80.0)
     assert row["recall"] == pytest.approx(2.5 / 4)  # NaN (no relevant patch) left out
@@ -68,7 +69,9 @@ def test_summarize_by_type_and_category():
     assert math.isnan(row["acc_colour"])
     assert row["acc_single_object"] == pytest.approx(2 / 3)  # shape, shape, side
     assert row["acc_relational"] == 0.0 and row["acc_counting"] == 1.0
-    assert row["tokens"] == 4.0 and row["n"] == 5
+    assert row["tokens"] == pytest.approx(14 / 5) and row["n"] == 5
+    assert row["tokens_shape"] == 2.5 and row["tokens_nearest"] == 2.0 and row["tokens_side"] == 3.0
+    assert math.isnan(row["tokens_colour"])
     with pytest.raises(ValueError, match="recall"):
         summarize(correct, recall[:3], recall, recall, qt, question_types=QUESTION_TYPES, full_acc=0.5)
 
