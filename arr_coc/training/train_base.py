@@ -458,7 +458,14 @@ def training_task(args, task):
 
 def load_widening(vlm: BaseVLM, state: dict[str, torch.Tensor]) -> None:
     """Load ``state`` into ``vlm``; a position embedding that gained input features
-    (``--position-quadratic``) gets the old weights in its first columns and zeros after them."""
+    (``--position-quadratic``) gets the old weights in its first columns and zeros after them, and
+    an LLM that gained layers (``--llm-layers`` above the loaded model's) gets the old layers spread
+    evenly with the new ones between them (4 -> 6: old 0, new, old 1, old 2, new, old 3; the first
+    and last layers stay the old ones). A new layer's
+    output projections (attention ``o_proj``, MLP ``down_proj``) start at zero, so it adds nothing to
+    the residual stream and the loaded model's function is unchanged."""
+    import re
+
     own = vlm.state_dict()
     state = dict(state)
     key = "position.coord.weight"
@@ -467,6 +474,28 @@ def load_widening(vlm: BaseVLM, state: dict[str, torch.Tensor]) -> None:
         if old.shape[0] != new.shape[0] or old.shape[1] > new.shape[1]:
             raise ValueError(f"--init-from: {key} {tuple(old.shape)} cannot widen to {tuple(new.shape)}")
         state[key] = torch.cat([old, old.new_zeros(old.shape[0], new.shape[1] - old.shape[1])], dim=1)
+    layer = re.compile(r"^(llm\.model\.layers\.)(\d+)(\..*)$")
+
+    def count(keys) -> int:
+        found = [int(m.group(2)) for k in keys if (m := layer.match(k))]
+        return max(found) + 1 if found else 0
+
+    n_old, n_new = count(state), count(own)
+    if n_old and n_new > n_old:
+        extra = n_new - n_old
+        where = {i: i + -(-i * extra // n_old) for i in range(n_old)}  # old layer -> its new index
+        grown = {k: v for k, v in state.items() if not layer.match(k)}
+        for k, v in state.items():
+            if m := layer.match(k):
+                grown[f"{m.group(1)}{where[int(m.group(2))]}{m.group(3)}"] = v
+        for i in sorted(set(range(n_new)) - set(where.values())):
+            for k, v in own.items():
+                if (m := layer.match(k)) and int(m.group(2)) == i:
+                    zero = k.endswith("o_proj.weight") or k.endswith("down_proj.weight")
+                    grown[k] = torch.zeros_like(v) if zero else v.clone()
+        state = grown
+    elif n_old and n_new < n_old:
+        raise ValueError(f"--init-from: the loaded LLM has {n_old} layers, more than --llm-layers {n_new}")
     vlm.load_state_dict(state)
 
 

@@ -290,3 +290,24 @@ def test_acceptance_check_measures_the_v2_criteria_on_a_split(tmp_path):
     assert same(json.loads((out / "acceptance_val.json").read_text()), res)
     with pytest.raises(ValueError, match="split"):
         acceptance_check(out, "train")
+
+
+def test_deepening_spreads_the_old_layers_and_keeps_the_model(setup):
+    """--init-from a 2-layer LLM into a 3-layer one: old layers 0, 1 land at 0 and 2 (the new one
+    between them starts with zero output projections), so logits are unchanged; fewer layers refuse."""
+    from arr_coc.training.train_base import load_widening
+
+    task, tok, vlm, pixels, enc = setup
+    llm = {**vlm.config.to_dict()["llm"], "num_layers": 3}
+    deep = BaseVLM(BaseVLMConfig.from_dict({**vlm.config.to_dict(), "llm": llm})).eval()
+    assert len(deep.llm.model.layers) == 3
+    load_widening(deep, vlm.state_dict())
+    old, new = vlm.llm.model.layers, deep.llm.model.layers
+    assert torch.equal(new[0].self_attn.q_proj.weight, old[0].self_attn.q_proj.weight)
+    assert torch.equal(new[2].mlp.up_proj.weight, old[1].mlp.up_proj.weight)
+    assert not new[1].self_attn.o_proj.weight.any() and not new[1].mlp.down_proj.weight.any()
+    assert new[1].self_attn.q_proj.weight.abs().sum() > 0  # the rest of the new layer is a fresh init
+    assert torch.allclose(deep(pixels, enc["input_ids"], enc["attention_mask"]),
+                          vlm(pixels, enc["input_ids"], enc["attention_mask"]), atol=1e-5)
+    with pytest.raises(ValueError, match="more than --llm-layers"):
+        load_widening(vlm, deep.state_dict())
