@@ -273,12 +273,18 @@ def type_table(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], questio
 
 
 def tokens_table(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], question_types: Sequence[str]) -> str:
-    """Tokens used per question type beside accuracy per type, for the rows that spend less than
-    their budget (an adaptive budget: arr_coc's price) and, as the fixed-budget comparison, every
-    other row at the same budgets; empty when no row is adaptive."""
+    """Tokens used per question type beside accuracy per type, for the rows whose spending differs
+    between question types by more than half a token (an adaptive budget: arr_coc's price; not a
+    pooled grid that is merely smaller than its budget) and, as the fixed-budget comparison,
+    random, full, the oracle and the arr_coc rows at the same budgets; empty when no row adapts."""
     from arr_coc.reporting import markdown_table
 
-    adaptive = {r["allocator"] for r in agg if r.get("tokens", r["budget"]) < r["budget"] - 1e-6}
+    def spread(r: Mapping[str, Any]) -> float:
+        spent = [r.get(f"tokens_{t}", float("nan")) for t in question_types]
+        spent = [v for v in spent if v == v]
+        return max(spent) - min(spent) if spent else 0.0
+
+    adaptive = {r["allocator"] for r in agg if spread(r) > 0.5}
     if not adaptive:
         return ""
     order = {k: i for i, k in enumerate(budgets)}

@@ -140,8 +140,11 @@ def test_tokens_table_lists_adaptive_rows_beside_fixed_ones():
     def row(name, budget, tokens, **per):
         return {"allocator": name, "budget": budget, "accuracy": 0.5, "tokens": tokens, **per}
 
-    fixed = [row("random", 16, 16.0, tokens_shape=16.0, acc_shape=0.4, tokens_count=16.0, acc_count=0.3)]
-    assert main_job.tokens_table(fixed, [16], types) == ""  # no adaptive row: no table
+    fixed = [
+        row("random", 16, 16.0, tokens_shape=16.0, acc_shape=0.4, tokens_count=16.0, acc_count=0.3),
+        row("pool", 16, 9.0, tokens_shape=9.0, acc_shape=0.2, tokens_count=9.0, acc_count=0.4),  # under budget, not adaptive
+    ]
+    assert main_job.tokens_table(fixed, [16], types) == ""  # no row spends differently per type: no table
     adaptive = row("price_learned", 16, 9.0, tokens_shape=4.0, acc_shape=0.9, tokens_count=14.0, acc_count=0.5)
     table = main_job.tokens_table(fixed + [adaptive], [16], types)
     assert "| price_learned | 16 | 9.0 | 4.0 / 0.900 | 14.0 / 0.500 |" in table
