@@ -123,7 +123,7 @@ def losses_of(
     aux_object_weight: float = 0.0,
 ):
     """The CLIP loss plus ``aux_weight`` x the per-patch colour / shape cross-entropies over all cells
-    plus ``aux_object_weight`` x the same over object cells only (``smap >= 2``)."""
+    plus ``aux_object_weight`` x the same over object cells only (``smap >= OBJECT_CLASS_START``)."""
     locked = not any(q.requires_grad for q in clip.vision.parameters())
     with torch.set_grad_enabled(torch.is_grad_enabled() and not locked):
         tokens = clip.encode_image(images)
@@ -136,7 +136,7 @@ def losses_of(
     colour, shape, cmap, smap = colour.flatten(0, 1), shape.flatten(0, 1), cmap.flatten(), smap.flatten()
     aux = F.cross_entropy(colour, cmap) + F.cross_entropy(shape, smap)
     total = out["loss"] + aux_weight * aux
-    objects = smap >= 2
+    objects = smap >= OBJECT_CLASS_START
     if aux_object_weight > 0 and bool(objects.any()):
         total = total + aux_object_weight * (
             F.cross_entropy(colour[objects], cmap[objects]) + F.cross_entropy(shape[objects], smap[objects])
