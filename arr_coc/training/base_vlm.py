@@ -234,6 +234,26 @@ class BaseVLM(nn.Module):
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    @property
+    def image_size(self) -> int:
+        """The square input size in pixels the vision tower runs at."""
+        return int(self.vision.patch_embed.img_size[0])
+
+    def set_image_size(self, image_size: int) -> None:
+        """Run the vision tower at ``image_size`` px, same patch size (e.g. 128 -> 192 px: 16 x 16 ->
+        24 x 24 = 576 patches, LLaVA-1.5's count). timm resamples the ViT's position embeddings
+        (``set_input_size``); the visual position features are normalised by the grid, so the LLM
+        reads the same scene coordinates. The model was trained at its own size: measure it there.
+        """
+        patch = int(self.vision.patch_embed.patch_size[0])
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < patch or image_size % patch:
+            raise ValueError(f"image_size: expected a positive multiple of the patch size {patch}, got {image_size!r}")
+        if image_size == self.image_size:
+            return
+        self.vision.set_input_size(img_size=(image_size, image_size))
+        self.grid = encoder_grid(self.vision)
+        self.position.grid = self.grid
+
     # ------------------------------------------------------------------ vision side
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] in [0, 1] -> tokens [B, P + N, Dv] (prefix first, then raster)."""

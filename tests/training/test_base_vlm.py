@@ -311,3 +311,32 @@ def test_deepening_spreads_the_old_layers_and_keeps_the_model(setup):
                           vlm(pixels, enc["input_ids"], enc["attention_mask"]), atol=1e-5)
     with pytest.raises(ValueError, match="more than --llm-layers"):
         load_widening(vlm, deep.state_dict())
+
+
+def test_set_image_size_runs_the_same_model_on_a_finer_grid():
+    from arr_coc.evaluation import build_eval_batches
+    from arr_coc.training.clutter_task import ClutterVQATask
+    from arr_coc.training.tokenizer import build_tokenizer
+    from tests.training._helpers import micro_vlm_v2
+
+    vlm = micro_vlm_v2().eval()
+    assert (vlm.image_size, vlm.grid, vlm.num_patches) == (128, (16, 16), 256)
+    cls_pos = vlm.vision.pos_embed[:, :1].detach().clone()
+    centre16 = vlm.position(torch.tensor([[[7, 7, 1]]]))  # rows / cols 7..8 of 16: centre 1/2
+    vlm.set_image_size(192)
+    assert (vlm.image_size, vlm.grid, vlm.num_patches, vlm.position.grid) == (192, (24, 24), 576, (24, 24))
+    # timm resampled the position embeddings: the [CLS] slot untouched, the grid interpolated to 576
+    assert vlm.vision.pos_embed.shape[1] == 1 + 576
+    assert torch.equal(vlm.vision.pos_embed[:, :1], cls_pos)
+    task = ClutterVQATask(0, image_size=192, grid=24)
+    batch = build_eval_batches(task, build_tokenizer(task), start=0, size=2, batch_size=2)[0]
+    with torch.no_grad():
+        tokens = vlm.encode_image(batch["pixels"])
+    assert tokens.shape[:2] == (2, 1 + 576) and bool(torch.isfinite(tokens).all())
+    # the visual position features are normalised by the grid: the same scene point, the same features
+    centre24 = vlm.position(torch.tensor([[[10, 10, 2]]]))  # rows / cols 10..13 of 24: centre 1/2
+    level = vlm.position.level.weight
+    torch.testing.assert_close(centre16 - level[1], centre24 - level[2])
+    for bad in (100, 0, 7.5, True):
+        with pytest.raises(ValueError, match="image_size"):
+            vlm.set_image_size(bad)
