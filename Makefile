@@ -59,28 +59,38 @@ base-vlm: $(STAMP)
 # Benchmark v2 from scratch (experiments/results/base_vlm_v2.md). Stage 0, the CLIP towers: joint
 # training (600 steps; patch colour / shape heads on all cells and on object cells), then 300
 # locked-image steps of the text side. Stage 1, the base VLM on the frozen vision tower, no attention
-# supervision, every phase as session 5 ran it: G (from scratch: relevance-preserving token dropping
-# shared by each image's 8 questions, the token curriculum, training scenes of 2-12 objects with
-# nearest and count x2, quadratic position features) to step 3,500; J (nearest x6, compare and count
-# x2, lr 1.5e-3, a 6,000-step schedule) to step 4,750; L (J's LLM deepened from 4 to 6 layers, the new
-# layers starting as the identity, same mix) for 4,000 steps. `make base-vlm-v2-resume` continues L
-# from its shipped state; `make base-vlm-v2-finish` writes the learning curve and the acceptance criteria.
+# supervision, every phase as sessions 5 and 6 ran it: G (from scratch: relevance-preserving token
+# dropping shared by each image's 8 questions, the token curriculum, training scenes of 2-12 objects
+# with nearest and count x2, quadratic position features) to step 3,500; J (nearest x6, compare and
+# count x2, lr 1.5e-3, a 6,000-step schedule) to step 4,750; L (J's LLM deepened from 4 to 6 layers,
+# the new layers starting as the identity, same mix) for 4,000 steps; O (from L, lr 1e-3) for 4,000;
+# the final phase (from O, lr 1e-3, STAGE1_V2_FULL_PROB of the rows at full tokens) for 3,000, in
+# checkpoints/base_vlm_v2_run. `make base-vlm-v2-resume` continues the final phase from its shipped
+# state; `make base-vlm-v2-finish` writes the learning curve and the acceptance criteria.
 CLIP_RUN := experiments/runs/clip_v2
 BASE_V2_G_RUN := experiments/runs/v2g
 BASE_V2_J_RUN := experiments/runs/v2j
+BASE_V2_L_RUN := experiments/runs/v2l
+BASE_V2_O_RUN := experiments/runs/v2o
 BASE_V2_RUN := checkpoints/base_vlm_v2_run
 BASE_V2_BEST := $(BASE_V2_RUN)/best
+STAGE1_V2_FULL_PROB := 0.5
 STAGE1_V2_COMMON := --task clutter --image-size 128 --grid 16 --clip checkpoints/clip_v2 \
-	  --drop shared --keep-dist loguniform --keep-min 0.03 --full-prob 0.15 \
+	  --drop shared --keep-dist loguniform --keep-min 0.03 \
 	  --attn-weight 0 --attn sdpa --position-quadratic --train-objects 2 12 \
 	  --llm-dim 96 --llm-heads 4 --images-per-step 16 --questions-per-image 8 \
 	  --eval-every 250 --val-images 250 --max-minutes 100000 --curriculum-threshold 0.0001
-STAGE1_V2_G := $(STAGE1_V2_COMMON) --llm-layers 4 --ramp-steps 1500 --train-mix nearest=2,count=2 --lr 2e-3 --warmup 150 \
-	  --max-steps 10000 --run-dir $(BASE_V2_G_RUN) --out $(BASE_V2_G_RUN)/best
-STAGE1_V2_J := $(STAGE1_V2_COMMON) --llm-layers 4 --train-mix nearest=6,compare=2,count=2 --lr 1.5e-3 --warmup 100 \
+STAGE1_V2_MIX := --train-mix nearest=6,compare=2,count=2 --warmup 100
+STAGE1_V2_G := $(STAGE1_V2_COMMON) --full-prob 0.15 --llm-layers 4 --ramp-steps 1500 --train-mix nearest=2,count=2 --lr 2e-3 \
+	  --warmup 150 --max-steps 10000 --run-dir $(BASE_V2_G_RUN) --out $(BASE_V2_G_RUN)/best
+STAGE1_V2_J := $(STAGE1_V2_COMMON) --full-prob 0.15 --llm-layers 4 $(STAGE1_V2_MIX) --lr 1.5e-3 \
 	  --max-steps 6000 --run-dir $(BASE_V2_J_RUN) --out $(BASE_V2_J_RUN)/best
-STAGE1_V2 := $(STAGE1_V2_COMMON) --llm-layers 6 --train-mix nearest=6,compare=2,count=2 --lr 1.5e-3 --warmup 100 \
-	  --max-steps 4000 --run-dir $(BASE_V2_RUN) --out $(BASE_V2_BEST)
+STAGE1_V2_L := $(STAGE1_V2_COMMON) --full-prob 0.15 --llm-layers 6 $(STAGE1_V2_MIX) --lr 1.5e-3 \
+	  --max-steps 4000 --run-dir $(BASE_V2_L_RUN) --out $(BASE_V2_L_RUN)/best
+STAGE1_V2_O := $(STAGE1_V2_COMMON) --full-prob 0.15 --llm-layers 6 $(STAGE1_V2_MIX) --lr 1e-3 \
+	  --max-steps 4000 --run-dir $(BASE_V2_O_RUN) --out $(BASE_V2_O_RUN)/best
+STAGE1_V2 := $(STAGE1_V2_COMMON) --full-prob $(STAGE1_V2_FULL_PROB) --llm-layers 6 $(STAGE1_V2_MIX) --lr 1e-3 \
+	  --max-steps 3000 --run-dir $(BASE_V2_RUN) --out $(BASE_V2_BEST)
 base-vlm-v2: $(STAMP)
 	$(PY) -m arr_coc.training.train_clip --out $(CLIP_RUN)/phase1 --run-dir $(CLIP_RUN)/phase1_run --vit-dim 64 --text-dim 64 --batch 48 --max-steps 600 --warmup 50 --eval-every 50 --aux-object-weight 1.0 --threads 2 --max-minutes 100000
 	$(PY) -m arr_coc.training.train_clip --init-from $(CLIP_RUN)/phase1 --lock-vision --out checkpoints/clip_v2 --run-dir $(CLIP_RUN)/lit_run --vit-dim 64 --text-dim 64 --batch 96 --max-steps 300 --warmup 20 --lr 1e-3 --eval-every 25 --threads 2 --max-minutes 100000
@@ -90,7 +100,9 @@ base-vlm-v2: $(STAMP)
 base-vlm-v2-stage1: $(STAMP)
 	$(PY) -m arr_coc.training.train_base $(STAGE1_V2_G) --stop-at-step 3500
 	$(PY) -m arr_coc.training.train_base $(STAGE1_V2_J) --init-from $(BASE_V2_G_RUN)/last.pt --stop-at-step 4750
-	$(PY) -m arr_coc.training.train_base $(STAGE1_V2) --init-from $(BASE_V2_J_RUN)/last.pt
+	$(PY) -m arr_coc.training.train_base $(STAGE1_V2_L) --init-from $(BASE_V2_J_RUN)/last.pt
+	$(PY) -m arr_coc.training.train_base $(STAGE1_V2_O) --init-from $(BASE_V2_L_RUN)/last.pt
+	$(PY) -m arr_coc.training.train_base $(STAGE1_V2) --init-from $(BASE_V2_O_RUN)/last.pt
 	$(MAKE) base-vlm-v2-finish
 
 base-vlm-v2-resume: $(STAMP)

@@ -18,7 +18,7 @@ from arr_coc.training.hub import load_allocator  # noqa: E402
 from tests.training._helpers import micro_vlm, micro_vlm_v2  # noqa: E402
 
 
-V1_DATA = ("data.task=sort_of_clevr", "data.image_size=64", "data.grid=8", "data.task_seed=1", "train.task_seed=1")
+V1 = ("+experiment=v1",)
 
 
 def _cfg(tmp_path, *extra, v2: bool = False):
@@ -47,7 +47,7 @@ def _cfg(tmp_path, *extra, v2: bool = False):
                 "grid_examples=2",
                 "progress=false",
                 "seeds=[0]",
-                *(("+experiment=v2",) if v2 else V1_DATA),
+                *(() if v2 else V1),
                 *extra,
             ],
         )
@@ -132,6 +132,17 @@ def test_tiny_v2_run_reports_intervals_and_paired_tests(tmp_path):
     text = out["files"]["csv"].read_text()
     for col in ("acc_compare", "acc_exists", "acc_count", "recall"):
         assert col in text.splitlines()[2]
+
+
+def test_v2_576_config_runs_the_base_vlm_on_24_by_24_patches(tmp_path):
+    """+experiment=v2_576: the 256-token base VLM's vision tower run at 192 px (576 candidates)."""
+    out = main_job.run(_cfg(tmp_path, "+experiment=v2_576", "allocators=[full,random]", "budgets=[36]",
+                            "plots=false", "train.enabled=false", v2=True))
+    rows = {(r["allocator"], r["budget"]): r for r in out["table"]}
+    assert rows[("full", 36)]["tokens"] == 576 and rows[("random", 36)]["tokens"] == 36
+    assert rows[("oracle", 36)]["recall"] > rows[("random", 36)]["recall"]
+    with pytest.raises(ValueError, match="data.grid"):
+        main_job.run(_cfg(tmp_path, "+experiment=v2_576", "data.grid=16", "allocators=[full]", v2=True))
 
 
 def test_tokens_table_lists_adaptive_rows_beside_fixed_ones():
