@@ -108,11 +108,12 @@ def test_verdict_says_when_arr_coc_is_not_the_best_row():
         {"allocator": "arr_coc", "budget": 7, "accuracy": 0.6, "retained_pct": 90.0},
         {"allocator": "divprune", "budget": 7, "accuracy": 0.65, "retained_pct": 97.5},
         {"allocator": "random", "budget": 7, "accuracy": 0.4, "retained_pct": 60.0},
+        {"allocator": "tome", "budget": 7, "accuracy": 0.5, "retained_pct": 75.0},
         {"allocator": "oracle", "budget": 7, "accuracy": 0.9, "retained_pct": 135.0},  # not a competitor
         {"allocator": "full", "budget": 7, "accuracy": 0.667, "retained_pct": 100.0},
     ]
     text = main_job.verdict(agg, [7])
-    assert "rank 2 of 3" in text and "best row `divprune` 0.650" in text
+    assert "rank 2 of 4" in text and "best row `divprune` 0.650" in text
     assert "strongest published baseline `divprune` 97.5%" in text
 
 
