@@ -82,7 +82,9 @@ def allocator_specs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """label -> {"name": registry name, "kwargs": {...}} for every allocator to evaluate.
 
     ``cfg.allocators``: null (every registered allocator with its defaults) or a list of
-    registry names; ``cfg.extra_allocators``: label -> {name, kwargs} (ablation variants).
+    registry names; ``cfg.benchmark_allocators`` (the benchmark's own rows, e.g. v2's CDPruner
+    signs) and then ``cfg.extra_allocators`` (ablation variants): label -> {name, kwargs}; a label
+    that is a registered name replaces that row.
     """
     from arr_coc.allocators import list_allocators
 
@@ -93,10 +95,11 @@ def allocator_specs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         if n not in known:
             raise ValueError(f"allocators: unknown allocator {n!r}; known: {sorted(known)}")
         specs[n] = {"name": n, "kwargs": {}}
-    for label, spec in _container(cfg.get("extra_allocators")).items():
-        if not isinstance(spec, dict) or spec.get("name") not in known:
-            raise ValueError(f"extra_allocators.{label}: expected {{name: <registered>, kwargs: {{...}}}}, got {spec!r}")
-        specs[label] = {"name": spec["name"], "kwargs": dict(spec.get("kwargs") or {}), "train": spec.get("train")}
+    for key in ("benchmark_allocators", "extra_allocators"):
+        for label, spec in _container(cfg.get(key)).items():
+            if not isinstance(spec, dict) or spec.get("name") not in known:
+                raise ValueError(f"{key}.{label}: expected {{name: <registered>, kwargs: {{...}}}}, got {spec!r}")
+            specs[label] = {"name": spec["name"], "kwargs": dict(spec.get("kwargs") or {}), "train": spec.get("train")}
     return specs
 
 

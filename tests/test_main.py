@@ -161,3 +161,16 @@ def test_tokens_table_lists_adaptive_rows_beside_fixed_ones():
     table = main_job.tokens_table(fixed + [adaptive], [16], types)
     assert "| price_learned | 16 | 9.0 | 4.0 / 0.900 | 14.0 / 0.500 |" in table
     assert "| random | 16 | 16.0 |" in table
+
+
+def test_v2_ships_cdpruners_released_sign_and_v1_keeps_its_rows():
+    """The default (v2) evaluates CDPruner with the released code's sign, and the paper's sign as a
+    row of its own; v1 and the ablations built on it keep their rows (the class default)."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        v2 = main_job.allocator_specs(compose("main"))
+        v1 = main_job.allocator_specs(compose("main", overrides=["+experiment=v1"]))
+        abl = main_job.allocator_specs(compose("main", overrides=["+experiment=ablation_alpha"]))
+    assert v2["cdpruner"]["kwargs"] == {"negate_relevance": True}
+    assert v2["cdpruner_paper_sign"]["kwargs"] == {"negate_relevance": False}
+    assert v1["cdpruner"]["kwargs"] == {} and "cdpruner_paper_sign" not in v1 and "fastv_k1" in v1
+    assert "cdpruner" not in abl and "alpha_0" in abl
