@@ -3,19 +3,19 @@ allocator call, top-K overlap, accuracy (issue 16 goal 4).
 
 ``python -m benchmarks adapter [--rounds=5] [--threads=1] [--eval-size=512] [--train-steps=300] [--train-size=512] [--no-write]``
 
-Inputs (what the main job's allocators see): the benchmark-v2 base VLM stand-in
-``checkpoints/base_vlm_v2_run/snapshot`` (16 x 16 tokens at 128 px, clutter task). Its
+Inputs (what the main job's allocators see): the benchmark-v2 base VLM
+``checkpoints/base_vlm_v2`` (16 x 16 tokens at 128 px, clutter task). Its
 projected tokens (D = 96) and the LLM's question embeddings are the allocators' input, as in
 :func:`arr_coc.evaluation.run_allocation`, batch 64 (the main job's evaluation batch).
 
 - 576 fine candidates (+ the 2 x 2 and 4 x 4 pyramid, M = 756): the same ViT at 192 px
-  (``vision.set_input_size``, timm resamples the position embeddings: 24 x 24 patches of the
+  (``BaseVLM.set_image_size``, timm resamples the position embeddings: 24 x 24 patches of the
   same 8 px), clutter task at ``image_size=192, grid=24``, validation seed 1000003, budgets
   144 / 64 / 36 (1/4, 1/9, 1/16). Speed and overlap only (the LLM was trained on 16 x 16).
 - 256 fine candidates (M = 336), the benchmark's own setting: budgets 64 / 28 / 16, speed,
   overlap and answer accuracy on ``--eval-size`` validation questions.
 
-Without the snapshot, structured synthetic tokens stand in (a dominant shared direction, a
+Without the base VLM, structured synthetic tokens stand in (a dominant shared direction, a
 rank-16 image structure and noise, like the v2 tokens' spectrum) and accuracy is skipped.
 
 Speed: every contender is called in each round, in an order that rotates per round, in one
@@ -41,7 +41,7 @@ from arr_coc.allocators import create_allocator
 
 from ._report import argv_command, markdown_table, write_report
 
-SNAPSHOT = Path("checkpoints/base_vlm_v2_run/snapshot")
+SNAPSHOT = Path("checkpoints/base_vlm_v2")
 BATCH = 64
 SETTINGS = {24: (144, 64, 36), 16: (64, 28, 16)}
 DESIGNS = {  # label -> arr_coc_adapter kwargs
@@ -73,7 +73,7 @@ def _overlap(ref: torch.Tensor, other: torch.Tensor, m: int) -> float:
 
 
 def _encoded(grid: int, size: int, seed: int):
-    """(vlm, batches, encodings) of ``size`` clutter examples at ``grid`` (None without the snapshot)."""
+    """(vlm, batches, encodings) of ``size`` clutter examples at ``grid`` (None without the base VLM)."""
     if not (SNAPSHOT / "model.safetensors").is_file():
         return None
     from arr_coc.evaluation import _encode, build_eval_batches
@@ -84,7 +84,7 @@ def _encoded(grid: int, size: int, seed: int):
     vlm = BaseVLM.from_pretrained(SNAPSHOT).eval()
     px = 8 * grid
     if grid != vlm.grid[0]:
-        vlm.vision.set_input_size(img_size=(px, px))
+        vlm.set_image_size(px)
     task = build_task({"name": "clutter", "image_size": px, "grid": grid}, seed)
     batches = build_eval_batches(task, build_tokenizer(task), start=0, size=size, batch_size=BATCH)
     with torch.no_grad():
@@ -245,8 +245,8 @@ def main(argv: list[str]) -> None:
     train_size = int(_flag(argv, "train-size", "512"))
     train_rows = _train_recall(train_steps, train_size=train_size) if (real and train_steps > 0) else None
 
-    inputs = ("v2 snapshot tokens (validation seed 1000003, one batch of 64 for speed / overlap)" if real
-              else "structured synthetic tokens (no snapshot here)")
+    inputs = ("tokens of the accepted v2 base VLM, checkpoints/base_vlm_v2 (validation seed 1000003, one batch of 64 for speed / overlap)" if real
+              else "structured synthetic tokens (no base VLM here)")
     body = (
         f"Inputs: {inputs}. {threads} torch thread(s); load average at start {load} on {os.cpu_count()} cores "
         f"(shared machine: read the ratios, not the milliseconds). {rounds} interleaved rounds after a warm-up.\n\n"

@@ -13,7 +13,9 @@ from arr_coc.training.tokenizer import build_tokenizer
 from arr_coc.evaluation import build_eval_batches
 from arr_coc.training.base_host import BaseVLMHost
 from arr_coc.allocators.arr_coc_host import LayerAttentionProbe
-vlm = BaseVLM.from_pretrained("checkpoints/base_vlm_v2_run/snapshot").eval()
+# session 4 ran this on a stage-1 snapshot of the old drawings (git: c514176, checkpoints/base_vlm_v2_run/snapshot);
+# that snapshot is gone, so it now reads the accepted base VLM (its figures in arr_coc_host.md are session 4's)
+vlm = BaseVLM.from_pretrained("checkpoints/base_vlm_v2").eval()
 task = build_task({"name": "clutter", "image_size": 128, "grid": 16}, 1000003)
 tok = build_tokenizer(task); qtypes = list(task.question_types)
 batches = build_eval_batches(task, tok, start=0, size=int(sys.argv[1]), batch_size=64)

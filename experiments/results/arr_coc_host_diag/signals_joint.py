@@ -14,7 +14,9 @@ from arr_coc.evaluation import build_eval_batches
 from arr_coc.training.base_host import BaseVLMHost
 import torch.nn.functional as F
 
-vlm = BaseVLM.from_pretrained("checkpoints/base_vlm_v2_run/snapshot").eval()
+# session 4 ran this on a stage-1 snapshot of the old drawings (git: c514176, checkpoints/base_vlm_v2_run/snapshot);
+# that snapshot is gone, so it now reads the accepted base VLM (its figures in arr_coc_host.md are session 4's)
+vlm = BaseVLM.from_pretrained("checkpoints/base_vlm_v2").eval()
 task = build_task({"name": "clutter", "image_size": 128, "grid": 16}, 1000003)
 tok = build_tokenizer(task)
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 128

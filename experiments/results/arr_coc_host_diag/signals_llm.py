@@ -28,7 +28,9 @@ class Probe:
         keep = torch.arange(kc)[None].expand(st.hidden.shape[0], -1)
         return PruneDecision(keep=keep)
 
-vlm = BaseVLM.from_pretrained("checkpoints/base_vlm_v2_run/snapshot").eval()
+# session 4 ran this on a stage-1 snapshot of the old drawings (git: c514176, checkpoints/base_vlm_v2_run/snapshot);
+# that snapshot is gone, so it now reads the accepted base VLM (its figures in arr_coc_host.md are session 4's)
+vlm = BaseVLM.from_pretrained("checkpoints/base_vlm_v2").eval()
 task = build_task({"name": "clutter", "image_size": 128, "grid": 16}, 1000003)
 tok = build_tokenizer(task)
 batches = build_eval_batches(task, tok, start=0, size=int(sys.argv[1]), batch_size=64)
