@@ -74,22 +74,23 @@ BASE_V2_L_RUN := experiments/runs/v2l
 BASE_V2_O_RUN := experiments/runs/v2o
 BASE_V2_RUN := checkpoints/base_vlm_v2_run
 BASE_V2_BEST := $(BASE_V2_RUN)/best
-STAGE1_V2_FULL_PROB := 0.5
+STAGE1_V2_FULL_PROB := 0.5   # the final phase only (given after COMMON's 0.15: the last flag wins)
 STAGE1_V2_COMMON := --task clutter --image-size 128 --grid 16 --clip checkpoints/clip_v2 \
-	  --drop shared --keep-dist loguniform --keep-min 0.03 \
+	  --drop shared --keep-dist loguniform --keep-min 0.03 --full-prob 0.15 \
 	  --attn-weight 0 --attn sdpa --position-quadratic --train-objects 2 12 \
 	  --llm-dim 96 --llm-heads 4 --images-per-step 16 --questions-per-image 8 \
 	  --eval-every 250 --val-images 250 --max-minutes 100000 --curriculum-threshold 0.0001
-STAGE1_V2_MIX := --train-mix nearest=6,compare=2,count=2 --warmup 100
-STAGE1_V2_G := $(STAGE1_V2_COMMON) --full-prob 0.15 --llm-layers 4 --ramp-steps 1500 --train-mix nearest=2,count=2 --lr 2e-3 \
+# the branches after G: the mix that reweights the types not yet learned, a short warmup
+STAGE1_V2_BRANCH := --train-mix nearest=6,compare=2,count=2 --warmup 100
+STAGE1_V2_G := $(STAGE1_V2_COMMON) --llm-layers 4 --ramp-steps 1500 --train-mix nearest=2,count=2 --lr 2e-3 \
 	  --warmup 150 --max-steps 10000 --run-dir $(BASE_V2_G_RUN) --out $(BASE_V2_G_RUN)/best
-STAGE1_V2_J := $(STAGE1_V2_COMMON) --full-prob 0.15 --llm-layers 4 $(STAGE1_V2_MIX) --lr 1.5e-3 \
+STAGE1_V2_J := $(STAGE1_V2_COMMON) --llm-layers 4 $(STAGE1_V2_BRANCH) --lr 1.5e-3 \
 	  --max-steps 6000 --run-dir $(BASE_V2_J_RUN) --out $(BASE_V2_J_RUN)/best
-STAGE1_V2_L := $(STAGE1_V2_COMMON) --full-prob 0.15 --llm-layers 6 $(STAGE1_V2_MIX) --lr 1.5e-3 \
+STAGE1_V2_L := $(STAGE1_V2_COMMON) --llm-layers 6 $(STAGE1_V2_BRANCH) --lr 1.5e-3 \
 	  --max-steps 4000 --run-dir $(BASE_V2_L_RUN) --out $(BASE_V2_L_RUN)/best
-STAGE1_V2_O := $(STAGE1_V2_COMMON) --full-prob 0.15 --llm-layers 6 $(STAGE1_V2_MIX) --lr 1e-3 \
+STAGE1_V2_O := $(STAGE1_V2_COMMON) --llm-layers 6 $(STAGE1_V2_BRANCH) --lr 1e-3 \
 	  --max-steps 4000 --run-dir $(BASE_V2_O_RUN) --out $(BASE_V2_O_RUN)/best
-STAGE1_V2 := $(STAGE1_V2_COMMON) --full-prob $(STAGE1_V2_FULL_PROB) --llm-layers 6 $(STAGE1_V2_MIX) --lr 1e-3 \
+STAGE1_V2 := $(STAGE1_V2_COMMON) --full-prob $(STAGE1_V2_FULL_PROB) --llm-layers 6 $(STAGE1_V2_BRANCH) --lr 1e-3 \
 	  --max-steps 3000 --run-dir $(BASE_V2_RUN) --out $(BASE_V2_BEST)
 base-vlm-v2: $(STAMP)
 	$(PY) -m arr_coc.training.train_clip --out $(CLIP_RUN)/phase1 --run-dir $(CLIP_RUN)/phase1_run --vit-dim 64 --text-dim 64 --batch 48 --max-steps 600 --warmup 50 --eval-every 50 --aux-object-weight 1.0 --threads 2 --max-minutes 100000

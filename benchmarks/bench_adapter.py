@@ -41,7 +41,7 @@ from arr_coc.allocators import create_allocator
 
 from ._report import argv_command, markdown_table, write_report
 
-SNAPSHOT = Path("checkpoints/base_vlm_v2")
+BASE_VLM = Path("checkpoints/base_vlm_v2")
 BATCH = 64
 SETTINGS = {24: (144, 64, 36), 16: (64, 28, 16)}
 DESIGNS = {  # label -> arr_coc_adapter kwargs
@@ -74,17 +74,16 @@ def _overlap(ref: torch.Tensor, other: torch.Tensor, m: int) -> float:
 
 def _encoded(grid: int, size: int, seed: int):
     """(vlm, batches, encodings) of ``size`` clutter examples at ``grid`` (None without the base VLM)."""
-    if not (SNAPSHOT / "model.safetensors").is_file():
+    if not (BASE_VLM / "model.safetensors").is_file():
         return None
     from arr_coc.evaluation import _encode, build_eval_batches
     from arr_coc.training.base_vlm import BaseVLM
     from arr_coc.training.tasks import build_task
     from arr_coc.training.tokenizer import build_tokenizer
 
-    vlm = BaseVLM.from_pretrained(SNAPSHOT).eval()
+    vlm = BaseVLM.from_pretrained(BASE_VLM).eval()
     px = 8 * grid
-    if grid != vlm.grid[0]:
-        vlm.set_image_size(px)
+    vlm.set_image_size(px)
     task = build_task({"name": "clutter", "image_size": px, "grid": grid}, seed)
     batches = build_eval_batches(task, build_tokenizer(task), start=0, size=size, batch_size=BATCH)
     with torch.no_grad():
@@ -230,7 +229,7 @@ def main(argv: list[str]) -> None:
     eval_size = int(_flag(argv, "eval-size", "512"))
     train_steps = int(_flag(argv, "train-steps", "300"))
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
-    real = (SNAPSHOT / "model.safetensors").is_file()
+    real = (BASE_VLM / "model.safetensors").is_file()
     speed_rows, acc_rows = [], []
     for grid, budgets in SETTINGS.items():
         if real:

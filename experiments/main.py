@@ -480,8 +480,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         best = json.loads((folder / "best.json").read_text())
         base_note = f" (stage-1 step {best.get('step')}, its own val accuracy {best.get('val_acc', float('nan')):.3f})"
     vlm.requires_grad_(False)
-    if int(cfg.data.image_size) != vlm.image_size:  # e.g. v2 at 24 x 24 = 576 tokens (+experiment=v2_576)
-        vlm.set_image_size(int(cfg.data.image_size))
+    vlm.set_image_size(int(cfg.data.image_size))  # a no-op at the model's own size; v2_576 runs it at 192 px
     if tuple(vlm.grid) != (int(cfg.data.grid), int(cfg.data.grid)):
         raise ValueError(f"data.grid: expected {vlm.grid[0]} for image_size {vlm.image_size} with this base VLM, got {cfg.data.grid}")
     num_tokens = int(vlm.num_patches)
