@@ -294,6 +294,11 @@ class ArrCocHostAllocator(ArrCocAllocator):
 
     # ------------------------------------------------------------------ selection
     def select(self, ctx: AllocationContext) -> Selection:
+        return self._greedy(ctx)
+
+    def _greedy(self, ctx: AllocationContext, extra_unary: torch.Tensor | None = None) -> Selection:
+        """The greedy of step 3; ``extra_unary`` [B, M] (nats, >= 0) is added to the prior's term
+        (a trained subclass's learned relevance, :mod:`arr_coc.allocators.arr_coc_host_trained`)."""
         dtype = torch.float64 if ctx.fine.dtype == torch.float64 else torch.float32
         z, q, qm, signal = self._joint(ctx, dtype)
         levels = self.pyramid_levels
@@ -308,6 +313,9 @@ class ArrCocHostAllocator(ArrCocAllocator):
             emb = zc
         sal = self._salience(ctx, dtype)
         unary = None if sal is None else (self.prior_weight * salience_information(sal, ctx.grid, levels)).to(dtype)
+        if extra_unary is not None:
+            extra_unary = extra_unary.detach().to(dtype)
+            unary = extra_unary if unary is None else unary + extra_unary
         b = ctx.batch_size
         # fixed alpha and price (training-free); without any query, alpha = 0 (coverage only)
         has_q = q is not None and (qm is None or bool(qm.any()))
@@ -360,6 +368,10 @@ class ArrCocHostLLMAllocator(ArrCocHostAllocator):
         return (resolve_layer(self.llm_layer, num_layers, name="llm_layer"),)
 
     def prune(self, state):
+        return self._prune(state)
+
+    def _prune(self, state, extra_unary: torch.Tensor | None = None):
+        """The in-LLM greedy; ``extra_unary`` [B, Kc] (nats, >= 0) is added to the prior's term."""
         from arr_coc.allocators.host import PruneDecision
 
         kc = state.num_visual_slots
@@ -378,6 +390,8 @@ class ArrCocHostLLMAllocator(ArrCocHostAllocator):
         n_real = vm.sum(1, keepdim=True).to(dtype)
         p = a / a.sum(1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
         unary = self.prior_weight * (n_real * p).clamp_min(torch.finfo(dtype).tiny).log().clamp_min(0) * vm
+        if extra_unary is not None:
+            unary = unary + extra_unary.detach().to(dtype) * vm
         b = h.shape[0]
         budget = torch.minimum(state.budget, vm.sum(1))
         alpha = torch.full((b,), self.balancer.fixed_alpha, dtype=dtype, device=h.device)

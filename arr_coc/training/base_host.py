@@ -347,8 +347,14 @@ class BaseVLMHost:
         return self._patch
 
     # ------------------------------------------------------------------ in-LLM pruning
+    def answer_in_llm(self, pruner: InLLMPruner, *args, **kwargs):
+        """See :meth:`_answer_in_llm`. The frozen LLM runs without gradients; the pruner's
+        ``prune`` runs with the caller's grad mode, so a trained in-LLM allocator's scores keep
+        their graph in training (:class:`arr_coc.training.module.ARRCOCModule`)."""
+        return self._answer_in_llm(pruner, *args, pruner_grad=torch.is_grad_enabled(), **kwargs)
+
     @torch.no_grad()
-    def answer_in_llm(
+    def _answer_in_llm(
         self,
         pruner: InLLMPruner,
         visual: torch.Tensor,
@@ -359,6 +365,7 @@ class BaseVLMHost:
         budget: int | torch.Tensor,
         *,
         return_trace: bool = False,
+        pruner_grad: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, InLLMTrace]:
         """Answer logits [B, V] with ``pruner`` pruning the K visual tokens [B, K, Dl] inside the LLM.
 
@@ -420,7 +427,8 @@ class BaseVLMHost:
                 stage=prune_at.index(li),
                 memory=memory,
             )
-            decision = pruner.prune(state)
+            with torch.set_grad_enabled(pruner_grad):
+                decision = pruner.prune(state)
             h, key_mask, pos, origin, kc = self._apply(decision, h, key_mask, pos, origin, kc, input_pos)
             trace.counts.append(key_mask[:, :kc].sum(1))
             trace.extras.append(decision.extras)

@@ -17,8 +17,12 @@ minimising it maximises a lower bound on I(tokens; answer)) + ``rate`` * the IB 
 ``critic`` * the InfoNCE critic loss + ``distill`` * the distillation loss from the exact
 greedy (``arr_coc_adapter`` reports it in training; the answer loss alone through its
 straight-through top-k collapses it to pooled tokens), the last three as the allocator
-reports them (see :func:`allocator_loss_terms`); an allocator that reports none trains on
-the answer alone, and one without trainable parameters is only evaluated.
+reports them (see :func:`allocator_loss_terms`), + ``relevance`` * the listwise cross-entropy
+against the batch's ground-truth relevance mask (off by default; for an allocator that
+reports ``relevance_logits``, ``arr_coc_host_trained``); an allocator that reports none trains on
+the answer alone, and one without trainable parameters is only evaluated. An allocator that
+reads host signals (``reads_host``) gets the embedded base VLM's
+:class:`~arr_coc.training.base_host.BaseVLMHost` of the batch, as in evaluation.
 
 The frozen VLM is never written into a checkpoint: ``on_save_checkpoint`` drops its weights
 and stores the backbone references (names / paths, as given in ``backbones``) and a
@@ -177,6 +181,7 @@ def allocator_loss_terms(
     budget: int = 0,
     rate: str = "kl",
     rate_prior: float | None = None,
+    relevance: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The IB rate and InfoNCE critic terms of an allocator's output (scalars, nats).
 
@@ -194,7 +199,11 @@ def allocator_loss_terms(
       critic matrix (``"adapter"``) between the images and questions of the batch, whose
       InfoNCE loss is returned as ``critic`` and ``log B - loss`` (a lower bound on
       I(image; question)) as ``mi_infonce``; ``critic_kind`` None: no critic term. This needs
-      ``tokens`` [B, P+N, D], ``query``, ``grid``.
+      ``tokens`` [B, P+N, D], ``query``, ``grid``;
+    - relevance, given the batch's ground-truth ``relevance`` [B, gh, gw] and an allocator that
+      reports ``extras["relevance_logits"]`` [B, N] (``arr_coc_host_trained``): the listwise
+      cross-entropy of :func:`arr_coc.allocators.arr_coc_host_trained.relevance_listwise_loss`
+      (supervision by the training split's masks, which the published pruners do not use).
     """
     from arr_coc.balancing import bernoulli_rate, expected_tokens
 
@@ -208,6 +217,11 @@ def allocator_loss_terms(
         if val is not None:
             val = torch.as_tensor(val)
             terms[key] = val.mean() if val.dim() else val
+    rel_logits = extras.get("relevance_logits")
+    if relevance is not None and isinstance(rel_logits, torch.Tensor):
+        from arr_coc.allocators.arr_coc_host_trained import relevance_listwise_loss
+
+        terms["relevance"] = relevance_listwise_loss(rel_logits, relevance.to(rel_logits.device)).mean()
     keep = extras.get("keep_prob")
     if "rate" not in terms and isinstance(keep, torch.Tensor) and keep.dim() == 2:
         if rate == "tokens":
@@ -336,7 +350,8 @@ class ARRCOCModule(L.LightningModule):
         if val_budget is not None and (not isinstance(val_budget, int) or val_budget < 0):
             raise ValueError(f"val_budget: expected an int >= 0 or None, got {val_budget!r}")
         # distill is on by default: only an allocator that reports it (arr_coc_adapter) pays it
-        weights = {"ce": 1.0, "rate": 0.0, "critic": 0.0, "distill": 1.0}
+        # relevance (supervision by the ground-truth relevance mask) is off unless asked for
+        weights = {"ce": 1.0, "rate": 0.0, "critic": 0.0, "distill": 1.0, "relevance": 0.0}
         for k, v in dict(loss_weights or {}).items():
             if k not in weights:
                 raise ValueError(f"loss_weights: unknown term {k!r}; expected some of {list(weights)}")
@@ -385,6 +400,11 @@ class ARRCOCModule(L.LightningModule):
 
         if not any(is_lazy(p) for p in self.allocator.parameters()):
             return
+        scorer = getattr(self.allocator, "scorer", None)
+        if getattr(self.allocator, "in_llm", False) and callable(getattr(scorer, "materialize", None)):
+            scorer.materialize(self.host.llm_dim, self.host.llm_dim)  # it reads the LLM's hidden states
+            if not any(is_lazy(q) for q in self.allocator.parameters()):
+                return
         gen = torch.Generator().manual_seed(0)
         p, (h, w) = int(self.host.num_prefix_tokens), self.grid
         dim = self.host.llm_dim if self.allocate_after_projection else self.host.vision_dim
@@ -431,6 +451,18 @@ class ARRCOCModule(L.LightningModule):
             vision_tokens, grid, p = enc.tokens, enc.grid, int(enc.num_prefix_tokens)  # [B, P+N, Dv]
             tokens = self.host.project(vision_tokens) if self.allocate_after_projection else vision_tokens
             query, q_mask = self.host.query(batch)  # [B, T, Dl], [B, T]
+        if getattr(self.allocator, "in_llm", False):
+            return self._forward_in_llm(batch, budget, vision_tokens, tokens, grid, p, query, q_mask)
+        host_kw = {}
+        if getattr(self.allocator, "reads_host", False) and self.allocate_after_projection:
+            from arr_coc.training.hosts import EmbeddedHost
+
+            if isinstance(self.host, EmbeddedHost):  # the base VLM's signals (LLM attention, ...)
+                from arr_coc.training.base_host import BaseVLMHost
+
+                host_kw["host"] = BaseVLMHost(
+                    self.vlm, batch.get("pixels"), vision_tokens, batch["question_ids"], batch["question_mask"]
+                )
         out = self.allocator(
             tokens,
             query=query,
@@ -438,6 +470,7 @@ class ARRCOCModule(L.LightningModule):
             budget=budget,
             grid=grid,
             num_prefix_tokens=p,
+            **host_kw,
         )
         if self.allocate_after_projection:
             visual = out.tokens  # [B, K, Dl]
@@ -460,6 +493,44 @@ class ARRCOCModule(L.LightningModule):
             "query": query, "query_mask": q_mask, "grid": grid, "num_prefix_tokens": p,
         }
 
+    def _forward_in_llm(self, batch, budget, vision_tokens, tokens, grid, p, query, q_mask) -> dict[str, Any]:
+        """An in-LLM allocator (``in_llm``: FastV, ``arr_coc_host_llm_trained``) prunes inside the
+        embedded base VLM's LLM (``BaseVLMHost.answer_in_llm``), as in evaluation. The kept set is
+        discrete, so the answer loss has no path to the allocator: it trains on the terms its
+        prune calls report (``relevance_logits``, ``losses``), merged into ``out.extras``."""
+        from arr_coc.allocators import AllocationOutput
+        from arr_coc.training.base_host import BaseVLMHost
+        from arr_coc.training.hosts import EmbeddedHost, HostAnswer
+
+        if not isinstance(self.host, EmbeddedHost) or not self.allocate_after_projection:
+            raise ValueError(
+                "allocator: an in-LLM allocator trains on the embedded base VLM with allocate_after_projection=True"
+            )
+        host = BaseVLMHost(self.vlm, batch.get("pixels"), vision_tokens, batch["question_ids"], batch["question_mask"])
+        fine = tokens[:, p:]
+        budget_i = int(budget) if not isinstance(budget, torch.Tensor) else budget
+        logits, trace = host.answer_in_llm(
+            self.allocator, fine, None, None, batch["question_ids"], batch["question_mask"], budget_i, return_trace=True
+        )
+        answer = HostAnswer(
+            loss=F.cross_entropy(logits.float(), batch["answer"]), correct=logits.argmax(-1) == batch["answer"], logits=logits
+        )
+        fine_pos = self.vlm.fine_positions(fine.shape[0], fine.device)  # [B, N, 3]
+        positions = fine_pos.gather(1, trace.kept.clamp(min=0)[..., None].expand(-1, -1, 3))
+        positions = torch.where(trace.mask[..., None], positions, torch.full_like(positions, -1))
+        extras: dict[str, Any] = {}
+        for e in trace.extras:
+            extras.update(e)
+        kept = fine.gather(1, trace.kept.clamp(min=0)[..., None].expand(-1, -1, fine.shape[-1]))
+        out = AllocationOutput(
+            indices=trace.kept, tokens=kept * trace.mask[..., None], mask=trace.mask, positions=positions,
+            gain=extras.get("gain"), extras=extras,
+        )
+        return {
+            "answer": answer, "logits": logits, "out": out, "tokens": tokens,
+            "query": query, "query_mask": q_mask, "grid": grid, "num_prefix_tokens": p,
+        }
+
     def _loss(self, batch: Mapping[str, torch.Tensor], budget: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         res = self(batch, budget)
         terms = {"ce": res["answer"].loss}
@@ -475,6 +546,7 @@ class ARRCOCModule(L.LightningModule):
                 budget=int(budget),
                 rate=self.rate_kind,
                 rate_prior=self.rate_prior,
+                relevance=batch.get("relevance") if self.loss_weights["relevance"] > 0 else None,
             )
         )
         total = sum(self.loss_weights[k] * v for k, v in terms.items() if k in self.loss_weights)

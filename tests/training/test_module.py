@@ -210,7 +210,7 @@ def test_bad_arguments_are_named(vlm):
 
 
 def test_parameter_free_allocator_is_evaluated_not_trained(vlm, batch):
-    module = _module(vlm, create_allocator("visionzip"), budget=8)
+    module = _module(vlm, create_allocator("divprune"), budget=8)
     assert module.configure_optimizers() is None
     assert module.training_step(batch, 0) is None
 
@@ -274,3 +274,51 @@ def test_seeded_sampler_depends_on_seed_and_epoch_only():
     b.set_epoch(3)
     assert list(a) != list(b)
     assert list(SeededRandomSampler(range(50), seed=4)) != list(SeededRandomSampler(range(50), seed=3))
+
+
+def test_host_reading_allocator_trains_on_relevance_and_distillation(vlm, batch):
+    """arr_coc_host_trained gets the base VLM's host in training (its LLM attention: the
+    distillation teacher) and the listwise relevance term when its weight is > 0."""
+    from arr_coc.allocators.arr_coc_host_trained import relevance_listwise_loss
+
+    alloc = create_allocator("arr_coc_host_trained", prior=None, distill=True)
+    module = _module(vlm, alloc, budget=8, loss_weights={"ce": 1.0, "relevance": 0.5, "distill": 0.25})
+    opt = module.configure_optimizers()
+    module.train()
+    total, terms, res = module._loss(batch, 8)
+    extras = res["out"].extras
+    want_rel = relevance_listwise_loss(extras["relevance_logits"], batch["relevance"]).mean()
+    torch.testing.assert_close(terms["relevance"], want_rel)
+    assert terms["distill"].item() >= 0 and "llm_attention" not in extras  # prior None: the teacher only
+    torch.testing.assert_close(total, terms["ce"] + 0.5 * terms["relevance"] + 0.25 * terms["distill"])
+    opt.zero_grad()
+    total.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in alloc.scorer.parameters())
+    # the relevance term is off by default
+    module0 = _module(vlm, create_allocator("arr_coc_host_trained"), budget=8)
+    assert module0.loss_weights["relevance"] == 0.0
+    _, terms0, res0 = module0._loss(batch, 8)
+    assert "relevance" not in terms0 and "llm_attention" in res0["out"].extras  # the LLM prior read the host
+
+
+def test_in_llm_allocator_trains_its_scorer_on_the_relevance_term(vlm, batch):
+    """arr_coc_host_llm_trained prunes inside the base VLM's LLM in training too; only the
+    relevance term reaches its scorer (the kept set is discrete), and the metrics see the
+    tokens the last layers saw."""
+    alloc = create_allocator("arr_coc_host_llm_trained", llm_layer=0)
+    module = _module(vlm, alloc, budget=4, loss_weights={"ce": 1.0, "relevance": 1.0})
+    opt = module.configure_optimizers()
+    assert opt is not None, "the scorer's lazy maps are materialised at the LLM's width"
+    module.train()
+    total, terms, res = module._loss(batch, 4)
+    out = res["out"]
+    assert out.mask.sum(1).tolist() == [4] * batch["answer"].shape[0]
+    assert terms["relevance"].requires_grad and not terms["ce"].requires_grad
+    torch.testing.assert_close(total, terms["ce"] + terms["relevance"])
+    opt.zero_grad()
+    total.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in alloc.scorer.parameters())
+    with torch.no_grad():
+        full = module._loss(batch, 64)[2]["answer"].logits  # budget >= N: the unpruned VLM
+    want = vlm.answer_logits(res["tokens"][:, vlm.num_prefix_tokens :], None, None, batch["question_ids"], batch["question_mask"])
+    torch.testing.assert_close(full, want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,141 @@
+"""``arr_coc_host_trained``: the host greedy plus a trained relevance term."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from arr_coc.allocators import create_allocator, list_allocators
+from arr_coc.allocators.arr_coc_host_trained import ArrCocHostTrainedAllocator, relevance_listwise_loss
+from tests.allocators.test_arr_coc_host import joint_setup
+
+
+def _llm_host(seed=5, b=2, n=16):
+    """joint_setup's host with an ``llm_attention(layer)`` signal (heads x question tokens x P+N)."""
+    host, tokens = joint_setup(b=b, n=n)
+    g = torch.Generator().manual_seed(seed)
+    att = torch.rand(b, 3, 4, 1 + n, generator=g)
+    qmask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    host.llm_attention = lambda layer: (att, qmask)
+    return host, tokens, att, qmask
+
+
+def test_registered():
+    assert "arr_coc_host_trained" in list_allocators()
+    assert isinstance(create_allocator("arr_coc_host_trained"), ArrCocHostTrainedAllocator)
+
+
+def test_relevance_listwise_loss_closed_forms():
+    rel = torch.zeros(3, 8, dtype=torch.bool)
+    rel[0, [1, 5]] = True
+    rel[1, 2] = True
+    # uniform logits: -log(1/8) = log 8 on every supervised row; the row without relevance: 0
+    loss = relevance_listwise_loss(torch.zeros(3, 8), rel)
+    torch.testing.assert_close(loss, torch.tensor([math.log(8), math.log(8), 0.0]))
+    # all mass spread evenly on R: the minimum, log |R|
+    logits = torch.where(rel, 0.0, -1e4)
+    torch.testing.assert_close(relevance_listwise_loss(logits, rel)[:2], torch.tensor([math.log(2), 0.0]))
+    # a [B, gh, gw] mask is the same as its flattening
+    torch.testing.assert_close(relevance_listwise_loss(torch.zeros(3, 8), rel.view(3, 2, 4)), loss)
+    with pytest.raises(ValueError, match="relevance"):
+        relevance_listwise_loss(torch.zeros(3, 8), rel[:, :4])
+    with pytest.raises(ValueError, match="logits"):
+        relevance_listwise_loss(torch.zeros(3, 8, 1), rel)
+
+
+def test_without_the_learned_term_it_is_arr_coc_host():
+    host, tokens, _, _ = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    args = dict(query=q, budget=5, grid=(4, 4), num_prefix_tokens=1, host=host)
+    ref = create_allocator("arr_coc_host").eval()(tokens, **args)
+    ours = create_allocator("arr_coc_host_trained", learned_weight=0.0).eval()(tokens, **args)
+    assert torch.equal(ref.indices, ours.indices)
+    torch.testing.assert_close(ref.gain, ours.gain)
+
+
+def test_learned_term_is_the_positive_pmi_added_to_the_prior():
+    host, tokens, _, _ = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    args = dict(query=q, budget=5, grid=(4, 4), num_prefix_tokens=1, host=host)
+    base = create_allocator("arr_coc_host").eval()(tokens, **args)
+    alloc = create_allocator("arr_coc_host_trained", learned_weight=2.0).eval()
+    out = alloc(tokens, **args)
+    pmi = out.extras["pmi"]
+    assert pmi.shape == (2, 16)
+    want = base.extras["prior_information"] + 2.0 * pmi.clamp_min(0)
+    torch.testing.assert_close(out.extras["prior_information"], want)
+    # pmi is log(M p(j | q)): its exp sums to M over the candidates
+    torch.testing.assert_close(pmi.exp().sum(1), torch.full((2,), 16.0), rtol=1e-5, atol=1e-5)
+
+
+def test_training_gives_the_scorer_gradients_and_the_distillation_kl():
+    host, tokens, att, qmask = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    alloc = create_allocator("arr_coc_host_trained", prior=None, distill=True).train()
+    out = alloc(tokens, query=q, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host)
+    kl = out.extras["losses"]["distill"]
+    # the teacher: layer attention, heads averaged, over the real question tokens, renormalised
+    a = att.mean(1)[:, :, 1:]
+    p = torch.stack([a[0, :3].mean(0), a[1, :2].mean(0)])
+    p = p / p.sum(1, keepdim=True)
+    logq = out.extras["relevance_logits"].log_softmax(1)
+    torch.testing.assert_close(kl, (p * (p.log() - logq)).sum(1))
+    assert bool((kl >= 0).all())
+    # the kept tokens are the candidates (value 1 straight-through) and carry the scorer's gradient
+    sel = tokens[:, 1:].gather(1, out.indices[..., None].expand(-1, -1, tokens.shape[-1]))
+    torch.testing.assert_close(out.tokens.detach(), sel)
+    (out.tokens.sum() + kl.sum()).backward()
+    grads = [p.grad for p in alloc.scorer.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_distillation_needs_training_and_a_host():
+    _, tokens, _, _ = _llm_host()
+    alloc = create_allocator("arr_coc_host_trained", prior=None, distill=True)
+    assert "losses" not in alloc.train()(tokens, budget=4, grid=(4, 4), num_prefix_tokens=1).extras
+    host, tokens, _, _ = _llm_host()
+    assert "losses" not in alloc.eval()(tokens, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host).extras
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [({"learned_weight": -1.0}, "learned_weight"), ({"distill": 1}, "distill"), ({"st_temperature": 0.0}, "st_temperature")],
+)
+def test_bad_arguments_name_themselves(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        create_allocator("arr_coc_host_trained", **kwargs)
+
+
+def _layer_state(b=2, kc=6, tt=3, d=8, seed=0):
+    from arr_coc.allocators.host import LLMLayerState
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, kc + tt, d, generator=g)
+    att = torch.rand(b, 2, kc + tt, kc + tt, generator=g)
+    vm = torch.ones(b, kc, dtype=torch.bool)
+    vm[1, -1] = False
+    return LLMLayerState(
+        layer=0, num_layers=2, hidden=hidden, attention=att, visual_mask=vm,
+        text_mask=torch.ones(b, tt, dtype=torch.bool), inputs_embeds=hidden, budget=torch.tensor([3, 3]),
+        origin=torch.arange(kc).expand(b, kc), stage=0, memory={},
+    )
+
+
+def test_in_llm_variant_adds_the_hidden_state_pmi_and_reports_it():
+    from arr_coc.allocators.arr_coc_host_trained import ArrCocHostLLMTrainedAllocator
+
+    state = _layer_state()
+    ref = create_allocator("arr_coc_host_llm").prune(state)
+    zero = create_allocator("arr_coc_host_llm_trained", learned_weight=0.0)
+    assert isinstance(zero, ArrCocHostLLMTrainedAllocator) and zero.in_llm
+    dec0 = zero.prune(state)
+    assert torch.equal(dec0.keep, ref.keep)
+    alloc = create_allocator("arr_coc_host_llm_trained", learned_weight=3.0)
+    dec = alloc.prune(state)
+    pmi = dec.extras["relevance_logits"]
+    assert pmi.shape == (2, 6) and pmi[1, -1].item() < -1e3  # the padded slot is never relevant
+    want = ref.extras["prior_information"] + 3.0 * pmi.clamp_min(0) * state.visual_mask
+    torch.testing.assert_close(dec.extras["prior_information"], want)
+    assert not bool((dec.keep[1] == 5).any())
