@@ -285,12 +285,7 @@ def tokens_table(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], quest
     random, full, the oracle and the arr_coc rows at the same budgets; empty when no row adapts."""
     from arr_coc.reporting import markdown_table
 
-    def spread(r: Mapping[str, Any]) -> float:
-        spent = [r.get(f"tokens_{t}", float("nan")) for t in question_types]
-        spent = [v for v in spent if v == v]
-        return max(spent) - min(spent) if spent else 0.0
-
-    adaptive = {r["allocator"] for r in agg if spread(r) > 0.5}
+    adaptive = adaptive_rows(agg, question_types)
     if not adaptive:
         return ""
     order = {k: i for i, k in enumerate(budgets)}
@@ -305,6 +300,61 @@ def tokens_table(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], quest
         for r in rows
     ]
     return markdown_table(head, body)
+
+
+def adaptive_rows(agg: Sequence[Mapping[str, Any]], question_types: Sequence[str]) -> set[str]:
+    """Labels of the rows whose mean spending differs between question types by > 0.5 tokens."""
+
+    def spread(r: Mapping[str, Any]) -> float:
+        spent = [r.get(f"tokens_{t}", float("nan")) for t in question_types]
+        spent = [v for v in spent if v == v]
+        return max(spent) - min(spent) if spent else 0.0
+
+    return {r["allocator"] for r in agg if spread(r) > 0.5}
+
+
+def plot_tokens_per_type(
+    agg: Sequence[Mapping[str, Any]], question_types: Sequence[str], path: Path, *, caption: str,
+    fixed: Sequence[str] | None = None,
+) -> Path:
+    """One panel per question type: accuracy against mean tokens kept. The adaptive rows
+    (:func:`adaptive_rows`) are points labelled by row and budget cap; ``fixed`` rows (default: the
+    non-adaptive ``arr_coc*`` rows) are curves over their budgets, the fixed-budget frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    adaptive = adaptive_rows(agg, question_types)
+    if fixed is None:
+        fixed = sorted({r["allocator"] for r in agg if r["allocator"].startswith("arr_coc")} - adaptive)
+    n = len(question_types)
+    cols = min(4, n)
+    rows_n = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.0 * rows_n), squeeze=False)
+    markers = "osD^vP*X"
+    for ax, t in zip(axes.flat, question_types):
+        for name in fixed:
+            rs = sorted((r for r in agg if r["allocator"] == name), key=lambda r: r[f"tokens_{t}"])
+            ax.plot([r[f"tokens_{t}"] for r in rs], [r[f"acc_{t}"] for r in rs], marker=".", lw=1.5, label=f"{name} (fixed budgets)")
+        for i, name in enumerate(sorted(adaptive)):
+            rs = [r for r in agg if r["allocator"] == name]
+            ax.scatter([r[f"tokens_{t}"] for r in rs], [r[f"acc_{t}"] for r in rs], marker=markers[i % len(markers)],
+                       s=28, label=name, zorder=3)
+        ax.set_xscale("log", base=2)
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("tokens kept (mean)", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower right", ncol=1)
+    fig.text(0.01, 0.005, caption, fontsize=6, color="grey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def verdict(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], *, ours: str = "arr_coc") -> str:
@@ -554,6 +604,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         files["recall_png"] = plot_vs_budget(
             agg, "recall", "relevance recall", out_dir / f"{name}_recall.png", num_tokens=num_tokens, caption=caption
         )
+        if adaptive_rows(agg, question_types):
+            files["tokens_png"] = plot_tokens_per_type(
+                agg, question_types, out_dir / f"{name}_tokens.png", caption=caption
+            )
         grid_allocs = dict(allocators)
         if cfg.include_oracle:
             grid_allocs[ORACLE] = ORACLE
