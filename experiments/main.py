@@ -214,12 +214,22 @@ def add_intervals(agg: list[dict[str, Any]], correct: Mapping[tuple[str, int], l
             r["ci_lo"], r["ci_hi"] = bootstrap_interval(torch.stack(correct[key]))
 
 
+def _paired(correct: Mapping[tuple[str, int], list[torch.Tensor]], a: str, b: str, k: int) -> dict[str, Any]:
+    """Row ``a`` vs row ``b`` at budget k on the same questions: paired bootstrap and McNemar."""
+    from arr_coc.stats import mcnemar, paired_bootstrap
+
+    ca, cb = torch.stack(correct[(a, k)]), torch.stack(correct[(b, k)])
+    d, (lo, hi), p = paired_bootstrap(ca, cb)
+    nb, nc, p_mc = mcnemar(ca[0], cb[0])
+    return {"budget": k, "ours": a, "other": b, "diff": d, "lo": lo, "hi": hi,
+            "p_bootstrap": p, "ours_only": nb, "other_only": nc, "p_mcnemar": p_mc,
+            "n": int(ca.shape[1]), "seeds": int(max(ca.shape[0], cb.shape[0]))}
+
+
 def paired_tests(
     agg: Sequence[Mapping[str, Any]], correct: Mapping[tuple[str, int], list[torch.Tensor]], budgets, *, trained=()
 ) -> list[dict[str, Any]]:
     """Per budget: the best ``arr_coc*`` row vs the strongest other non-reference row."""
-    from arr_coc.stats import mcnemar, paired_bootstrap
-
     out = []
     for k in budgets:
         at = [r for r in agg if r["budget"] == k and r["allocator"] not in REFERENCE_ROWS]
@@ -229,16 +239,24 @@ def paired_tests(
             continue
         a = max(ours, key=lambda r: r["accuracy"])
         b = max(others, key=lambda r: r["accuracy"])
-        ca, cb = torch.stack(correct[(a["allocator"], k)]), torch.stack(correct[(b["allocator"], k)])
-        d, (lo, hi), p = paired_bootstrap(ca, cb)
-        nb, nc, p_mc = mcnemar(ca[0], cb[0])
-        out.append({"budget": k, "ours": a["allocator"], "other": b["allocator"], "diff": d, "lo": lo, "hi": hi,
-                    "p_bootstrap": p, "ours_only": nb, "other_only": nc, "p_mcnemar": p_mc,
-                    "n": int(ca.shape[1]), "seeds": int(max(ca.shape[0], cb.shape[0]))})
+        out.append(_paired(correct, a["allocator"], b["allocator"], k))
     return out
 
 
-def paired_table(paired: Sequence[Mapping[str, Any]]) -> str:
+def compare_tests(
+    pairs: Sequence[Sequence[str]], correct: Mapping[tuple[str, int], list[torch.Tensor]], budgets
+) -> list[dict[str, Any]]:
+    """``cfg.compare``: for each [a, b] of evaluated row labels, the paired tests at every budget."""
+    out = []
+    for pair in pairs:
+        if len(pair) != 2 or any((lab, budgets[0]) not in correct for lab in pair):
+            known = sorted({lab for lab, _ in correct})
+            raise ValueError(f"compare: expected pairs [a, b] of evaluated rows {known}, got {list(pair)!r}")
+        out.extend(_paired(correct, str(pair[0]), str(pair[1]), k) for k in budgets)
+    return out
+
+
+def paired_table(paired: Sequence[Mapping[str, Any]], heads: tuple[str, str] = ("best arr_coc", "strongest other")) -> str:
     from arr_coc.reporting import markdown_table
 
     if not paired:
@@ -249,7 +267,7 @@ def paired_table(paired: Sequence[Mapping[str, Any]]) -> str:
         for p in paired
     ]
     return markdown_table(
-        ["budget", "best arr_coc", "strongest other", "difference", "95% interval", "p (bootstrap)",
+        ["budget", heads[0], heads[1], "difference", "95% interval", "p (bootstrap)",
          "only ours / only other right", "p (McNemar)", "questions", "seeds"], body)
 
 
@@ -587,6 +605,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trained = {lab for lab in train_losses}
     add_intervals(agg, correct, budgets)
     paired = paired_tests(agg, correct, budgets, trained=trained)
+    compared = compare_tests([list(p) for p in (cfg.get("compare") or [])], correct, budgets)
 
     # ------------------------------------------------------------------ outputs
     out_dir = _path(cfg.results_dir)
@@ -652,6 +671,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         + paired_table(paired),
         "## Where each allocator stands\n\n" + verdict(agg, budgets),
     ]
+    if compared:
+        parts.insert(-1, "## Paired comparisons (`compare`)\n\nEach pair named in the config, at every budget: "
+                     "the first row minus the second, tested as above.\n\n" + paired_table(compared, ("row", "against")))
     if oracle_fit:
         parts.append(
             "## Oracle fit\n\nFraction of questions whose relevant patches all fit within the budget: "
@@ -674,7 +696,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             + "\n".join(f"![{k}]({p.name})" for k, p in files.items() if k.endswith("png"))
         )
     files["md"] = write_report(name, str(cfg.title), command, "\n\n".join(parts) + "\n", results_dir=out_dir)
-    return {"rows": rows, "table": agg, "files": files, "seconds": seconds, "paired": paired}
+    return {"rows": rows, "table": agg, "files": files, "seconds": seconds, "paired": paired, "compared": compared}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="main")

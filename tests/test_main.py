@@ -90,10 +90,16 @@ def test_seeds_aggregate_mean_and_spread():
 
 def test_ablation_configs_compose_and_unknown_names_are_refused(tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for exp in ("ablation_alpha", "ablation_price", "ablation_pyramid", "ablation_adapter"):
+        v2 = ("v2_ablation_alpha", "v2_ablation_price", "v2_ablation_pyramid", "v2_ablation_adapter", "v2_ablation_scorer",
+              "v2_ablation_training", "v2_trained", "v2_price_host")
+        for exp in ("ablation_alpha", "ablation_price", "ablation_pyramid", "ablation_adapter") + v2:
             cfg = compose("main", overrides=[f"+experiment={exp}"])
             specs = main_job.allocator_specs(cfg)
-            assert cfg.name == exp and len(specs) >= 4
+            assert len(specs) >= 4
+            if exp.startswith("ablation"):
+                assert cfg.name == exp
+            else:  # every v2 study reads the validation split, never the test split
+                assert cfg.data.task_seed == 1000003 and cfg.data.task == "clutter"
             for spec in specs.values():  # every variant builds
                 main_job.build_allocator(spec, 0)
         cfg = compose("main", overrides=["allocators=[full,nonsense]"])
@@ -120,8 +126,13 @@ def test_verdict_says_when_arr_coc_is_not_the_best_row():
 def test_tiny_v2_run_reports_intervals_and_paired_tests(tmp_path):
     """Benchmark v2's layout: the clutter task, references / training-free / trained tables, a
     95% interval per row and, per budget, a paired test of arr_coc against the best other row."""
-    out = main_job.run(_cfg(tmp_path, "allocators=[full,random,pool,arr_coc]", "budgets=[16]", "plots=false", v2=True))
+    out = main_job.run(_cfg(tmp_path, "allocators=[full,random,pool,arr_coc]", "budgets=[16]", "plots=false",
+                            "compare=[[arr_coc,random],[pool,random]]", v2=True))
     md = out["files"]["md"].read_text()
+    # compare: one paired test per named pair and budget, the same statistics as the headline test
+    assert [(c["ours"], c["other"]) for c in out["compared"]] == [("arr_coc", "random"), ("pool", "random")]
+    assert "## Paired comparisons (`compare`)" in md and "| 16 | `pool` | `random` |" in md
+    assert out["compared"][0]["lo"] <= out["compared"][0]["diff"] <= out["compared"][0]["hi"]
     assert "### References" in md and "### Training-free allocators" in md and "### Trained allocators" in md
     assert "## Paired tests" in md and "95% interval" in md
     (p,) = out["paired"]
@@ -161,6 +172,25 @@ def test_tokens_table_lists_adaptive_rows_beside_fixed_ones():
     table = main_job.tokens_table(fixed + [adaptive], [16], types)
     assert "| price_learned | 16 | 9.0 | 4.0 / 0.900 | 14.0 / 0.500 |" in table
     assert "| random | 16 | 16.0 |" in table
+
+
+def test_tokens_per_type_figure_has_a_panel_per_type_and_the_fixed_frontier(tmp_path):
+    types = ["shape", "colour", "count"]
+
+    def row(name, budget, spent, acc):
+        r = {"allocator": name, "budget": budget, "accuracy": float(sum(acc) / 3), "tokens": float(sum(spent) / 3)}
+        r.update({f"tokens_{t}": v for t, v in zip(types, spent)})
+        r.update({f"acc_{t}": v for t, v in zip(types, acc)})
+        return r
+
+    agg = [row("arr_coc_host", k, (k, k, k), (0.9, 0.8, 0.7)) for k in (4, 8, 16)]
+    agg.append(row("host_price_05", 16, (3.0, 5.0, 11.0), (0.9, 0.85, 0.7)))
+    assert main_job.adaptive_rows(agg, types) == {"host_price_05"}
+    import matplotlib.image as mpimg
+
+    path = main_job.plot_tokens_per_type(agg, types, tmp_path / "t.png", caption="c")
+    img = mpimg.imread(path)
+    assert img.shape[0] > 100 and img.shape[1] > 3 * 100  # three panels side by side
 
 
 def test_v2_ships_cdpruners_released_sign_and_v1_keeps_its_rows():
