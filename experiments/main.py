@@ -336,8 +336,10 @@ def plot_tokens_per_type(
     fixed: Sequence[str] | None = None,
 ) -> Path:
     """One panel per question type: accuracy against mean tokens kept. The adaptive rows
-    (:func:`adaptive_rows`) are points labelled by row and budget cap; ``fixed`` rows (default: the
-    non-adaptive ``arr_coc*`` rows) are curves over their budgets, the fixed-budget frontier."""
+    (:func:`adaptive_rows`) are points, one per budget cap; ``fixed`` rows (default: every
+    non-adaptive row but full, random and pool; the oracle dotted grey) are curves over their
+    budgets, the fixed-budget frontier. The token axis is log-scaled above one token and linear
+    below it (a price that keeps nothing is drawn at 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,7 +347,7 @@ def plot_tokens_per_type(
 
     adaptive = adaptive_rows(agg, question_types)
     if fixed is None:
-        fixed = sorted({r["allocator"] for r in agg if r["allocator"].startswith("arr_coc")} - adaptive)
+        fixed = sorted({r["allocator"] for r in agg} - adaptive - {"full", "random", "pool"})
     n = len(question_types)
     cols = min(4, n)
     rows_n = math.ceil(n / cols)
@@ -354,12 +356,15 @@ def plot_tokens_per_type(
     for ax, t in zip(axes.flat, question_types):
         for name in fixed:
             rs = sorted((r for r in agg if r["allocator"] == name), key=lambda r: r[f"tokens_{t}"])
-            ax.plot([r[f"tokens_{t}"] for r in rs], [r[f"acc_{t}"] for r in rs], marker=".", lw=1.5, label=f"{name} (fixed budgets)")
+            style = dict(color="grey", ls=":", marker="s", ms=3) if name == "oracle" else dict(marker=".")
+            ax.plot([r[f"tokens_{t}"] for r in rs], [r[f"acc_{t}"] for r in rs], lw=1.5, label=f"{name} (fixed budgets)",
+                    **style)
         for i, name in enumerate(sorted(adaptive)):
             rs = [r for r in agg if r["allocator"] == name]
             ax.scatter([r[f"tokens_{t}"] for r in rs], [r[f"acc_{t}"] for r in rs], marker=markers[i % len(markers)],
                        s=28, label=name, zorder=3)
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("symlog", base=2, linthresh=1.0)
+        ax.set_xlim(left=0)
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("tokens kept (mean)", fontsize=8)
         ax.set_ylabel("accuracy", fontsize=8)

@@ -90,12 +90,14 @@ def test_seeds_aggregate_mean_and_spread():
 
 def test_ablation_configs_compose_and_unknown_names_are_refused(tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        v2 = ("v2_ablation_alpha", "v2_ablation_price", "v2_ablation_pyramid", "v2_ablation_adapter", "v2_ablation_scorer",
+        v2 = ("v2_validation", "v2_576", "v2_price", "v2_ablation_alpha", "v2_ablation_price", "v2_ablation_pyramid", "v2_ablation_adapter", "v2_ablation_scorer",
               "v2_ablation_training", "v2_trained", "v2_price_host")
         for exp in ("ablation_alpha", "ablation_price", "ablation_pyramid", "ablation_adapter") + v2:
             cfg = compose("main", overrides=[f"+experiment={exp}"])
             specs = main_job.allocator_specs(cfg)
             assert len(specs) >= 4
+            for pair in cfg.get("compare") or []:  # every paired comparison names rows the config evaluates
+                assert set(pair) <= set(specs), (exp, list(pair))
             if exp.startswith("ablation"):
                 assert cfg.name == exp
             else:  # every v2 study reads the validation split, never the test split
