@@ -128,8 +128,9 @@ def test_verdict_says_when_arr_coc_is_not_the_best_row():
 def test_tiny_v2_run_reports_intervals_and_paired_tests(tmp_path):
     """Benchmark v2's layout: the clutter task, references / training-free / trained tables, a
     95% interval per row and, per budget, a paired test of arr_coc against the best other row."""
+    # v2's in-LLM rows prune after layer 1; the micro VLM has one LLM layer
     out = main_job.run(_cfg(tmp_path, "allocators=[full,random,pool,arr_coc]", "budgets=[16]", "plots=false",
-                            "compare=[[arr_coc,random],[pool,random]]", v2=True))
+                            "benchmark_allocators=null", "compare=[[arr_coc,random],[pool,random]]", v2=True))
     md = out["files"]["md"].read_text()
     # compare: one paired test per named pair and budget, the same statistics as the headline test
     assert [(c["ours"], c["other"]) for c in out["compared"]] == [("arr_coc", "random"), ("pool", "random")]
@@ -151,7 +152,7 @@ def test_tiny_v2_run_reports_intervals_and_paired_tests(tmp_path):
 def test_v2_576_config_runs_the_base_vlm_on_24_by_24_patches(tmp_path):
     """+experiment=v2_576: the 256-token base VLM's vision tower run at 192 px (576 candidates)."""
     out = main_job.run(_cfg(tmp_path, "+experiment=v2_576", "allocators=[full,random]", "budgets=[36]",
-                            "plots=false", "train.enabled=false", v2=True))
+                            "plots=false", "train.enabled=false", "benchmark_allocators=null", "compare=null", v2=True))
     rows = {(r["allocator"], r["budget"]): r for r in out["table"]}
     assert rows[("full", 36)]["tokens"] == 576 and rows[("random", 36)]["tokens"] == 36
     assert rows[("oracle", 36)]["recall"] > rows[("random", 36)]["recall"]
