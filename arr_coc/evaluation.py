@@ -304,10 +304,7 @@ def run_allocation(
         fine = enc.projected[:, p:]
         logits, trace = host.answer_in_llm(allocator, fine, None, None, q_ids, q_mask, int(budget), return_trace=True)
         seconds = time.perf_counter() - t0
-        fine_pos = vlm.fine_positions(fine.shape[0], fine.device)  # [B, N, 3]
-        positions = fine_pos.gather(1, trace.kept.clamp(min=0)[..., None].expand(-1, -1, 3))
-        positions = torch.where(trace.mask[..., None], positions, torch.full_like(positions, -1))
-        return AllocationResult(logits, positions, trace.mask, seconds)
+        return AllocationResult(logits, host.kept_positions(trace), trace.mask, seconds)
     args = dict(query=enc.query, query_mask=q_mask, budget=int(budget), grid=grid, num_prefix_tokens=p)
     if host is None:
         out = allocator(enc.projected, **args)

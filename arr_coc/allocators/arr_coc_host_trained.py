@@ -80,6 +80,21 @@ def relevance_listwise_loss(logits: torch.Tensor, relevance: torch.Tensor) -> to
     return torch.where(count > 0, nll, torch.zeros_like(nll))
 
 
+def _learned_relevance(
+    learned_weight: float, relevance_dim: int | None, num_heads: int, rank: int, temperature: float
+) -> tuple[float, ParticipatoryScorer]:
+    """The checked weight of the learned term and the scorer that computes its pmi."""
+    if not (isinstance(learned_weight, (int, float)) and math.isfinite(learned_weight) and learned_weight >= 0):
+        raise ValueError(f"learned_weight: expected a finite float >= 0, got {learned_weight!r}")
+    scorer = ParticipatoryScorer(relevance_dim=relevance_dim, num_heads=num_heads, rank=rank, temperature=temperature)
+    return float(learned_weight), scorer
+
+
+def _positive_pmi(pmi: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """The learned term of the gain, ``weight * max(0, pmi)`` in nats (no gradient), or None at weight 0."""
+    return weight * pmi.detach().clamp_min(0) if weight > 0 else None
+
+
 @register_allocator("arr_coc_host_trained")
 class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
     """``arr_coc_host`` (token space, LLM layer-0 prior) plus a trained relevance term.
@@ -111,20 +126,17 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         **kwargs,
     ):
         super().__init__(alpha, price, **kwargs)
-        if not (isinstance(learned_weight, (int, float)) and math.isfinite(learned_weight) and learned_weight >= 0):
-            raise ValueError(f"learned_weight: expected a finite float >= 0, got {learned_weight!r}")
+        self.learned_weight, self.scorer = _learned_relevance(learned_weight, relevance_dim, num_heads, rank, temperature)
         if not isinstance(distill, bool):
             raise ValueError(f"distill: expected a bool, got {distill!r}")
         if not st_temperature > 0:
             raise ValueError(f"st_temperature: expected > 0, got {st_temperature!r}")
-        self.learned_weight, self.distill, self.st_temperature = float(learned_weight), distill, float(st_temperature)
-        self.scorer = ParticipatoryScorer(relevance_dim=relevance_dim, num_heads=num_heads, rank=rank, temperature=temperature)
+        self.distill, self.st_temperature = distill, float(st_temperature)
 
     def select(self, ctx: AllocationContext) -> Selection:
         out = self.scorer(ctx.candidates, ctx.query, ctx.query_mask)  # pmi [B, M]
         pmi = out.pmi
-        learned = self.learned_weight * pmi.detach().clamp_min(0) if self.learned_weight > 0 else None
-        sel = self._greedy(ctx, extra_unary=learned)
+        sel = self._greedy(ctx, extra_unary=_positive_pmi(pmi, self.learned_weight))
         n = ctx.num_fine
         fine_logits = pmi[:, :n]  # log p(j | q) + const over the fine tokens
         sel.extras.update(pmi=pmi, relevance_logits=fine_logits)
@@ -172,10 +184,7 @@ class ArrCocHostLLMTrainedAllocator(ArrCocHostLLMAllocator):
         **kwargs,
     ):
         super().__init__(alpha, price, **kwargs)
-        if not (isinstance(learned_weight, (int, float)) and math.isfinite(learned_weight) and learned_weight >= 0):
-            raise ValueError(f"learned_weight: expected a finite float >= 0, got {learned_weight!r}")
-        self.learned_weight = float(learned_weight)
-        self.scorer = ParticipatoryScorer(relevance_dim=relevance_dim, num_heads=num_heads, rank=rank, temperature=temperature)
+        self.learned_weight, self.scorer = _learned_relevance(learned_weight, relevance_dim, num_heads, rank, temperature)
 
     def prune(self, state):
         kc = state.num_visual_slots
@@ -183,7 +192,6 @@ class ArrCocHostLLMTrainedAllocator(ArrCocHostLLMAllocator):
         q = state.hidden[:, state.text_slice].float()
         out = self.scorer(h, q, state.text_mask.bool())
         pmi = out.pmi.masked_fill(~state.visual_mask, -1e4)  # padded slots: never relevant
-        learned = self.learned_weight * pmi.detach().clamp_min(0) if self.learned_weight > 0 else None
-        decision = self._prune(state, extra_unary=learned)
+        decision = self._prune(state, extra_unary=_positive_pmi(pmi, self.learned_weight))
         decision.extras.update(pmi=pmi, relevance_logits=pmi)
         return decision

@@ -347,6 +347,13 @@ class BaseVLMHost:
         return self._patch
 
     # ------------------------------------------------------------------ in-LLM pruning
+    def kept_positions(self, trace: InLLMTrace) -> torch.Tensor:
+        """[B, K, 3] (row, col, level) of the input visual tokens the last layers saw, -1 padded."""
+        b = trace.kept.shape[0]
+        fine_pos = self.vlm.fine_positions(b, trace.kept.device)  # [B, N, 3]
+        positions = fine_pos.gather(1, trace.kept.clamp(min=0)[..., None].expand(-1, -1, 3))
+        return torch.where(trace.mask[..., None], positions, torch.full_like(positions, -1))
+
     def answer_in_llm(self, pruner: InLLMPruner, *args, **kwargs):
         """See :meth:`_answer_in_llm`. The frozen LLM runs without gradients; the pruner's
         ``prune`` runs with the caller's grad mode, so a trained in-LLM allocator's scores keep

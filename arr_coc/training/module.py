@@ -508,16 +508,13 @@ class ARRCOCModule(L.LightningModule):
             )
         host = BaseVLMHost(self.vlm, batch.get("pixels"), vision_tokens, batch["question_ids"], batch["question_mask"])
         fine = tokens[:, p:]
-        budget_i = int(budget) if not isinstance(budget, torch.Tensor) else budget
         logits, trace = host.answer_in_llm(
-            self.allocator, fine, None, None, batch["question_ids"], batch["question_mask"], budget_i, return_trace=True
+            self.allocator, fine, None, None, batch["question_ids"], batch["question_mask"], budget, return_trace=True
         )
         answer = HostAnswer(
             loss=F.cross_entropy(logits.float(), batch["answer"]), correct=logits.argmax(-1) == batch["answer"], logits=logits
         )
-        fine_pos = self.vlm.fine_positions(fine.shape[0], fine.device)  # [B, N, 3]
-        positions = fine_pos.gather(1, trace.kept.clamp(min=0)[..., None].expand(-1, -1, 3))
-        positions = torch.where(trace.mask[..., None], positions, torch.full_like(positions, -1))
+        positions = host.kept_positions(trace)
         extras: dict[str, Any] = {}
         for e in trace.extras:
             extras.update(e)
