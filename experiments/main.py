@@ -227,12 +227,13 @@ def _paired(correct: Mapping[tuple[str, int], list[torch.Tensor]], a: str, b: st
 
 
 def paired_tests(
-    agg: Sequence[Mapping[str, Any]], correct: Mapping[tuple[str, int], list[torch.Tensor]], budgets, *, trained=()
+    agg: Sequence[Mapping[str, Any]], correct: Mapping[tuple[str, int], list[torch.Tensor]], budgets, *, trained=(),
+    references: Sequence[str] = REFERENCE_ROWS,
 ) -> list[dict[str, Any]]:
     """Per budget: the best ``arr_coc*`` row vs the strongest other non-reference row."""
     out = []
     for k in budgets:
-        at = [r for r in agg if r["budget"] == k and r["allocator"] not in REFERENCE_ROWS]
+        at = [r for r in agg if r["budget"] == k and r["allocator"] not in references]
         ours = [r for r in at if r["allocator"].startswith("arr_coc")]
         others = [r for r in at if not r["allocator"].startswith("arr_coc")]
         if not ours or not others:
@@ -380,11 +381,14 @@ def plot_tokens_per_type(
     return path
 
 
-def verdict(agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], *, ours: str = "arr_coc") -> str:
-    """Plain sentences: at each budget, the best non-oracle row, and where ``ours`` stands."""
+def verdict(
+    agg: Sequence[Mapping[str, Any]], budgets: Sequence[int], *, ours: str = "arr_coc",
+    references: Sequence[str] = REFERENCE_ROWS,
+) -> str:
+    """Plain sentences: at each budget, the best non-reference row, and where ``ours`` stands."""
     lines = []
     for k in budgets:
-        at = [r for r in agg if r["budget"] == k and r["allocator"] not in ("oracle", "full")]
+        at = [r for r in agg if r["budget"] == k and r["allocator"] not in references]
         if not at:
             continue
         best = max(at, key=lambda r: r["accuracy"])
@@ -563,6 +567,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ev = cfg.eval
     batches = build_eval_batches(task, tok, start=int(ev.start), size=int(ev.size), batch_size=int(ev.batch_size))
     specs = allocator_specs(cfg)
+    # references: full, the oracle, and the config's `references` (controls such as keeping no slot)
+    references = (*REFERENCE_ROWS, *(cfg.get("references") or []))
+    unknown = sorted(set(cfg.get("references") or []) - set(specs))
+    if unknown:
+        raise ValueError(f"references: expected labels of evaluated rows, got unknown {unknown}")
     train_labels = set(cfg.train.allocators or []) if cfg.train.enabled else set()
     train_labels |= {lab for lab, s in specs.items() if s.get("train") and cfg.train.enabled}
     save_to = _container(cfg.get("save_allocators"))
@@ -609,7 +618,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     agg = aggregate(rows)
     trained = {lab for lab in train_losses}
     add_intervals(agg, correct, budgets)
-    paired = paired_tests(agg, correct, budgets, trained=trained)
+    paired = paired_tests(agg, correct, budgets, trained=trained, references=references)
     compared = compare_tests([list(p) for p in (cfg.get("compare") or [])], correct, budgets)
 
     # ------------------------------------------------------------------ outputs
@@ -662,9 +671,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "`relevance recall`: fraction of the ground-truth relevant patches covered by the kept tokens "
         "(a pooled token covers its region). The oracle reads the ground-truth relevance mask "
         "(relevant fine patches first, random fill): a reference, not an allocator.\n\n"
-        + "### References\n\n" + headline_table([r for r in agg if r["allocator"] in REFERENCE_ROWS], budgets, num_tokens)
+        + "### References\n\n" + headline_table([r for r in agg if r["allocator"] in references], budgets, num_tokens)
         + "\n\n### Training-free allocators\n\n"
-        + headline_table([r for r in agg if r["allocator"] not in REFERENCE_ROWS and r["allocator"] not in trained], budgets, num_tokens)
+        + headline_table([r for r in agg if r["allocator"] not in references and r["allocator"] not in trained], budgets, num_tokens)
         + (
             "\n\n### Trained allocators (stage 2 on the frozen VLM)\n\n"
             + headline_table([r for r in agg if r["allocator"] in trained], budgets, num_tokens)
@@ -674,7 +683,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "(references excluded): the accuracy difference with its paired-bootstrap 95% interval and p-value "
         "(questions and seeds resampled together) and the exact McNemar test on the first seed's questions.\n\n"
         + paired_table(paired),
-        "## Where each allocator stands\n\n" + verdict(agg, budgets),
+        "## Where each allocator stands\n\n" + verdict(agg, budgets, references=references),
     ]
     if compared:
         parts.insert(-1, "## Paired comparisons (`compare`)\n\nEach pair named in the config, at every budget: "

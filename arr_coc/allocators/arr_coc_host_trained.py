@@ -34,6 +34,15 @@ signals, each a loss term of :class:`arr_coc.training.module.ARRCOCModule` (weig
 Without a host (or in the dry run that materialises the scorer) the prior and the distillation
 are off and the selection is the greedy with the learned term alone.
 
+``relational=True`` adds a second, anchor-conditioned term for questions about a relation to a
+named object ("the object nearest to the red circle"): a query-to-token scorer cannot know which
+object is nearest, but it can once it knows where the anchor is. The anchor is the fine token the
+first scorer rates highest (``a = argmax_j pmi_j``, no gradient); a small MLP maps the question's
+mean word embedding and the anchor's token ``[q_bar ; c_a]`` to one query vector, and a second
+:class:`~arr_coc.knowing.ParticipatoryScorer` reads the candidates with it (``pmi2``). The gain
+then carries ``learned_weight * (max(0, pmi_j) + max(0, pmi2_j))``, and ``relevance_logits`` is
+[B, 2, N] (both scorers trained on the relevance masks).
+
 ``arr_coc_host_llm_trained`` is the same idea inside the LLM, at the place of
 ``arr_coc_host_llm`` (after layer ``llm_layer``; ``llm_layer=1`` is FastV's K = 2): the scorer
 reads that layer's hidden states (candidates: the visual slots; query: the text tokens), its
@@ -43,7 +52,8 @@ kept set is discrete inside the LLM, so the answer loss has no path to the score
 does.
 
 ``extras``: those of ``arr_coc_host`` plus ``pmi`` [B, M], ``relevance_logits`` [B, N] (the
-scorer's log-probabilities over the fine tokens, read by the ``relevance`` loss) and, in
+scorer's log-probabilities over the fine tokens, read by the ``relevance`` loss; [B, 2, N] with
+``relational``, then also ``pmi_relation`` [B, M] and ``anchor`` [B]) and, in
 training with ``distill``, ``losses["distill"]`` [B].
 """
 
@@ -52,6 +62,8 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange, repeat
+from torch import nn
 
 from arr_coc.allocators.arr_coc_host import ArrCocHostAllocator, ArrCocHostLLMAllocator
 from arr_coc.allocators.base import AllocationContext, Selection
@@ -67,10 +79,18 @@ def relevance_listwise_loss(logits: torch.Tensor, relevance: torch.Tensor) -> to
     logits [B, N] (log-probabilities up to a constant per row), relevance [B, N] or [B, gh, gw]
     bool -> [B] nats: ``-(1/|R_b|) sum_{j in R_b} log softmax(logits_b)_j``, 0 for a row with no
     relevant token (it carries no supervision). Its minimum over the logits is ``log |R_b|``
-    (all mass spread evenly on the relevant tokens).
+    (all mass spread evenly on the relevant tokens). logits [B, S, N] (S scorers against the same
+    mask): the mean over the S of each one's loss.
     """
+    if logits.dim() == 3:
+        s = logits.shape[1]
+        rel = relevance.reshape(relevance.shape[0], -1) if relevance.dim() == 3 else relevance
+        if rel.shape != (logits.shape[0], logits.shape[2]):
+            raise ValueError(f"logits: expected [B, S, N] with [B, N] = {tuple(rel.shape)} (the mask's), got {tuple(logits.shape)}")
+        flat = relevance_listwise_loss(rearrange(logits, "b s n -> (b s) n"), repeat(rel, "b n -> (b s) n", s=s))
+        return rearrange(flat, "(b s) -> b s", s=s).mean(1)
     if logits.dim() != 2:
-        raise ValueError(f"logits: expected [B, N], got {tuple(logits.shape)}")
+        raise ValueError(f"logits: expected [B, N] or [B, S, N], got {tuple(logits.shape)}")
     rel = relevance.reshape(relevance.shape[0], -1) if relevance.dim() == 3 else relevance
     if rel.shape != logits.shape:
         raise ValueError(f"relevance: expected [B, N] = {tuple(logits.shape)} (or [B, gh, gw]), got {tuple(relevance.shape)}")
@@ -109,6 +129,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
             (relevance_dim None: lazy, the identity map plus a rank-``rank`` correction,
             materialised by the first training forward).
         st_temperature: temperature of the straight-through keep factor ``sigmoid(pmi / t)``.
+        relational: add the anchor-conditioned second scorer (see the module docstring).
+        relation_hidden: width of the MLP that maps ``[q_bar ; c_anchor]`` to its query.
     """
 
     def __init__(
@@ -123,6 +145,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         rank: int = 16,
         temperature: float = 10.0,
         st_temperature: float = 1.0,
+        relational: bool = False,
+        relation_hidden: int = 256,
         **kwargs,
     ):
         super().__init__(alpha, price, **kwargs)
@@ -132,16 +156,50 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         if not st_temperature > 0:
             raise ValueError(f"st_temperature: expected > 0, got {st_temperature!r}")
         self.distill, self.st_temperature = distill, float(st_temperature)
+        if not isinstance(relational, bool):
+            raise ValueError(f"relational: expected a bool, got {relational!r}")
+        if not (isinstance(relation_hidden, int) and relation_hidden >= 1):
+            raise ValueError(f"relation_hidden: expected a positive int, got {relation_hidden!r}")
+        self.relational = relational
+        if relational:  # [q_bar ; c_anchor] -> one query vector (lazy: the widths come with the first call)
+            self.relation = nn.Sequential(nn.LazyLinear(relation_hidden), nn.GELU(), nn.Linear(relation_hidden, relation_hidden))
+            _, self.relation_scorer = _learned_relevance(learned_weight, relevance_dim, num_heads, rank, temperature)
+
+    def _relation_pmi(self, ctx: AllocationContext, pmi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pmi2 [B, M], anchor [B]): the anchor-conditioned scorer's pmi and the anchor's index."""
+        c = ctx.candidates
+        anchor = pmi[:, : ctx.num_fine].detach().argmax(1)  # [B]
+        c_anchor = c[torch.arange(c.shape[0], device=c.device), anchor]  # [B, D]
+        q = ctx.query
+        if q is None:
+            q_bar = c_anchor.new_zeros(c.shape[0], 0)
+        else:
+            m = (torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if ctx.query_mask is None else ctx.query_mask.bool())
+            w = m.to(q.dtype)[..., None]
+            q_bar = (q * w).sum(1) / w.sum(1).clamp_min(1)  # [B, Dq]
+        z = self.relation(torch.cat([q_bar.to(c_anchor.dtype), c_anchor], -1))  # [B, H]
+        out = self.relation_scorer(c, rearrange(z, "b h -> b 1 h"), None)
+        return out.pmi, anchor
 
     def select(self, ctx: AllocationContext) -> Selection:
         out = self.scorer(ctx.candidates, ctx.query, ctx.query_mask)  # pmi [B, M]
         pmi = out.pmi
-        sel = self._greedy(ctx, extra_unary=_positive_pmi(pmi, self.learned_weight))
         n = ctx.num_fine
         fine_logits = pmi[:, :n]  # log p(j | q) + const over the fine tokens
-        sel.extras.update(pmi=pmi, relevance_logits=fine_logits)
+        if self.relational:
+            pmi2, anchor = self._relation_pmi(ctx, pmi)
+            extra = _positive_pmi(pmi, self.learned_weight)
+            extra = None if extra is None else extra + _positive_pmi(pmi2, self.learned_weight)
+            sel = self._greedy(ctx, extra_unary=extra)
+            sel.extras.update(pmi=pmi, pmi_relation=pmi2, anchor=anchor,
+                              relevance_logits=torch.stack([fine_logits, pmi2[:, :n]], 1))
+            st_logits = pmi + pmi2
+        else:
+            sel = self._greedy(ctx, extra_unary=_positive_pmi(pmi, self.learned_weight))
+            sel.extras.update(pmi=pmi, relevance_logits=fine_logits)
+            st_logits = pmi
         if self._training():
-            keep_prob = torch.sigmoid(pmi / self.st_temperature)
+            keep_prob = torch.sigmoid(st_logits / self.st_temperature)
             st = keep_prob - keep_prob.detach() + 1.0  # value 1, gradient of keep_prob
             sel.tokens = self._gather_tokens(ctx, sel.indices, st)
             if self.distill and ctx.host is not None:

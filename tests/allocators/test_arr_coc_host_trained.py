@@ -43,6 +43,11 @@ def test_relevance_listwise_loss_closed_forms():
         relevance_listwise_loss(torch.zeros(3, 8), rel[:, :4])
     with pytest.raises(ValueError, match="logits"):
         relevance_listwise_loss(torch.zeros(3, 8, 1), rel)
+    with pytest.raises(ValueError, match="logits"):
+        relevance_listwise_loss(torch.zeros(3, 8, 1, 1), rel)
+    # [B, S, N]: the mean over the S scorers of each one's loss against the same mask
+    two = torch.stack([torch.zeros(3, 8), logits], 1)
+    torch.testing.assert_close(relevance_listwise_loss(two, rel), (loss + relevance_listwise_loss(logits, rel)) / 2)
 
 
 def test_without_the_learned_term_it_is_arr_coc_host():
@@ -91,6 +96,40 @@ def test_training_gives_the_scorer_gradients_and_the_distillation_kl():
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
 
+def test_relational_term_is_conditioned_on_the_anchor_and_both_scorers_learn():
+    host, tokens, _, _ = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    args = dict(query=q, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host)
+    torch.manual_seed(0)
+    alloc = create_allocator("arr_coc_host_trained", relational=True).train()
+    out = alloc(tokens, **args)
+    pmi, pmi2, anchor = out.extras["pmi"], out.extras["pmi_relation"], out.extras["anchor"]
+    # the anchor is the first scorer's best fine token; the relevance logits stack both scorers
+    assert torch.equal(anchor, pmi[:, :16].argmax(1))
+    rel = out.extras["relevance_logits"]
+    assert rel.shape == (2, 2, 16)
+    torch.testing.assert_close(rel[:, 0], pmi[:, :16])
+    torch.testing.assert_close(rel[:, 1], pmi2[:, :16])
+    # the learned term of the gain is the sum of both positive pmis
+    torch.testing.assert_close(out.extras["prior_information"] - create_allocator("arr_coc_host")(tokens, **args).extras["prior_information"],
+                               pmi.detach().clamp_min(0) + pmi2.detach().clamp_min(0))
+    # the second scorer reads the anchor: pointing the anchor at another token changes its pmi
+    from types import SimpleNamespace
+
+    ctx = SimpleNamespace(candidates=tokens[:, 1:], num_fine=16, query=q, query_mask=None)
+    first, at_first = alloc._relation_pmi(ctx, torch.eye(16)[[0, 0]])
+    other, at_other = alloc._relation_pmi(ctx, torch.eye(16)[[7, 7]])
+    assert at_first.tolist() == [0, 0] and at_other.tolist() == [7, 7]
+    assert not torch.allclose(first, other)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :3] = True
+    loss = relevance_listwise_loss(rel, mask).sum()
+    loss.backward()
+    for module in (alloc.scorer, alloc.relation_scorer, alloc.relation):
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert grads and any(float(g.abs().sum()) > 0 for g in grads), module
+
+
 def test_distillation_needs_training_and_a_host():
     _, tokens, _, _ = _llm_host()
     alloc = create_allocator("arr_coc_host_trained", prior=None, distill=True)
@@ -101,7 +140,8 @@ def test_distillation_needs_training_and_a_host():
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"learned_weight": -1.0}, "learned_weight"), ({"distill": 1}, "distill"), ({"st_temperature": 0.0}, "st_temperature")],
+    [({"learned_weight": -1.0}, "learned_weight"), ({"distill": 1}, "distill"), ({"st_temperature": 0.0}, "st_temperature"),
+     ({"relational": 1}, "relational"), ({"relational": True, "relation_hidden": 0}, "relation_hidden")],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
