@@ -83,8 +83,9 @@ def allocator_specs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 
     ``cfg.allocators``: null (every registered allocator with its defaults) or a list of
     registry names; ``cfg.benchmark_allocators`` (the benchmark's own rows, e.g. v2's CDPruner
-    signs) and then ``cfg.extra_allocators`` (ablation variants): label -> {name, kwargs}; a label
-    that is a registered name replaces that row.
+    signs) and then ``cfg.extra_allocators`` (ablation variants): label -> {name, kwargs, train,
+    reference}; a label that is a registered name replaces that row. ``reference: true`` reports
+    the row as a reference (a control beside full and the oracle), not a ranked allocator.
     """
     from arr_coc.allocators import list_allocators
 
@@ -94,12 +95,15 @@ def allocator_specs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     for n in names:
         if n not in known:
             raise ValueError(f"allocators: unknown allocator {n!r}; known: {sorted(known)}")
-        specs[n] = {"name": n, "kwargs": {}}
+        specs[n] = {"name": n, "kwargs": {}, "reference": False}
     for key in ("benchmark_allocators", "extra_allocators"):
         for label, spec in _container(cfg.get(key)).items():
             if not isinstance(spec, dict) or spec.get("name") not in known:
                 raise ValueError(f"{key}.{label}: expected {{name: <registered>, kwargs: {{...}}}}, got {spec!r}")
-            specs[label] = {"name": spec["name"], "kwargs": dict(spec.get("kwargs") or {}), "train": spec.get("train")}
+            if not isinstance(spec.get("reference", False), bool):
+                raise ValueError(f"{key}.{label}.reference: expected a bool, got {spec.get('reference')!r}")
+            specs[label] = {"name": spec["name"], "kwargs": dict(spec.get("kwargs") or {}), "train": spec.get("train"),
+                            "reference": spec.get("reference", False)}
     return specs
 
 
@@ -567,11 +571,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ev = cfg.eval
     batches = build_eval_batches(task, tok, start=int(ev.start), size=int(ev.size), batch_size=int(ev.batch_size))
     specs = allocator_specs(cfg)
-    # references: full, the oracle, and the config's `references` (controls such as keeping no slot)
-    references = (*REFERENCE_ROWS, *(cfg.get("references") or []))
-    unknown = sorted(set(cfg.get("references") or []) - set(specs))
-    if unknown:
-        raise ValueError(f"references: expected labels of evaluated rows, got unknown {unknown}")
+    # references: full, the oracle, and the rows marked `reference: true` (controls such as keeping no slot)
+    references = (*REFERENCE_ROWS, *(lab for lab, spec in specs.items() if spec.get("reference")))
     train_labels = set(cfg.train.allocators or []) if cfg.train.enabled else set()
     train_labels |= {lab for lab, s in specs.items() if s.get("train") and cfg.train.enabled}
     save_to = _container(cfg.get("save_allocators"))

@@ -111,6 +111,24 @@ def test_ablation_configs_compose_and_unknown_names_are_refused(tmp_path):
         main_job.run(_cfg(tmp_path, f"model_folder={tmp_path / 'missing'}"))
 
 
+def test_rows_marked_reference_are_controls_not_competitors():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("main")
+        specs = main_job.allocator_specs(cfg)
+        assert specs["no_visual_after_layer1"]["reference"] is True and specs["fastv"]["reference"] is False
+        bad = compose("main", overrides=["+extra_allocators.x={name: random, reference: 1}"])
+    with pytest.raises(ValueError, match="reference"):
+        main_job.allocator_specs(bad)
+    agg = [
+        {"allocator": "control", "budget": 4, "accuracy": 0.95, "retained_pct": 99.0},
+        {"allocator": "fastv", "budget": 4, "accuracy": 0.9, "retained_pct": 95.0},
+        {"allocator": "arr_coc", "budget": 4, "accuracy": 0.8, "retained_pct": 85.0},
+    ]
+    assert "best row `control`" in main_job.verdict(agg, [4])
+    text = main_job.verdict(agg, [4], references=("full", "oracle", "control"))
+    assert "best row `fastv` 0.900" in text and "rank 2 of 2" in text
+
+
 def test_verdict_says_when_arr_coc_is_not_the_best_row():
     agg = [
         {"allocator": "arr_coc", "budget": 7, "accuracy": 0.6, "retained_pct": 90.0},
