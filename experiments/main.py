@@ -336,6 +336,21 @@ def adaptive_rows(agg: Sequence[Mapping[str, Any]], question_types: Sequence[str
     return {r["allocator"] for r in agg if spread(r) > 0.5}
 
 
+def tokens_frontier(
+    agg: Sequence[Mapping[str, Any]], question_types: Sequence[str], pairs: Sequence[Sequence[str]],
+    references: Sequence[str] = REFERENCE_ROWS,
+) -> list[str] | None:
+    """The fixed-budget rows the tokens figure draws beside the adaptive rows: the rows a
+    ``compare`` pair sets against an adaptive row, plus the references but full (the oracle, the
+    controls); None (every row) when no pair names an adaptive row."""
+    adaptive = adaptive_rows(agg, question_types)
+    partners = {b for a, b in pairs if a in adaptive} | {a for a, b in pairs if b in adaptive}
+    if not partners - adaptive:
+        return None
+    present = {r["allocator"] for r in agg}
+    return sorted(((partners - adaptive) | set(references)) & present - {"full"})
+
+
 def plot_tokens_per_type(
     agg: Sequence[Mapping[str, Any]], question_types: Sequence[str], path: Path, *, caption: str,
     fixed: Sequence[str] | None = None,
@@ -640,7 +655,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         if adaptive_rows(agg, question_types):
             files["tokens_png"] = plot_tokens_per_type(
-                agg, question_types, out_dir / f"{name}_tokens.png", caption=caption
+                agg, question_types, out_dir / f"{name}_tokens.png", caption=caption,
+                fixed=tokens_frontier(agg, question_types, cfg.get("compare") or [], references),
             )
         grid_allocs = dict(allocators)
         if cfg.include_oracle:

@@ -212,6 +212,13 @@ def test_tokens_per_type_figure_has_a_panel_per_type_and_the_fixed_frontier(tmp_
     path = main_job.plot_tokens_per_type(agg, types, tmp_path / "t.png", caption="c")
     img = mpimg.imread(path)
     assert img.shape[0] > 100 and img.shape[1] > 3 * 100  # three panels side by side
+    # the frontier drawn beside the adaptive row: its compared partner and the references present
+    agg += [row("oracle", 4, (4, 4, 4), (1.0, 1.0, 1.0)), row("full", 4, (256, 256, 256), (1.0, 1.0, 1.0)),
+            row("fastv", 4, (4, 4, 4), (0.9, 0.9, 0.9)), row("control", 4, (0, 0, 0), (0.5, 0.5, 0.5))]
+    pairs = [["host_price_05", "arr_coc_host"], ["fastv", "oracle"]]
+    refs = ("full", "oracle", "control", "absent")
+    assert main_job.tokens_frontier(agg, types, pairs, refs) == ["arr_coc_host", "control", "oracle"]
+    assert main_job.tokens_frontier(agg, types, [["fastv", "oracle"]], refs) is None  # no pair names it: every row
 
 
 def test_v2_ships_cdpruners_released_sign_and_v1_keeps_its_rows():
