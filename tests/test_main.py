@@ -100,7 +100,9 @@ def test_ablation_configs_compose_and_unknown_names_are_refused(tmp_path):
                 assert set(pair) <= set(specs), (exp, list(pair))
             if exp.startswith("ablation"):
                 assert cfg.name == exp
-            else:  # every v2 study reads the validation split, never the test split
+            elif exp.endswith("_test"):  # run once on the test split, after a choice made on validation
+                assert cfg.data.task_seed == 2000003 and cfg.data.task == "clutter" and not cfg.train.allocators
+            else:  # every other v2 study reads the validation split, never the test split
                 assert cfg.data.task_seed == 1000003 and cfg.data.task == "clutter"
             for spec in specs.values():  # every variant builds
                 main_job.build_allocator(spec, 0)
