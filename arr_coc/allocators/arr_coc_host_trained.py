@@ -177,7 +177,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
             m = (torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if ctx.query_mask is None else ctx.query_mask.bool())
             w = m.to(q.dtype)[..., None]
             q_bar = (q * w).sum(1) / w.sum(1).clamp_min(1)  # [B, Dq]
-        z = self.relation(torch.cat([q_bar.to(c_anchor.dtype), c_anchor], -1))  # [B, H]
+        z = self.relation(torch.cat([q_bar.float(), c_anchor.float()], -1))  # [B, H] (the MLP is float32)
         out = self.relation_scorer(c, rearrange(z, "b h -> b 1 h"), None)
         return out.pmi, anchor
 
