@@ -107,6 +107,11 @@ def allocator_specs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return specs
 
 
+def reference_rows(specs: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    """full, the oracle, and the labels whose spec says ``reference: true`` (controls)."""
+    return (*REFERENCE_ROWS, *(lab for lab, spec in specs.items() if spec.get("reference")))
+
+
 def build_allocator(spec: Mapping[str, Any], seed: int):
     from arr_coc.allocators import create_allocator
 
@@ -586,8 +591,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ev = cfg.eval
     batches = build_eval_batches(task, tok, start=int(ev.start), size=int(ev.size), batch_size=int(ev.batch_size))
     specs = allocator_specs(cfg)
-    # references: full, the oracle, and the rows marked `reference: true` (controls such as keeping no slot)
-    references = (*REFERENCE_ROWS, *(lab for lab, spec in specs.items() if spec.get("reference")))
+    references = reference_rows(specs)
     train_labels = set(cfg.train.allocators or []) if cfg.train.enabled else set()
     train_labels |= {lab for lab, s in specs.items() if s.get("train") and cfg.train.enabled}
     save_to = _container(cfg.get("save_allocators"))

@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from arr_coc.allocators.arr_coc_host import ArrCocHostAllocator, ArrCocHostLLMAllocator
@@ -82,22 +82,20 @@ def relevance_listwise_loss(logits: torch.Tensor, relevance: torch.Tensor) -> to
     (all mass spread evenly on the relevant tokens). logits [B, S, N] (S scorers against the same
     mask): the mean over the S of each one's loss.
     """
-    if logits.dim() == 3:
-        s = logits.shape[1]
-        rel = relevance.reshape(relevance.shape[0], -1) if relevance.dim() == 3 else relevance
-        if rel.shape != (logits.shape[0], logits.shape[2]):
-            raise ValueError(f"logits: expected [B, S, N] with [B, N] = {tuple(rel.shape)} (the mask's), got {tuple(logits.shape)}")
-        flat = relevance_listwise_loss(rearrange(logits, "b s n -> (b s) n"), repeat(rel, "b n -> (b s) n", s=s))
-        return rearrange(flat, "(b s) -> b s", s=s).mean(1)
-    if logits.dim() != 2:
+    if logits.dim() not in (2, 3):
         raise ValueError(f"logits: expected [B, N] or [B, S, N], got {tuple(logits.shape)}")
     rel = relevance.reshape(relevance.shape[0], -1) if relevance.dim() == 3 else relevance
-    if rel.shape != logits.shape:
+    if logits.dim() == 3:
+        if rel.shape != (logits.shape[0], logits.shape[2]):
+            raise ValueError(f"logits: expected [B, S, N] with [B, N] = {tuple(rel.shape)} (the mask's), got {tuple(logits.shape)}")
+        rel = rel[:, None, :]  # the same mask for each of the S scorers
+    elif rel.shape != logits.shape:
         raise ValueError(f"relevance: expected [B, N] = {tuple(logits.shape)} (or [B, gh, gw]), got {tuple(relevance.shape)}")
     r = rel.to(logits.dtype)
-    count = r.sum(1)
-    nll = -(logits.log_softmax(1) * r).sum(1) / count.clamp_min(1)
-    return torch.where(count > 0, nll, torch.zeros_like(nll))
+    count = r.sum(-1)
+    nll = -(logits.log_softmax(-1) * r).sum(-1) / count.clamp_min(1)
+    nll = torch.where(count > 0, nll, torch.zeros_like(nll))
+    return nll.mean(1) if logits.dim() == 3 else nll
 
 
 def _learned_relevance(
@@ -186,18 +184,16 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         pmi = out.pmi
         n = ctx.num_fine
         fine_logits = pmi[:, :n]  # log p(j | q) + const over the fine tokens
+        extra, st_logits, rel_logits = _positive_pmi(pmi, self.learned_weight), pmi, fine_logits
         if self.relational:
             pmi2, anchor = self._relation_pmi(ctx, pmi)
-            extra = _positive_pmi(pmi, self.learned_weight)
-            extra = None if extra is None else extra + _positive_pmi(pmi2, self.learned_weight)
-            sel = self._greedy(ctx, extra_unary=extra)
-            sel.extras.update(pmi=pmi, pmi_relation=pmi2, anchor=anchor,
-                              relevance_logits=torch.stack([fine_logits, pmi2[:, :n]], 1))
-            st_logits = pmi + pmi2
-        else:
-            sel = self._greedy(ctx, extra_unary=_positive_pmi(pmi, self.learned_weight))
-            sel.extras.update(pmi=pmi, relevance_logits=fine_logits)
-            st_logits = pmi
+            if extra is not None:
+                extra = extra + _positive_pmi(pmi2, self.learned_weight)
+            st_logits, rel_logits = pmi + pmi2, torch.stack([fine_logits, pmi2[:, :n]], 1)
+        sel = self._greedy(ctx, extra_unary=extra)
+        sel.extras.update(pmi=pmi, relevance_logits=rel_logits)
+        if self.relational:
+            sel.extras.update(pmi_relation=pmi2, anchor=anchor)
         if self._training():
             keep_prob = torch.sigmoid(st_logits / self.st_temperature)
             st = keep_prob - keep_prob.detach() + 1.0  # value 1, gradient of keep_prob

@@ -28,8 +28,7 @@ def redraw(csv_path: Path, overrides: list[str]) -> Path:
     types = [k[len("tokens_"):] for k in rows[0] if k.startswith("tokens_")]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("main", overrides=overrides)
-    specs = job.allocator_specs(cfg)
-    references = (*job.REFERENCE_ROWS, *(lab for lab, s in specs.items() if s.get("reference")))
+    references = job.reference_rows(job.allocator_specs(cfg))
     out = csv_path.with_name(csv_path.stem + "_tokens.png")
     caption = f"{meta.get('command', '?')}  (commit {meta.get('commit', '?')}; figure: python experiments/results/tokens_figure.py {csv_path.name})"
     return job.plot_tokens_per_type(agg, types, out, caption=caption,
