@@ -43,6 +43,18 @@ mean word embedding and the anchor's token ``[q_bar ; c_a]`` to one query vector
 then carries ``learned_weight * (max(0, pmi_j) + max(0, pmi2_j))``, and ``relevance_logits`` is
 [B, 2, N] (both scorers trained on the relevance masks).
 
+``relation_geometry=True`` gives the second scorer the one thing a relation to the anchor is about
+and a token's vector carries only weakly: where the token is. Its distribution becomes a product of
+the content reading and a distance kernel around the anchor,
+
+    p2(j) ~ p2_content(j) * exp(-g(q) * d(j, a)),    pmi2_j = log(M p2(j)),
+
+with d(j, a) the Euclidean distance in fine cells between the centres of candidate j and the
+anchor, and g(q) = softplus(w . q_bar + b + g0) >= 0 nats per cell a learned, question-dependent
+rate (a linear read of the question's mean word embedding; g0 = -2 at init, so g starts near 0.13).
+"nearest" questions can learn a steep kernel, questions about one object or about a count a flat
+one. The rate is reported in ``extras["relation_rate"]`` [B].
+
 ``arr_coc_host_llm_trained`` is the same idea inside the LLM, at the place of
 ``arr_coc_host_llm`` (after layer ``llm_layer``; ``llm_layer=1`` is FastV's K = 2): the scorer
 reads that layer's hidden states (candidates: the visual slots; query: the text tokens), its
@@ -64,13 +76,14 @@ import math
 import torch
 from einops import rearrange
 from torch import nn
+from torch.nn import functional as F
 
 from arr_coc.allocators.arr_coc_host import ArrCocHostAllocator, ArrCocHostLLMAllocator
 from arr_coc.allocators.base import AllocationContext, Selection
 from arr_coc.allocators.registry import register_allocator
 from arr_coc.knowing import ParticipatoryScorer
 
-__all__ = ["ArrCocHostLLMTrainedAllocator", "ArrCocHostTrainedAllocator", "relevance_listwise_loss"]
+__all__ = ["ArrCocHostLLMTrainedAllocator", "ArrCocHostTrainedAllocator", "candidate_centres", "relevance_listwise_loss"]
 
 
 def relevance_listwise_loss(logits: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
@@ -96,6 +109,18 @@ def relevance_listwise_loss(logits: torch.Tensor, relevance: torch.Tensor) -> to
     nll = -(logits.log_softmax(-1) * r).sum(-1) / count.clamp_min(1)
     nll = torch.where(count > 0, nll, torch.zeros_like(nll))
     return nll.mean(1) if logits.dim() == 3 else nll
+
+
+def candidate_centres(positions: torch.Tensor) -> torch.Tensor:
+    """Candidate positions [M, 3] (row, col, level) -> centres [M, 2] (row, col) in fine cells.
+
+    A level-l candidate pools the 2^l x 2^l block whose top-left cell is (row, col); its centre is
+    (row, col) + (2^l - 1) / 2 (a fine cell's is the cell itself).
+    """
+    if positions.dim() != 2 or positions.shape[1] != 3:
+        raise ValueError(f"positions: expected [M, 3] (row, col, level), got {tuple(positions.shape)}")
+    half = ((2.0 ** positions[:, 2].double()) - 1) / 2
+    return (positions[:, :2].double() + half[:, None]).float()
 
 
 def _learned_relevance(
@@ -129,6 +154,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         st_temperature: temperature of the straight-through keep factor ``sigmoid(pmi / t)``.
         relational: add the anchor-conditioned second scorer (see the module docstring).
         relation_hidden: width of the MLP that maps ``[q_bar ; c_anchor]`` to its query.
+        relation_geometry: multiply the second scorer's distribution by a learned distance kernel
+            around the anchor (needs ``relational``; see the module docstring).
     """
 
     def __init__(
@@ -145,6 +172,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         st_temperature: float = 1.0,
         relational: bool = False,
         relation_hidden: int = 256,
+        relation_geometry: bool = False,
         **kwargs,
     ):
         super().__init__(alpha, price, **kwargs)
@@ -162,9 +190,20 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         if relational:  # [q_bar ; c_anchor] -> one query vector (lazy: the widths come with the first call)
             self.relation = nn.Sequential(nn.LazyLinear(relation_hidden), nn.GELU(), nn.Linear(relation_hidden, relation_hidden))
             _, self.relation_scorer = _learned_relevance(learned_weight, relevance_dim, num_heads, rank, temperature)
+        if not isinstance(relation_geometry, bool):
+            raise ValueError(f"relation_geometry: expected a bool, got {relation_geometry!r}")
+        if relation_geometry and not relational:
+            raise ValueError("relation_geometry: needs relational=True (it shapes the anchor-conditioned scorer)")
+        self.relation_geometry = relation_geometry
+        if relation_geometry:  # q_bar -> the kernel's rate, softplus(w . q_bar + b + g0) nats per cell
+            self.relation_rate = nn.LazyLinear(1)
+            self.relation_rate_offset = nn.Parameter(torch.tensor(-2.0))
 
-    def _relation_pmi(self, ctx: AllocationContext, pmi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pmi2 [B, M], anchor [B]): the anchor-conditioned scorer's pmi and the anchor's index."""
+    def _relation_pmi(
+        self, ctx: AllocationContext, pmi: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(pmi2 [B, M], anchor [B], rate [B] or None): the anchor-conditioned scorer's pmi, the
+        anchor's index and, with ``relation_geometry``, the distance kernel's rate (nats per cell)."""
         c = ctx.candidates
         anchor = pmi[:, : ctx.num_fine].detach().argmax(1)  # [B]
         c_anchor = c[torch.arange(c.shape[0], device=c.device), anchor]  # [B, D]
@@ -177,7 +216,15 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
             q_bar = (q * w).sum(1) / w.sum(1).clamp_min(1)  # [B, Dq]
         z = self.relation(torch.cat([q_bar.float(), c_anchor.float()], -1))  # [B, H] (the MLP is float32)
         out = self.relation_scorer(c, rearrange(z, "b h -> b 1 h"), None)
-        return out.pmi, anchor
+        if not self.relation_geometry:
+            return out.pmi, anchor, None
+        rate = F.softplus(self.relation_rate(q_bar.float())[:, 0] + self.relation_rate_offset)  # [B]
+        centres = candidate_centres(ctx.pyramid.positions).to(c.device)  # [M, 2] in fine cells
+        dist = torch.cdist(centres, centres[anchor])  # [M, B]
+        logits = out.pmi.float() - rate[:, None] * rearrange(dist, "m b -> b m")
+        pmi2 = logits.log_softmax(-1) + math.log(c.shape[1])  # log(M p2(j))
+        pmi2 = torch.where(out.has_query[:, None], pmi2, torch.zeros_like(pmi2)).to(out.pmi.dtype)
+        return pmi2, anchor, rate
 
     def select(self, ctx: AllocationContext) -> Selection:
         out = self.scorer(ctx.candidates, ctx.query, ctx.query_mask)  # pmi [B, M]
@@ -186,7 +233,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         fine_logits = pmi[:, :n]  # log p(j | q) + const over the fine tokens
         extra, st_logits, rel_logits = _positive_pmi(pmi, self.learned_weight), pmi, fine_logits
         if self.relational:
-            pmi2, anchor = self._relation_pmi(ctx, pmi)
+            pmi2, anchor, rate = self._relation_pmi(ctx, pmi)
             if extra is not None:
                 extra = extra + _positive_pmi(pmi2, self.learned_weight)
             st_logits, rel_logits = pmi + pmi2, torch.stack([fine_logits, pmi2[:, :n]], 1)
@@ -194,6 +241,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         sel.extras.update(pmi=pmi, relevance_logits=rel_logits)
         if self.relational:
             sel.extras.update(pmi_relation=pmi2, anchor=anchor)
+            if rate is not None:
+                sel.extras["relation_rate"] = rate
         if self._training():
             keep_prob = torch.sigmoid(st_logits / self.st_temperature)
             st = keep_prob - keep_prob.detach() + 1.0  # value 1, gradient of keep_prob

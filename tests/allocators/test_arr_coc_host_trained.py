@@ -117,8 +117,9 @@ def test_relational_term_is_conditioned_on_the_anchor_and_both_scorers_learn():
     from types import SimpleNamespace
 
     ctx = SimpleNamespace(candidates=tokens[:, 1:], num_fine=16, query=q, query_mask=None)
-    first, at_first = alloc._relation_pmi(ctx, torch.eye(16)[[0, 0]])
-    other, at_other = alloc._relation_pmi(ctx, torch.eye(16)[[7, 7]])
+    first, at_first, rate = alloc._relation_pmi(ctx, torch.eye(16)[[0, 0]])
+    other, at_other, _ = alloc._relation_pmi(ctx, torch.eye(16)[[7, 7]])
+    assert rate is None
     assert at_first.tolist() == [0, 0] and at_other.tolist() == [7, 7]
     assert not torch.allclose(first, other)
     mask = torch.zeros(2, 16, dtype=torch.bool)
@@ -128,6 +129,71 @@ def test_relational_term_is_conditioned_on_the_anchor_and_both_scorers_learn():
     for module in (alloc.scorer, alloc.relation_scorer, alloc.relation):
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         assert grads and any(float(g.abs().sum()) > 0 for g in grads), module
+
+
+def test_candidate_centres_closed_form():
+    from arr_coc.allocators.arr_coc_host_trained import candidate_centres
+    from arr_coc.pyramid import pyramid_positions
+
+    pos, sizes = pyramid_positions((4, 4), (1, 2))
+    c = candidate_centres(pos)
+    assert sizes == (16, 4, 1) and c.shape == (21, 2)
+    torch.testing.assert_close(c[5], torch.tensor([1.0, 1.0]))  # fine cell (1, 1)
+    torch.testing.assert_close(c[16 + 3], torch.tensor([2.5, 2.5]))  # level 1, block (2, 2)..(3, 3)
+    torch.testing.assert_close(c[20], torch.tensor([1.5, 1.5]))  # level 2: the whole 4 x 4 grid
+    with pytest.raises(ValueError, match="positions"):
+        candidate_centres(pos[:, :2])
+
+
+def test_relation_geometry_is_a_distance_kernel_around_the_anchor():
+    from types import SimpleNamespace
+
+    from arr_coc.pyramid import pyramid_positions
+
+    host, tokens, _, _ = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    alloc = create_allocator("arr_coc_host_trained", relational=True, relation_geometry=True).train()
+    args = dict(query=q, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host)
+    out = alloc(tokens, **args)  # materialises the lazy parts
+    rate = out.extras["relation_rate"]
+    assert rate.shape == (2,) and bool((rate > 0).all())
+    # the lazy linear read of q_bar starts near softplus(-2) ~ 0.13 nats per cell, not at a fixed value
+    assert float((rate.detach() - torch.nn.functional.softplus(torch.tensor(-2.0))).abs().max()) < 2.0
+    ctx = SimpleNamespace(candidates=tokens[:, 1:], num_fine=16, query=q, query_mask=None,
+                          pyramid=SimpleNamespace(positions=pyramid_positions((4, 4), ())[0]))
+    anchor_at = torch.eye(16)[[5, 10]]  # anchors at cells (1, 1) and (2, 2)
+    pmi2, anchor, rate = alloc._relation_pmi(ctx, anchor_at)
+    assert anchor.tolist() == [5, 10]
+    # closed form: log(M softmax(content - rate * distance)), content the relation scorer's own pmi
+    q_bar = q.mean(1)
+    z = alloc.relation(torch.cat([q_bar, tokens[:, 1:][torch.arange(2), anchor]], -1))
+    content = alloc.relation_scorer(tokens[:, 1:], z[:, None], None).pmi
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    cells = torch.stack([rows.flatten(), cols.flatten()], -1)
+    dist = torch.stack([(cells - cells[5]).norm(dim=-1), (cells - cells[10]).norm(dim=-1)])
+    want = (content - rate[:, None] * dist).log_softmax(-1) + math.log(16)
+    torch.testing.assert_close(pmi2, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pmi2.exp().sum(1), torch.full((2,), 16.0), rtol=1e-5, atol=1e-4)
+    # a steep kernel ranks the candidates by distance to the anchor: the anchor first, then its 4 neighbours
+    with torch.no_grad():
+        alloc.relation_rate_offset.fill_(60.0)
+    steep, _, rate = alloc._relation_pmi(ctx, anchor_at)
+    assert bool((rate > 50).all())
+    assert steep.argmax(1).tolist() == [5, 10]
+    assert set(steep[0].topk(5).indices.tolist()) == {5, 1, 4, 6, 9}
+    # the rate and the content both learn from the relevance loss
+    with torch.no_grad():
+        alloc.relation_rate_offset.fill_(-2.0)
+    alloc.zero_grad()
+    out = alloc(tokens, **args)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, [0, 15]] = True
+    relevance_listwise_loss(out.extras["relevance_logits"], mask).sum().backward()
+    for module in (alloc.relation_rate, alloc.relation_scorer, alloc.relation):
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert grads and any(float(g.abs().sum()) > 0 for g in grads), module
+    assert alloc.relation_rate_offset.grad is not None and float(alloc.relation_rate_offset.grad.abs()) > 0
 
 
 def test_distillation_needs_training_and_a_host():
@@ -141,7 +207,8 @@ def test_distillation_needs_training_and_a_host():
 @pytest.mark.parametrize(
     "kwargs, name",
     [({"learned_weight": -1.0}, "learned_weight"), ({"distill": 1}, "distill"), ({"st_temperature": 0.0}, "st_temperature"),
-     ({"relational": 1}, "relational"), ({"relational": True, "relation_hidden": 0}, "relation_hidden")],
+     ({"relational": 1}, "relational"), ({"relational": True, "relation_hidden": 0}, "relation_hidden"),
+     ({"relation_geometry": True}, "relation_geometry"), ({"relational": True, "relation_geometry": 1}, "relation_geometry")],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
