@@ -84,8 +84,11 @@ def allocator_specs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     ``cfg.allocators``: null (every registered allocator with its defaults) or a list of
     registry names; ``cfg.benchmark_allocators`` (the benchmark's own rows, e.g. v2's CDPruner
     signs) and then ``cfg.extra_allocators`` (ablation variants): label -> {name, kwargs, train,
-    reference}; a label that is a registered name replaces that row. ``reference: true`` reports
-    the row as a reference (a control beside full and the oracle), not a ranked allocator.
+    reference, weights_from}; a label that is a registered name replaces that row. ``reference: true``
+    reports the row as a reference (a control beside full and the oracle), not a ranked allocator.
+    ``weights_from: <label>`` evaluates the parameters that row ``<label>`` (same registry name,
+    trained in this run) learned under other inference-time arguments (a price, a weight), so a
+    choice among them is made on one trained module instead of one training per variant.
     """
     from arr_coc.allocators import list_allocators
 
@@ -103,7 +106,17 @@ def allocator_specs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             if not isinstance(spec.get("reference", False), bool):
                 raise ValueError(f"{key}.{label}.reference: expected a bool, got {spec.get('reference')!r}")
             specs[label] = {"name": spec["name"], "kwargs": dict(spec.get("kwargs") or {}), "train": spec.get("train"),
-                            "reference": spec.get("reference", False)}
+                            "reference": spec.get("reference", False), "weights_from": spec.get("weights_from")}
+    for label, spec in specs.items():
+        src = spec.get("weights_from")
+        if src is None:
+            continue
+        if src not in specs or specs[src].get("weights_from") is not None or src == label:
+            raise ValueError(f"weights_from: {label!r} names {src!r}, expected another row's label that has its own weights")
+        if specs[src]["name"] != spec["name"]:
+            raise ValueError(f"weights_from: {label!r} ({spec['name']}) cannot take the weights of {src!r} ({specs[src]['name']})")
+        if spec.get("train"):
+            raise ValueError(f"weights_from: {label!r} takes {src!r}'s weights, so it cannot also train (train: {spec['train']!r})")
     return specs
 
 
@@ -618,9 +631,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 spec = specs[label]
                 save_allocator(allocators[label], _path(save_to[label]), name=spec["name"], config=spec["kwargs"])
         seconds["train"] = seconds.get("train", 0.0) + time.perf_counter() - t0
+        for label, spec in specs.items():  # rows that evaluate another row's trained weights
+            src = spec.get("weights_from")
+            if src is not None:
+                if src not in train_labels:
+                    raise ValueError(f"weights_from: {label!r} names {src!r}, which this run does not train")
+                allocators[label].load_state_dict(allocators[src].state_dict())
+                allocators[label].eval()
+                train_losses.setdefault(label, []).append(train_losses[src][-1])
         # a deterministic, untrained allocator gives the same answers under every seed: evaluate it once
         evaluated: dict[str, Any] = {
-            lab: a for lab, a in allocators.items() if si == 0 or lab in train_labels or specs[lab]["name"] == "random"
+            lab: a for lab, a in allocators.items()
+            if si == 0 or lab in train_labels or specs[lab].get("weights_from") or specs[lab]["name"] == "random"
         }
         if cfg.include_oracle:
             evaluated[ORACLE] = ORACLE
@@ -683,7 +705,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         f"Seeds: {seeds} ({'mean ± sample std over seeds' if len(seeds) > 1 else 'one seed: no spread; `seeds=[0,1,2]` for 3'}). "
         f"Trained (stage 2, {cfg.train.steps} steps at budget {cfg.train.budget}, batch {cfg.train.batch_size}"
         f"; per-allocator overrides {_container(cfg.train.get('overrides')) or 'none'}): "
-        + (", ".join(f"`{k}` (final loss {sum(v) / len(v):.3f})" for k, v in train_losses.items()) or "none")
+        + (", ".join(f"`{k}` ({'weights of `' + specs[k]['weights_from'] + '`, ' if specs[k].get('weights_from') else ''}"
+                     f"final loss {sum(v) / len(v):.3f})" for k, v in train_losses.items()) or "none")
         + ". Every other allocator is parameter-free and used as built.",
         "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f" ({environment()}).",
         "## Allocator x budget\n\n`alloc ms / example`: the allocator call alone (batch "

@@ -131,6 +131,31 @@ def test_rows_marked_reference_are_controls_not_competitors():
     assert "best row `fastv` 0.900" in text and "rank 2 of 2" in text
 
 
+def test_weights_from_evaluates_a_trained_rows_parameters_under_other_arguments(tmp_path):
+    out = main_job.run(_cfg(tmp_path, "allocators=[full,arr_coc]", "budgets=[16]", "plots=false", "benchmark_allocators=null",
+                            "compare=null", "+extra_allocators.priced={name: arr_coc, kwargs: {price: 1000.0}, weights_from: arr_coc}",
+                            v2=True))
+    md = out["files"]["md"].read_text()
+    assert "`priced` (weights of `arr_coc`, final loss" in md
+    rows = {(r["allocator"], r["budget"]): r for r in out["table"]}
+    # the same weights under a price no gain reaches: no token kept, where arr_coc keeps its budget
+    assert rows[("arr_coc", 16)]["tokens"] == 16 and rows[("priced", 16)]["tokens"] == 0
+    assert "### Trained allocators" in md and "| priced | 16 (1/16) |" in md.split("### Trained allocators")[1]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for extra, match in [
+            ("+extra_allocators.x={name: arr_coc, weights_from: nothing}", "names 'nothing'"),
+            ("+extra_allocators.x={name: arr_coc, weights_from: x}", "names 'x'"),
+            ("+extra_allocators.x={name: arr_coc_adapter, weights_from: arr_coc}", "cannot take the weights"),
+            ("+extra_allocators.x={name: arr_coc, weights_from: arr_coc, train: true}", "cannot also train"),
+        ]:
+            with pytest.raises(ValueError, match=match):
+                main_job.allocator_specs(compose("main", overrides=[extra]))
+    # a row whose source is not trained in the run is refused before anything is evaluated
+    with pytest.raises(ValueError, match="does not train"):
+        main_job.run(_cfg(tmp_path, "allocators=[full,arr_coc]", "budgets=[16]", "plots=false", "benchmark_allocators=null",
+                          "train.allocators=[]", "compare=null", "+extra_allocators.priced={name: arr_coc, weights_from: arr_coc}", v2=True))
+
+
 def test_verdict_says_when_arr_coc_is_not_the_best_row():
     agg = [
         {"allocator": "arr_coc", "budget": 7, "accuracy": 0.6, "retained_pct": 90.0},

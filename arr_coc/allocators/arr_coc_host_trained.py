@@ -52,8 +52,22 @@ the content reading and a distance kernel around the anchor,
 with d(j, a) the Euclidean distance in fine cells between the centres of candidate j and the
 anchor, and g(q) = softplus(w . q_bar + b + g0) >= 0 nats per cell a learned, question-dependent
 rate (a linear read of the question's mean word embedding; g0 = -2 at init, so g starts near 0.13).
+The read and g0 enter scaled by ``RATE_SCALE`` = 10 (the parameters hold a tenth of the
+pre-activation): Adam moves each parameter by about its learning rate per step, and the rate has to
+move by nats per cell within a few hundred steps (unscaled, it moved from 0.13 to 0.21 in 600
+steps at lr 1e-3).
 "nearest" questions can learn a steep kernel, questions about one object or about a count a flat
 one. The rate is reported in ``extras["relation_rate"]`` [B].
+
+``anchor_query=True`` changes where the anchor comes from. The first scorer reads the question as
+a mixture over its words, a disjunction: "the red circle" rates every red object and every circle
+about as high, and its best token is the named object only 72% of the time on validation "nearest"
+questions (experiments/results/arr_coc_host_diag/geometry_anchor.md). With ``anchor_query`` a third reading, by the second
+scorer with one query vector ``MLP_a(q_bar)`` (a function of all the words at once, which can place
+the conjunction), gives ``pmi_a``, trained on the same relevance masks, and the anchor is its best
+fine token. ``relevance_logits`` is then [B, 3, N] (first scorer, relation, anchor reading) and
+``extras["pmi_anchor"]`` [B, M]; the gain is unchanged (the relation's kernel rates the anchor
+itself highest).
 
 ``arr_coc_host_llm_trained`` is the same idea inside the LLM, at the place of
 ``arr_coc_host_llm`` (after layer ``llm_layer``; ``llm_layer=1`` is FastV's K = 2): the scorer
@@ -111,6 +125,9 @@ def relevance_listwise_loss(logits: torch.Tensor, relevance: torch.Tensor) -> to
     return nll.mean(1) if logits.dim() == 3 else nll
 
 
+RATE_SCALE = 10.0  # the distance kernel's rate: pre-activation / parameters (see the module docstring)
+
+
 def candidate_centres(positions: torch.Tensor) -> torch.Tensor:
     """Candidate positions [M, 3] (row, col, level) -> centres [M, 2] (row, col) in fine cells.
 
@@ -156,6 +173,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relation_hidden: width of the MLP that maps ``[q_bar ; c_anchor]`` to its query.
         relation_geometry: multiply the second scorer's distribution by a learned distance kernel
             around the anchor (needs ``relational``; see the module docstring).
+        anchor_query: take the anchor from a reading with one query vector per question
+            (needs ``relational``; see the module docstring).
     """
 
     def __init__(
@@ -173,6 +192,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relational: bool = False,
         relation_hidden: int = 256,
         relation_geometry: bool = False,
+        anchor_query: bool = False,
         **kwargs,
     ):
         super().__init__(alpha, price, **kwargs)
@@ -197,7 +217,30 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         self.relation_geometry = relation_geometry
         if relation_geometry:  # q_bar -> the kernel's rate, softplus(w . q_bar + b + g0) nats per cell
             self.relation_rate = nn.LazyLinear(1)
-            self.relation_rate_offset = nn.Parameter(torch.tensor(-2.0))
+            self.relation_rate_offset = nn.Parameter(torch.tensor(-2.0 / RATE_SCALE))
+        if not isinstance(anchor_query, bool):
+            raise ValueError(f"anchor_query: expected a bool, got {anchor_query!r}")
+        if anchor_query and not relational:
+            raise ValueError("anchor_query: needs relational=True (it picks the relation's anchor)")
+        self.anchor_query = anchor_query
+        if anchor_query:  # q_bar -> the anchor reading's one query vector
+            self.anchor_map = nn.Sequential(nn.LazyLinear(relation_hidden), nn.GELU(), nn.Linear(relation_hidden, relation_hidden))
+
+    @staticmethod
+    def _question_mean(ctx: AllocationContext, c: torch.Tensor) -> torch.Tensor:
+        """q_bar [B, Dq]: the mean of the real question tokens ([B, 0] without a query)."""
+        q = ctx.query
+        if q is None:
+            return c.new_zeros(c.shape[0], 0)
+        m = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if ctx.query_mask is None else ctx.query_mask.bool()
+        w = m.to(q.dtype)[..., None]
+        return (q * w).sum(1) / w.sum(1).clamp_min(1)
+
+    def _anchor_pmi(self, ctx: AllocationContext) -> torch.Tensor:
+        """pmi_a [B, M]: the relation scorer read with one query vector ``MLP_a(q_bar)``."""
+        c = ctx.candidates
+        z = self.anchor_map(self._question_mean(ctx, c).float())  # [B, H]
+        return self.relation_scorer(c, rearrange(z, "b h -> b 1 h"), None).pmi
 
     def _relation_pmi(
         self, ctx: AllocationContext, pmi: torch.Tensor
@@ -207,18 +250,12 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         c = ctx.candidates
         anchor = pmi[:, : ctx.num_fine].detach().argmax(1)  # [B]
         c_anchor = c[torch.arange(c.shape[0], device=c.device), anchor]  # [B, D]
-        q = ctx.query
-        if q is None:
-            q_bar = c_anchor.new_zeros(c.shape[0], 0)
-        else:
-            m = (torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if ctx.query_mask is None else ctx.query_mask.bool())
-            w = m.to(q.dtype)[..., None]
-            q_bar = (q * w).sum(1) / w.sum(1).clamp_min(1)  # [B, Dq]
+        q_bar = self._question_mean(ctx, c)
         z = self.relation(torch.cat([q_bar.float(), c_anchor.float()], -1))  # [B, H] (the MLP is float32)
         out = self.relation_scorer(c, rearrange(z, "b h -> b 1 h"), None)
         if not self.relation_geometry:
             return out.pmi, anchor, None
-        rate = F.softplus(self.relation_rate(q_bar.float())[:, 0] + self.relation_rate_offset)  # [B]
+        rate = F.softplus(RATE_SCALE * (self.relation_rate(q_bar.float())[:, 0] + self.relation_rate_offset))  # [B]
         centres = candidate_centres(ctx.pyramid.positions).to(c.device)  # [M, 2] in fine cells
         dist = torch.cdist(centres, centres[anchor])  # [M, B]
         logits = out.pmi.float() - rate[:, None] * rearrange(dist, "m b -> b m")
@@ -233,16 +270,20 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         fine_logits = pmi[:, :n]  # log p(j | q) + const over the fine tokens
         extra, st_logits, rel_logits = _positive_pmi(pmi, self.learned_weight), pmi, fine_logits
         if self.relational:
-            pmi2, anchor, rate = self._relation_pmi(ctx, pmi)
+            pmi_a = self._anchor_pmi(ctx) if self.anchor_query else None
+            pmi2, anchor, rate = self._relation_pmi(ctx, pmi if pmi_a is None else pmi_a)
             if extra is not None:
                 extra = extra + _positive_pmi(pmi2, self.learned_weight)
-            st_logits, rel_logits = pmi + pmi2, torch.stack([fine_logits, pmi2[:, :n]], 1)
+            readings = [fine_logits, pmi2[:, :n]] + ([] if pmi_a is None else [pmi_a[:, :n]])
+            st_logits, rel_logits = pmi + pmi2, torch.stack(readings, 1)
         sel = self._greedy(ctx, extra_unary=extra)
         sel.extras.update(pmi=pmi, relevance_logits=rel_logits)
         if self.relational:
             sel.extras.update(pmi_relation=pmi2, anchor=anchor)
             if rate is not None:
                 sel.extras["relation_rate"] = rate
+            if pmi_a is not None:
+                sel.extras["pmi_anchor"] = pmi_a
         if self._training():
             keep_prob = torch.sigmoid(st_logits / self.st_temperature)
             st = keep_prob - keep_prob.detach() + 1.0  # value 1, gradient of keep_prob

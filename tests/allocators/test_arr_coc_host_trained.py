@@ -158,8 +158,12 @@ def test_relation_geometry_is_a_distance_kernel_around_the_anchor():
     out = alloc(tokens, **args)  # materialises the lazy parts
     rate = out.extras["relation_rate"]
     assert rate.shape == (2,) and bool((rate > 0).all())
-    # the lazy linear read of q_bar starts near softplus(-2) ~ 0.13 nats per cell, not at a fixed value
-    assert float((rate.detach() - torch.nn.functional.softplus(torch.tensor(-2.0))).abs().max()) < 2.0
+    # the rate is softplus(10 (w . q_bar + b + g0)), g0 = -0.2: the closed form from the parameters
+    from arr_coc.allocators.arr_coc_host_trained import RATE_SCALE
+
+    pre = RATE_SCALE * (alloc.relation_rate(q.mean(1))[:, 0] + alloc.relation_rate_offset)
+    torch.testing.assert_close(rate, torch.nn.functional.softplus(pre))
+    assert float(alloc.relation_rate_offset) == pytest.approx(-0.2)
     ctx = SimpleNamespace(candidates=tokens[:, 1:], num_fine=16, query=q, query_mask=None,
                           pyramid=SimpleNamespace(positions=pyramid_positions((4, 4), ())[0]))
     anchor_at = torch.eye(16)[[5, 10]]  # anchors at cells (1, 1) and (2, 2)
@@ -177,14 +181,14 @@ def test_relation_geometry_is_a_distance_kernel_around_the_anchor():
     torch.testing.assert_close(pmi2.exp().sum(1), torch.full((2,), 16.0), rtol=1e-5, atol=1e-4)
     # a steep kernel ranks the candidates by distance to the anchor: the anchor first, then its 4 neighbours
     with torch.no_grad():
-        alloc.relation_rate_offset.fill_(60.0)
+        alloc.relation_rate_offset.fill_(6.0)
     steep, _, rate = alloc._relation_pmi(ctx, anchor_at)
     assert bool((rate > 50).all())
     assert steep.argmax(1).tolist() == [5, 10]
     assert set(steep[0].topk(5).indices.tolist()) == {5, 1, 4, 6, 9}
     # the rate and the content both learn from the relevance loss
     with torch.no_grad():
-        alloc.relation_rate_offset.fill_(-2.0)
+        alloc.relation_rate_offset.fill_(-0.2)
     alloc.zero_grad()
     out = alloc(tokens, **args)
     mask = torch.zeros(2, 16, dtype=torch.bool)
@@ -194,6 +198,33 @@ def test_relation_geometry_is_a_distance_kernel_around_the_anchor():
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         assert grads and any(float(g.abs().sum()) > 0 for g in grads), module
     assert alloc.relation_rate_offset.grad is not None and float(alloc.relation_rate_offset.grad.abs()) > 0
+
+
+def test_anchor_query_reads_the_anchor_with_one_query_vector():
+    host, tokens, _, _ = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    alloc = create_allocator("arr_coc_host_trained", relational=True, relation_geometry=True, anchor_query=True).train()
+    out = alloc(tokens, query=q, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host)
+    pmi_a, anchor, pmi = out.extras["pmi_anchor"], out.extras["anchor"], out.extras["pmi"]
+    # the anchor is the best fine token of the anchor reading, not of the first scorer
+    assert torch.equal(anchor, pmi_a[:, :16].argmax(1))
+    # the anchor reading: the relation scorer with the one query vector MLP_a(q_bar)
+    z = alloc.anchor_map(q.mean(1))
+    torch.testing.assert_close(pmi_a, alloc.relation_scorer(tokens[:, 1:], z[:, None], None).pmi)
+    rel = out.extras["relevance_logits"]
+    assert rel.shape == (2, 3, 16)
+    torch.testing.assert_close(rel[:, 0], pmi[:, :16])
+    torch.testing.assert_close(rel[:, 2], pmi_a[:, :16])
+    # it reads the whole question: another question moves it
+    other = alloc(tokens, query=q.flip(0), budget=4, grid=(4, 4), num_prefix_tokens=1, host=host).extras["pmi_anchor"]
+    assert not torch.allclose(other, pmi_a)
+    # the anchor reading learns from the relevance loss
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, [2, 9]] = True
+    relevance_listwise_loss(rel, mask).sum().backward()
+    grads = [p.grad for p in alloc.anchor_map.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
 
 def test_distillation_needs_training_and_a_host():
@@ -208,7 +239,8 @@ def test_distillation_needs_training_and_a_host():
     "kwargs, name",
     [({"learned_weight": -1.0}, "learned_weight"), ({"distill": 1}, "distill"), ({"st_temperature": 0.0}, "st_temperature"),
      ({"relational": 1}, "relational"), ({"relational": True, "relation_hidden": 0}, "relation_hidden"),
-     ({"relation_geometry": True}, "relation_geometry"), ({"relational": True, "relation_geometry": 1}, "relation_geometry")],
+     ({"relation_geometry": True}, "relation_geometry"), ({"anchor_query": True}, "anchor_query"),
+     ({"relational": True, "anchor_query": "yes"}, "anchor_query"), ({"relational": True, "relation_geometry": 1}, "relation_geometry")],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
