@@ -69,6 +69,13 @@ fine token. ``relevance_logits`` is then [B, 3, N] (first scorer, relation, anch
 ``extras["pmi_anchor"]`` [B, M]; the gain is unchanged (the relation's kernel rates the anchor
 itself highest).
 
+``relation_others=True`` trains the relation on the relevant cells other than its anchor (the
+``relevance_exclude`` extra [B, S, N], read by the ``relevance`` loss): what the anchor leads to
+(the nearest object, the other object of a comparison, the other counted objects), so a question
+about one object gives it no supervision and a count question, whose objects lie anywhere, pulls
+the kernel's rate down instead of sharing the steep kernel that single-object questions (mask =
+the anchor) teach it.
+
 ``arr_coc_host_llm_trained`` is the same idea inside the LLM, at the place of
 ``arr_coc_host_llm`` (after layer ``llm_layer``; ``llm_layer=1`` is FastV's K = 2): the scorer
 reads that layer's hidden states (candidates: the visual slots; query: the text tokens), its
@@ -100,14 +107,17 @@ from arr_coc.knowing import ParticipatoryScorer
 __all__ = ["ArrCocHostLLMTrainedAllocator", "ArrCocHostTrainedAllocator", "candidate_centres", "relevance_listwise_loss"]
 
 
-def relevance_listwise_loss(logits: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+def relevance_listwise_loss(
+    logits: torch.Tensor, relevance: torch.Tensor, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """Listwise cross-entropy of a distribution over the fine tokens against a relevance mask.
 
     logits [B, N] (log-probabilities up to a constant per row), relevance [B, N] or [B, gh, gw]
     bool -> [B] nats: ``-(1/|R_b|) sum_{j in R_b} log softmax(logits_b)_j``, 0 for a row with no
     relevant token (it carries no supervision). Its minimum over the logits is ``log |R_b|``
     (all mass spread evenly on the relevant tokens). logits [B, S, N] (S scorers against the same
-    mask): the mean over the S of each one's loss.
+    mask): the mean over the S of each one's loss. exclude (bool, [B, N] or [B, S, N] like the
+    logits): cells taken out of R (per scorer), e.g. the anchor for a scorer of what it relates to.
     """
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits: expected [B, N] or [B, S, N], got {tuple(logits.shape)}")
@@ -118,6 +128,10 @@ def relevance_listwise_loss(logits: torch.Tensor, relevance: torch.Tensor) -> to
         rel = rel[:, None, :]  # the same mask for each of the S scorers
     elif rel.shape != logits.shape:
         raise ValueError(f"relevance: expected [B, N] = {tuple(logits.shape)} (or [B, gh, gw]), got {tuple(relevance.shape)}")
+    if exclude is not None:
+        if exclude.shape != logits.shape:
+            raise ValueError(f"exclude: expected {tuple(logits.shape)} (the logits' shape), got {tuple(exclude.shape)}")
+        rel = rel & ~exclude.bool()
     r = rel.to(logits.dtype)
     count = r.sum(-1)
     nll = -(logits.log_softmax(-1) * r).sum(-1) / count.clamp_min(1)
@@ -175,6 +189,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
             around the anchor (needs ``relational``; see the module docstring).
         anchor_query: take the anchor from a reading with one query vector per question
             (needs ``relational``; see the module docstring).
+        relation_others: train the relation on the relevant cells other than its anchor (see the
+            module docstring; needs ``relational``).
     """
 
     def __init__(
@@ -193,6 +209,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relation_hidden: int = 256,
         relation_geometry: bool = False,
         anchor_query: bool = False,
+        relation_others: bool = False,
         **kwargs,
     ):
         super().__init__(alpha, price, **kwargs)
@@ -223,6 +240,11 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         if anchor_query and not relational:
             raise ValueError("anchor_query: needs relational=True (it picks the relation's anchor)")
         self.anchor_query = anchor_query
+        if not isinstance(relation_others, bool):
+            raise ValueError(f"relation_others: expected a bool, got {relation_others!r}")
+        if relation_others and not relational:
+            raise ValueError("relation_others: needs relational=True (it is the relation's training target)")
+        self.relation_others = relation_others
         if anchor_query:  # q_bar -> the anchor reading's one query vector
             self.anchor_map = nn.Sequential(nn.LazyLinear(relation_hidden), nn.GELU(), nn.Linear(relation_hidden, relation_hidden))
 
@@ -276,6 +298,9 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
                 extra = extra + _positive_pmi(pmi2, self.learned_weight)
             readings = [fine_logits, pmi2[:, :n]] + ([] if pmi_a is None else [pmi_a[:, :n]])
             st_logits, rel_logits = pmi + pmi2, torch.stack(readings, 1)
+            if self.relation_others:  # the relation learns what the anchor leads to, not the anchor
+                exclude = torch.zeros(rel_logits.shape, dtype=torch.bool, device=rel_logits.device)
+                exclude[torch.arange(rel_logits.shape[0], device=exclude.device), 1, anchor] = True
         sel = self._greedy(ctx, extra_unary=extra)
         sel.extras.update(pmi=pmi, relevance_logits=rel_logits)
         if self.relational:
@@ -284,6 +309,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
                 sel.extras["relation_rate"] = rate
             if pmi_a is not None:
                 sel.extras["pmi_anchor"] = pmi_a
+            if self.relation_others:
+                sel.extras["relevance_exclude"] = exclude
         if self._training():
             keep_prob = torch.sigmoid(st_logits / self.st_temperature)
             st = keep_prob - keep_prob.detach() + 1.0  # value 1, gradient of keep_prob

@@ -221,7 +221,8 @@ def allocator_loss_terms(
     if relevance is not None and isinstance(rel_logits, torch.Tensor):
         from arr_coc.allocators.arr_coc_host_trained import relevance_listwise_loss
 
-        terms["relevance"] = relevance_listwise_loss(rel_logits, relevance.to(rel_logits.device)).mean()
+        exclude = extras.get("relevance_exclude")
+        terms["relevance"] = relevance_listwise_loss(rel_logits, relevance.to(rel_logits.device), exclude=exclude).mean()
     keep = extras.get("keep_prob")
     if "rate" not in terms and isinstance(keep, torch.Tensor) and keep.dim() == 2:
         if rate == "tokens":

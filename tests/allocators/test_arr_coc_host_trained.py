@@ -163,7 +163,7 @@ def test_relation_geometry_is_a_distance_kernel_around_the_anchor():
 
     pre = RATE_SCALE * (alloc.relation_rate(q.mean(1))[:, 0] + alloc.relation_rate_offset)
     torch.testing.assert_close(rate, torch.nn.functional.softplus(pre))
-    assert float(alloc.relation_rate_offset) == pytest.approx(-0.2)
+    assert float(alloc.relation_rate_offset.detach()) == pytest.approx(-0.2)
     ctx = SimpleNamespace(candidates=tokens[:, 1:], num_fine=16, query=q, query_mask=None,
                           pyramid=SimpleNamespace(positions=pyramid_positions((4, 4), ())[0]))
     anchor_at = torch.eye(16)[[5, 10]]  # anchors at cells (1, 1) and (2, 2)
@@ -227,6 +227,36 @@ def test_anchor_query_reads_the_anchor_with_one_query_vector():
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
 
+def test_relation_others_excludes_the_anchor_from_the_relations_target():
+    host, tokens, _, _ = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    alloc = create_allocator("arr_coc_host_trained", relational=True, relation_geometry=True, anchor_query=True,
+                             relation_others=True).train()
+    out = alloc(tokens, query=q, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host)
+    exclude, anchor, rel = out.extras["relevance_exclude"], out.extras["anchor"], out.extras["relevance_logits"]
+    assert exclude.shape == rel.shape == (2, 3, 16)
+    # exactly the anchor, and only in the relation's row
+    assert exclude.sum().item() == 2 and bool(exclude[torch.arange(2), 1, anchor].all())
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[torch.arange(2), anchor] = True
+    mask[:, 15] = True  # one other relevant cell (row 0's anchor is not 15 at this seed)
+    assert 15 not in anchor.tolist()
+    loss = relevance_listwise_loss(rel, mask, exclude=exclude)
+    # the relation's term is its loss on the other cell alone; the two other readings see both cells
+    others = mask.clone()
+    others[torch.arange(2), anchor] = False
+    want = (relevance_listwise_loss(rel[:, 0], mask) + relevance_listwise_loss(rel[:, 1], others)
+            + relevance_listwise_loss(rel[:, 2], mask)) / 3
+    torch.testing.assert_close(loss, want)
+    # a question about the anchor alone gives the relation no supervision (0, not -log 0)
+    alone = relevance_listwise_loss(rel, mask & ~others, exclude=exclude)
+    assert torch.isfinite(alone).all()
+    torch.testing.assert_close(alone, (relevance_listwise_loss(rel[:, 0], mask & ~others) + relevance_listwise_loss(rel[:, 2], mask & ~others)) / 3)
+    with pytest.raises(ValueError, match="exclude"):
+        relevance_listwise_loss(rel, mask, exclude=exclude[:, 0])
+
+
 def test_distillation_needs_training_and_a_host():
     _, tokens, _, _ = _llm_host()
     alloc = create_allocator("arr_coc_host_trained", prior=None, distill=True)
@@ -240,7 +270,7 @@ def test_distillation_needs_training_and_a_host():
     [({"learned_weight": -1.0}, "learned_weight"), ({"distill": 1}, "distill"), ({"st_temperature": 0.0}, "st_temperature"),
      ({"relational": 1}, "relational"), ({"relational": True, "relation_hidden": 0}, "relation_hidden"),
      ({"relation_geometry": True}, "relation_geometry"), ({"anchor_query": True}, "anchor_query"),
-     ({"relational": True, "anchor_query": "yes"}, "anchor_query"), ({"relational": True, "relation_geometry": 1}, "relation_geometry")],
+     ({"relational": True, "anchor_query": "yes"}, "anchor_query"), ({"relation_others": True}, "relation_others"), ({"relational": True, "relation_geometry": 1}, "relation_geometry")],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
