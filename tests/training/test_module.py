@@ -276,6 +276,30 @@ def test_seeded_sampler_depends_on_seed_and_epoch_only():
     assert list(SeededRandomSampler(range(50), seed=4)) != list(SeededRandomSampler(range(50), seed=3))
 
 
+def test_relation_others_reaches_the_relevance_term(vlm, batch):
+    """The module's relevance term takes the allocator's ``relevance_exclude`` (the anchor, out of
+    the relation's target) into the listwise loss."""
+    from arr_coc.allocators.arr_coc_host_trained import relevance_listwise_loss
+
+    torch.manual_seed(0)
+    alloc = create_allocator("arr_coc_host_trained", prior=None, relational=True, relation_geometry=True,
+                             anchor_query=True, relation_others=True)
+    module = _module(vlm, alloc, budget=8, loss_weights={"ce": 0.0, "relevance": 1.0})
+    module.train()
+    anchor = module._loss(batch, 8)[2]["out"].extras["anchor"]  # [B] fine cells, the same on every call
+    batch = dict(batch)
+    rel = batch["relevance"].clone().flatten(1)
+    rel[torch.arange(rel.shape[0]), anchor] = True  # the anchors are relevant: excluding them matters
+    batch["relevance"] = rel.view_as(batch["relevance"])
+    _, terms, res = module._loss(batch, 8)
+    extras = res["out"].extras
+    assert torch.equal(extras["anchor"], anchor)
+    want = relevance_listwise_loss(extras["relevance_logits"], batch["relevance"], exclude=extras["relevance_exclude"]).mean()
+    torch.testing.assert_close(terms["relevance"], want)
+    plain = relevance_listwise_loss(extras["relevance_logits"], batch["relevance"]).mean()
+    assert not torch.allclose(terms["relevance"], plain)
+
+
 def test_host_reading_allocator_trains_on_relevance_and_distillation(vlm, batch):
     """arr_coc_host_trained gets the base VLM's host in training (its LLM attention: the
     distillation teacher) and the listwise relevance term when its weight is > 0."""
