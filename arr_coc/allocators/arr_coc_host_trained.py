@@ -54,15 +54,15 @@ anchor, and g(q) = softplus(w . q_bar + b + g0) >= 0 nats per cell a learned, qu
 rate (a linear read of the question's mean word embedding; g0 = -2 at init, so g starts near 0.13).
 The read and g0 enter scaled by ``RATE_SCALE`` = 10 (the parameters hold a tenth of the
 pre-activation): Adam moves each parameter by about its learning rate per step, and the rate has to
-move by nats per cell within a few hundred steps (unscaled, it moved from 0.13 to 0.21 in 600
-steps at lr 1e-3).
+move by nats per cell within a few hundred steps (unscaled, after 600 steps at lr 1e-3 it was still
+0.13-0.21 on the validation nearest questions; experiments/results/arr_coc_host_diag/geometry_anchor.md).
 "nearest" questions can learn a steep kernel, questions about one object or about a count a flat
 one. The rate is reported in ``extras["relation_rate"]`` [B].
 
 ``anchor_query=True`` changes where the anchor comes from. The first scorer reads the question as
 a mixture over its words, a disjunction: "the red circle" rates every red object and every circle
-about as high, and its best token is the named object only 72% of the time on validation "nearest"
-questions (experiments/results/arr_coc_host_diag/geometry_anchor.md). With ``anchor_query`` a third reading, by the second
+about as high, and its best token is one of the two relevant cells (the named object, the nearest)
+on only 72% of the validation "nearest" questions (experiments/results/arr_coc_host_diag/geometry_anchor.md). With ``anchor_query`` a third reading, by the second
 scorer with one query vector ``MLP_a(q_bar)`` (a function of all the words at once, which can place
 the conjunction), gives ``pmi_a``, trained on the same relevance masks, and the anchor is its best
 fine token. ``relevance_logits`` is then [B, 3, N] (first scorer, relation, anchor reading) and
