@@ -74,7 +74,9 @@ itself highest).
 (the nearest object, the other object of a comparison, the other counted objects), so a question
 about one object gives it no supervision and a count question, whose objects lie anywhere, pulls
 the kernel's rate down instead of sharing the steep kernel that single-object questions (mask =
-the anchor) teach it.
+the anchor) teach it. It leaves the relation unsupervised on one-object questions, where its term
+then swamps the gain (v2_trained_others_val.md); ``relation_others="or_anchor"`` trains it on the
+anchor where the anchor is the only relevant cell.
 
 ``arr_coc_host_llm_trained`` is the same idea inside the LLM, at the place of
 ``arr_coc_host_llm`` (after layer ``llm_layer``; ``llm_layer=1`` is FastV's K = 2): the scorer
@@ -108,7 +110,7 @@ __all__ = ["ArrCocHostLLMTrainedAllocator", "ArrCocHostTrainedAllocator", "candi
 
 
 def relevance_listwise_loss(
-    logits: torch.Tensor, relevance: torch.Tensor, exclude: torch.Tensor | None = None
+    logits: torch.Tensor, relevance: torch.Tensor, exclude: torch.Tensor | None = None, *, exclude_fallback: bool = False
 ) -> torch.Tensor:
     """Listwise cross-entropy of a distribution over the fine tokens against a relevance mask.
 
@@ -117,7 +119,8 @@ def relevance_listwise_loss(
     relevant token (it carries no supervision). Its minimum over the logits is ``log |R_b|``
     (all mass spread evenly on the relevant tokens). logits [B, S, N] (S scorers against the same
     mask): the mean over the S of each one's loss. exclude (bool, [B, N] or [B, S, N] like the
-    logits): cells taken out of R (per scorer), e.g. the anchor for a scorer of what it relates to.
+    logits): cells taken out of R (per scorer), e.g. the anchor for a scorer of what it relates to;
+    with ``exclude_fallback`` a row that would be left with no relevant cell keeps its whole R.
     """
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits: expected [B, N] or [B, S, N], got {tuple(logits.shape)}")
@@ -131,7 +134,8 @@ def relevance_listwise_loss(
     if exclude is not None:
         if exclude.shape != logits.shape:
             raise ValueError(f"exclude: expected {tuple(logits.shape)} (the logits' shape), got {tuple(exclude.shape)}")
-        rel = rel & ~exclude.bool()
+        kept = rel & ~exclude.bool()
+        rel = torch.where(kept.any(-1, keepdim=True), kept, rel) if exclude_fallback else kept
     r = rel.to(logits.dtype)
     count = r.sum(-1)
     nll = -(logits.log_softmax(-1) * r).sum(-1) / count.clamp_min(1)
@@ -189,8 +193,9 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
             around the anchor (needs ``relational``; see the module docstring).
         anchor_query: take the anchor from a reading with one query vector per question
             (needs ``relational``; see the module docstring).
-        relation_others: train the relation on the relevant cells other than its anchor (see the
-            module docstring; needs ``relational``).
+        relation_others: train the relation on the relevant cells other than its anchor (True), or
+            on them where there are any and on the anchor where it is the only one ("or_anchor");
+            see the module docstring; needs ``relational``.
     """
 
     def __init__(
@@ -209,7 +214,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relation_hidden: int = 256,
         relation_geometry: bool = False,
         anchor_query: bool = False,
-        relation_others: bool = False,
+        relation_others: bool | str = False,
         **kwargs,
     ):
         super().__init__(alpha, price, **kwargs)
@@ -240,8 +245,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         if anchor_query and not relational:
             raise ValueError("anchor_query: needs relational=True (it picks the relation's anchor)")
         self.anchor_query = anchor_query
-        if not isinstance(relation_others, bool):
-            raise ValueError(f"relation_others: expected a bool, got {relation_others!r}")
+        if not (isinstance(relation_others, bool) or relation_others == "or_anchor"):
+            raise ValueError(f"relation_others: expected a bool or 'or_anchor', got {relation_others!r}")
         if relation_others and not relational:
             raise ValueError("relation_others: needs relational=True (it is the relation's training target)")
         self.relation_others = relation_others
@@ -311,6 +316,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
                 sel.extras["pmi_anchor"] = pmi_a
             if self.relation_others:
                 sel.extras["relevance_exclude"] = exclude
+                sel.extras["relevance_exclude_fallback"] = self.relation_others == "or_anchor"
         if self._training():
             keep_prob = torch.sigmoid(st_logits / self.st_temperature)
             st = keep_prob - keep_prob.detach() + 1.0  # value 1, gradient of keep_prob

@@ -222,7 +222,10 @@ def allocator_loss_terms(
         from arr_coc.allocators.arr_coc_host_trained import relevance_listwise_loss
 
         exclude = extras.get("relevance_exclude")
-        terms["relevance"] = relevance_listwise_loss(rel_logits, relevance.to(rel_logits.device), exclude=exclude).mean()
+        fallback = bool(extras.get("relevance_exclude_fallback", False))
+        terms["relevance"] = relevance_listwise_loss(
+            rel_logits, relevance.to(rel_logits.device), exclude=exclude, exclude_fallback=fallback
+        ).mean()
     keep = extras.get("keep_prob")
     if "rate" not in terms and isinstance(keep, torch.Tensor) and keep.dim() == 2:
         if rate == "tokens":

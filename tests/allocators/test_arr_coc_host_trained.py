@@ -255,6 +255,13 @@ def test_relation_others_excludes_the_anchor_from_the_relations_target():
     torch.testing.assert_close(alone, (relevance_listwise_loss(rel[:, 0], mask & ~others) + relevance_listwise_loss(rel[:, 2], mask & ~others)) / 3)
     with pytest.raises(ValueError, match="exclude"):
         relevance_listwise_loss(rel, mask, exclude=exclude[:, 0])
+    # exclude_fallback: a row left with no relevant cell keeps its whole mask (the anchor)
+    fb = relevance_listwise_loss(rel, mask & ~others, exclude=exclude, exclude_fallback=True)
+    torch.testing.assert_close(fb, relevance_listwise_loss(rel, mask & ~others))
+    torch.testing.assert_close(relevance_listwise_loss(rel, mask, exclude=exclude, exclude_fallback=True), loss)
+    alloc_fb = create_allocator("arr_coc_host_trained", relational=True, relation_others="or_anchor").train()
+    assert alloc_fb(tokens, query=q, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host).extras["relevance_exclude_fallback"] is True
+    assert out.extras["relevance_exclude_fallback"] is False
 
 
 def test_distillation_needs_training_and_a_host():
@@ -270,7 +277,8 @@ def test_distillation_needs_training_and_a_host():
     [({"learned_weight": -1.0}, "learned_weight"), ({"distill": 1}, "distill"), ({"st_temperature": 0.0}, "st_temperature"),
      ({"relational": 1}, "relational"), ({"relational": True, "relation_hidden": 0}, "relation_hidden"),
      ({"relation_geometry": True}, "relation_geometry"), ({"anchor_query": True}, "anchor_query"),
-     ({"relational": True, "anchor_query": "yes"}, "anchor_query"), ({"relation_others": True}, "relation_others"), ({"relational": True, "relation_geometry": 1}, "relation_geometry")],
+     ({"relational": True, "anchor_query": "yes"}, "anchor_query"), ({"relation_others": True}, "relation_others"),
+     ({"relational": True, "relation_others": "yes"}, "relation_others"), ({"relational": True, "relation_geometry": 1}, "relation_geometry")],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
