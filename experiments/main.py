@@ -607,6 +607,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     references = reference_rows(specs)
     train_labels = set(cfg.train.allocators or []) if cfg.train.enabled else set()
     train_labels |= {lab for lab, s in specs.items() if s.get("train") and cfg.train.enabled}
+    borrowed = {lab: s["weights_from"] for lab, s in specs.items() if s.get("weights_from") is not None}
+    for label, src in borrowed.items():
+        if src not in train_labels:
+            raise ValueError(f"weights_from: {label!r} names {src!r}, which this run does not train")
     save_to = _container(cfg.get("save_allocators"))
     seconds["load"] = time.perf_counter() - t_start
 
@@ -631,18 +635,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 spec = specs[label]
                 save_allocator(allocators[label], _path(save_to[label]), name=spec["name"], config=spec["kwargs"])
         seconds["train"] = seconds.get("train", 0.0) + time.perf_counter() - t0
-        for label, spec in specs.items():  # rows that evaluate another row's trained weights
-            src = spec.get("weights_from")
-            if src is not None:
-                if src not in train_labels:
-                    raise ValueError(f"weights_from: {label!r} names {src!r}, which this run does not train")
-                allocators[label].load_state_dict(allocators[src].state_dict())
-                allocators[label].eval()
-                train_losses.setdefault(label, []).append(train_losses[src][-1])
+        for label, src in borrowed.items():  # rows that evaluate another row's trained weights
+            allocators[label].load_state_dict(allocators[src].state_dict())
+            allocators[label].eval()
+            train_losses.setdefault(label, []).append(train_losses[src][-1])
         # a deterministic, untrained allocator gives the same answers under every seed: evaluate it once
         evaluated: dict[str, Any] = {
             lab: a for lab, a in allocators.items()
-            if si == 0 or lab in train_labels or specs[lab].get("weights_from") or specs[lab]["name"] == "random"
+            if si == 0 or lab in train_labels or lab in borrowed or specs[lab]["name"] == "random"
         }
         if cfg.include_oracle:
             evaluated[ORACLE] = ORACLE

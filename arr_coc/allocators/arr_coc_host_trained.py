@@ -104,7 +104,7 @@ from torch.nn import functional as F
 from arr_coc.allocators.arr_coc_host import ArrCocHostAllocator, ArrCocHostLLMAllocator
 from arr_coc.allocators.base import AllocationContext, Selection
 from arr_coc.allocators.registry import register_allocator
-from arr_coc.knowing import ParticipatoryScorer
+from arr_coc.knowing import ParticipatoryScorer, masked_mean
 
 __all__ = ["ArrCocHostLLMTrainedAllocator", "ArrCocHostTrainedAllocator", "candidate_centres", "relevance_listwise_loss"]
 
@@ -254,30 +254,28 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
             self.anchor_map = nn.Sequential(nn.LazyLinear(relation_hidden), nn.GELU(), nn.Linear(relation_hidden, relation_hidden))
 
     @staticmethod
-    def _question_mean(ctx: AllocationContext, c: torch.Tensor) -> torch.Tensor:
+    def _question_mean(ctx: AllocationContext) -> torch.Tensor:
         """q_bar [B, Dq]: the mean of the real question tokens ([B, 0] without a query)."""
-        q = ctx.query
-        if q is None:
-            return c.new_zeros(c.shape[0], 0)
-        m = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if ctx.query_mask is None else ctx.query_mask.bool()
-        w = m.to(q.dtype)[..., None]
-        return (q * w).sum(1) / w.sum(1).clamp_min(1)
+        if ctx.query is None:
+            return ctx.candidates.new_zeros(ctx.batch_size, 0)
+        return masked_mean(ctx.query, ctx.query_mask)
 
-    def _anchor_pmi(self, ctx: AllocationContext) -> torch.Tensor:
+    def _anchor_pmi(self, ctx: AllocationContext, q_bar: torch.Tensor | None = None) -> torch.Tensor:
         """pmi_a [B, M]: the relation scorer read with one query vector ``MLP_a(q_bar)``."""
-        c = ctx.candidates
-        z = self.anchor_map(self._question_mean(ctx, c).float())  # [B, H]
-        return self.relation_scorer(c, rearrange(z, "b h -> b 1 h"), None).pmi
+        q_bar = self._question_mean(ctx) if q_bar is None else q_bar
+        z = self.anchor_map(q_bar.float())  # [B, H]
+        return self.relation_scorer(ctx.candidates, rearrange(z, "b h -> b 1 h"), None).pmi
 
     def _relation_pmi(
-        self, ctx: AllocationContext, pmi: torch.Tensor
+        self, ctx: AllocationContext, pmi: torch.Tensor, q_bar: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(pmi2 [B, M], anchor [B], rate [B] or None): the anchor-conditioned scorer's pmi, the
-        anchor's index and, with ``relation_geometry``, the distance kernel's rate (nats per cell)."""
+        anchor's index and, with ``relation_geometry``, the distance kernel's rate (nats per cell).
+        q_bar: the question's mean word embedding, when the caller has it already."""
         c = ctx.candidates
         anchor = pmi[:, : ctx.num_fine].detach().argmax(1)  # [B]
         c_anchor = c[torch.arange(c.shape[0], device=c.device), anchor]  # [B, D]
-        q_bar = self._question_mean(ctx, c)
+        q_bar = self._question_mean(ctx) if q_bar is None else q_bar
         z = self.relation(torch.cat([q_bar.float(), c_anchor.float()], -1))  # [B, H] (the MLP is float32)
         out = self.relation_scorer(c, rearrange(z, "b h -> b 1 h"), None)
         if not self.relation_geometry:
@@ -297,8 +295,9 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         fine_logits = pmi[:, :n]  # log p(j | q) + const over the fine tokens
         extra, st_logits, rel_logits = _positive_pmi(pmi, self.learned_weight), pmi, fine_logits
         if self.relational:
-            pmi_a = self._anchor_pmi(ctx) if self.anchor_query else None
-            pmi2, anchor, rate = self._relation_pmi(ctx, pmi if pmi_a is None else pmi_a)
+            q_bar = self._question_mean(ctx)
+            pmi_a = self._anchor_pmi(ctx, q_bar) if self.anchor_query else None
+            pmi2, anchor, rate = self._relation_pmi(ctx, pmi if pmi_a is None else pmi_a, q_bar)
             if extra is not None:
                 extra = extra + _positive_pmi(pmi2, self.learned_weight)
             readings = [fine_logits, pmi2[:, :n]] + ([] if pmi_a is None else [pmi_a[:, :n]])

@@ -27,6 +27,7 @@ from arr_coc.allocators import arr_coc_host_trained as T  # noqa: E402
 from arr_coc.evaluation import _encode, build_eval_batches, run_allocation  # noqa: E402
 from arr_coc.reporting import commit, environment, write_report  # noqa: E402
 from arr_coc.training.base_vlm import BaseVLM  # noqa: E402
+from arr_coc.training.module import coverage_mask  # noqa: E402
 from arr_coc.training.tokenizer import build_tokenizer  # noqa: E402
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
@@ -39,7 +40,6 @@ task = M.build_eval_task(cfg, int(cfg.data.task_seed))
 batches = build_eval_batches(task, build_tokenizer(task), start=int(cfg.eval.start), size=int(cfg.eval.size), batch_size=64)
 nearest = list(task.question_types).index("nearest")
 n = int(vlm.num_patches)
-gw = int(vlm.grid[1])
 variants = [
     ("first scorer's anchor, rate unscaled", {}, 1.0),
     ("anchor_query, rate unscaled", {"anchor_query": True}, 1.0),
@@ -70,9 +70,7 @@ for label, extra, scale in variants:
                 anchor, rate = ex["anchor"], ex["relation_rate"]
                 p2 = ex["pmi_relation"][:, :n].clone()
                 p2[rows, anchor] = -float("inf")
-                mask = res.mask.bool()
-                idx = (res.positions[..., 0] * gw + res.positions[..., 1]).clamp(0, n - 1).masked_fill(~mask, 0)
-                kept = torch.zeros(rel.shape, dtype=torch.long).scatter_reduce(1, idx, mask.long(), reduce="amax").bool()
+                kept = coverage_mask(res.positions, res.mask.bool(), tuple(vlm.grid)).flatten(1)
                 s["acc"].append(ok)
                 s["acc_n"].append(ok[isn])
                 s["first"].append(rel[rows, ex["pmi"][:, :n].argmax(1)][isn].float())
