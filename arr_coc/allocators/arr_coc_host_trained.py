@@ -78,6 +78,23 @@ the anchor) teach it. It leaves the relation unsupervised on one-object question
 then swamps the gain (v2_trained_others_val.md); ``relation_others="or_anchor"`` trains it on the
 anchor where the anchor is the only relevant cell.
 
+``rate_hidden=H`` reads the kernel's rate with a two-layer MLP of q_bar (width H, its last layer
+zero at init, so g starts at g0's 0.13 for every question) instead of the linear read: the rate
+then need not be one linear function of the words for every question type (with the linear read
+the validation rate was steeper on the non-"nearest" questions, 0.45 nats per cell, than on the
+"nearest" ones, 0.31, and count questions, whose objects lie anywhere, share it).
+
+``relation_mixture=True`` puts one distribution in the gain instead of the sum of two terms: the
+mixture ``p_mix = (1 - lam(q)) p1 + lam(q) p2`` of the first scorer's and the relation's
+distributions over the M candidates, with ``lam(q) = sigmoid(MLP(q_bar))`` (0.5 at init) a
+question-dependent weight, and the learned term ``learned_weight * max(0, pmi_mix_j)``,
+``pmi_mix_j = log(M p_mix(j))``. With the sum, a token the relation's kernel rates high (an object
+next to the anchor) is added to whatever the first scorer rates, and at 4 tokens it can displace
+a counted object far from the anchor; the mixture is trained on the relevance masks as a fourth
+reading (``relevance_logits`` [B, S + 1, N]), so its weight moves to whichever reading covers a
+question type's relevant cells. The straight-through factor reads ``pmi_mix``; ``extras`` gains
+``relation_mix`` [B] (lam).
+
 ``arr_coc_host_llm_trained`` is the same idea inside the LLM, at the place of
 ``arr_coc_host_llm`` (after layer ``llm_layer``; ``llm_layer=1`` is FastV's K = 2): the scorer
 reads that layer's hidden states (candidates: the visual slots; query: the text tokens), its
@@ -173,6 +190,21 @@ def _positive_pmi(pmi: torch.Tensor, weight: float) -> torch.Tensor | None:
     return weight * pmi.detach().clamp_min(0) if weight > 0 else None
 
 
+def _zero_last_mlp(hidden: int) -> nn.Sequential:
+    """A lazy two-layer MLP to one output, [B, D] -> [B, 1], whose output is 0 at init (last layer zeroed)."""
+    mlp = nn.Sequential(nn.LazyLinear(hidden), nn.GELU(), nn.Linear(hidden, 1))
+    nn.init.zeros_(mlp[2].weight)
+    nn.init.zeros_(mlp[2].bias)
+    return mlp
+
+
+def _mixture_pmi(pmi1: torch.Tensor, pmi2: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor:
+    """pmi_mix [B, M] = log(M p_mix) with p_mix = (1 - lam) softmax(pmi1) + lam softmax(pmi2), lam = sigmoid(gate_logit [B])."""
+    log_p1 = pmi1.float().log_softmax(-1) + F.logsigmoid(-gate_logit.float())[:, None]
+    log_p2 = pmi2.float().log_softmax(-1) + F.logsigmoid(gate_logit.float())[:, None]
+    return (torch.logaddexp(log_p1, log_p2) + math.log(pmi1.shape[-1])).to(pmi1.dtype)
+
+
 @register_allocator("arr_coc_host_trained")
 class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
     """``arr_coc_host`` (token space, LLM layer-0 prior) plus a trained relevance term.
@@ -196,6 +228,11 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relation_others: train the relation on the relevant cells other than its anchor (True), or
             on them where there are any and on the anchor where it is the only one ("or_anchor");
             see the module docstring; needs ``relational``.
+        rate_hidden: width of an MLP that reads the kernel's rate (None: a linear read); needs
+            ``relation_geometry``.
+        relation_mixture: the learned term is the pmi of a question-weighted mixture of the two
+            scorers' distributions instead of the sum of their pmi (see the module docstring);
+            needs ``relational``.
     """
 
     def __init__(
@@ -215,6 +252,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relation_geometry: bool = False,
         anchor_query: bool = False,
         relation_others: bool | str = False,
+        rate_hidden: int | None = None,
+        relation_mixture: bool = False,
         **kwargs,
     ):
         super().__init__(alpha, price, **kwargs)
@@ -237,9 +276,20 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         if relation_geometry and not relational:
             raise ValueError("relation_geometry: needs relational=True (it shapes the anchor-conditioned scorer)")
         self.relation_geometry = relation_geometry
-        if relation_geometry:  # q_bar -> the kernel's rate, softplus(w . q_bar + b + g0) nats per cell
-            self.relation_rate = nn.LazyLinear(1)
+        if rate_hidden is not None and not (isinstance(rate_hidden, int) and not isinstance(rate_hidden, bool) and rate_hidden >= 1):
+            raise ValueError(f"rate_hidden: expected None or a positive int, got {rate_hidden!r}")
+        if rate_hidden is not None and not relation_geometry:
+            raise ValueError("rate_hidden: needs relation_geometry=True (it reads the distance kernel's rate)")
+        if relation_geometry:  # q_bar -> the kernel's rate, softplus(read(q_bar) + g0) nats per cell
+            self.relation_rate = nn.LazyLinear(1) if rate_hidden is None else _zero_last_mlp(rate_hidden)
             self.relation_rate_offset = nn.Parameter(torch.tensor(-2.0 / RATE_SCALE))
+        if not isinstance(relation_mixture, bool):
+            raise ValueError(f"relation_mixture: expected a bool, got {relation_mixture!r}")
+        if relation_mixture and not relational:
+            raise ValueError("relation_mixture: needs relational=True (it mixes the relation's distribution in)")
+        self.relation_mixture = relation_mixture
+        if relation_mixture:  # q_bar -> the mixture weight's logit (0 at init: lam = 1/2)
+            self.mixture_gate = _zero_last_mlp(relation_hidden)
         if not isinstance(anchor_query, bool):
             raise ValueError(f"anchor_query: expected a bool, got {anchor_query!r}")
         if anchor_query and not relational:
@@ -288,6 +338,28 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         pmi2 = torch.where(out.has_query[:, None], pmi2, torch.zeros_like(pmi2)).to(out.pmi.dtype)
         return pmi2, anchor, rate
 
+    def _relational_readings(
+        self, ctx: AllocationContext, pmi: torch.Tensor, has_query: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(pmi_a [B, M] or None, pmi2 [B, M], anchor [B], rate [B] or None, mixture logit [B] or None).
+
+        A question with no real token relates nothing: its readings are uniform (pmi 0, like the
+        first scorer's), its anchor the first fine token, its rate and mixture logit 0.
+        """
+        if ctx.query is None:
+            zeros = torch.zeros_like(pmi)
+            anchor = torch.zeros(pmi.shape[0], dtype=torch.long, device=pmi.device)
+            return (zeros if self.anchor_query else None, zeros, anchor, zeros[:, 0] if self.relation_geometry else None,
+                    zeros[:, 0] if self.relation_mixture else None)
+        q_bar = self._question_mean(ctx)
+        pmi_a = self._anchor_pmi(ctx, q_bar) if self.anchor_query else None
+        if pmi_a is not None:
+            pmi_a = torch.where(has_query[:, None], pmi_a, torch.zeros_like(pmi_a))
+        pmi2, anchor, rate = self._relation_pmi(ctx, pmi if pmi_a is None else pmi_a, q_bar)
+        pmi2 = torch.where(has_query[:, None], pmi2, torch.zeros_like(pmi2))
+        gate = self.mixture_gate(q_bar.float())[:, 0] if self.relation_mixture else None  # logit of lam
+        return pmi_a, pmi2, anchor, rate, gate
+
     def select(self, ctx: AllocationContext) -> Selection:
         out = self.scorer(ctx.candidates, ctx.query, ctx.query_mask)  # pmi [B, M]
         pmi = out.pmi
@@ -295,13 +367,17 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         fine_logits = pmi[:, :n]  # log p(j | q) + const over the fine tokens
         extra, st_logits, rel_logits = _positive_pmi(pmi, self.learned_weight), pmi, fine_logits
         if self.relational:
-            q_bar = self._question_mean(ctx)
-            pmi_a = self._anchor_pmi(ctx, q_bar) if self.anchor_query else None
-            pmi2, anchor, rate = self._relation_pmi(ctx, pmi if pmi_a is None else pmi_a, q_bar)
-            if extra is not None:
-                extra = extra + _positive_pmi(pmi2, self.learned_weight)
+            pmi_a, pmi2, anchor, rate, gate = self._relational_readings(ctx, pmi, out.has_query)
             readings = [fine_logits, pmi2[:, :n]] + ([] if pmi_a is None else [pmi_a[:, :n]])
-            st_logits, rel_logits = pmi + pmi2, torch.stack(readings, 1)
+            if self.relation_mixture:  # one distribution: the question weighs the two readings
+                mix, pmi_mix = torch.sigmoid(gate), _mixture_pmi(pmi, pmi2, gate)
+                extra, st_logits = _positive_pmi(pmi_mix, self.learned_weight), pmi_mix
+                readings.append(pmi_mix[:, :n])
+            else:
+                if extra is not None:
+                    extra = extra + _positive_pmi(pmi2, self.learned_weight)
+                st_logits = pmi + pmi2
+            rel_logits = torch.stack(readings, 1)
             if self.relation_others:  # the relation learns what the anchor leads to, not the anchor
                 exclude = torch.zeros(rel_logits.shape, dtype=torch.bool, device=rel_logits.device)
                 exclude[torch.arange(rel_logits.shape[0], device=exclude.device), 1, anchor] = True
@@ -313,6 +389,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
                 sel.extras["relation_rate"] = rate
             if pmi_a is not None:
                 sel.extras["pmi_anchor"] = pmi_a
+            if self.relation_mixture:
+                sel.extras["relation_mix"] = mix
             if self.relation_others:
                 sel.extras["relevance_exclude"] = exclude
                 sel.extras["relevance_exclude_fallback"] = self.relation_others == "or_anchor"

@@ -272,9 +272,84 @@ def test_distillation_needs_training_and_a_host():
     assert "losses" not in alloc.eval()(tokens, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host).extras
 
 
+def test_rate_hidden_reads_the_rate_with_an_mlp_that_starts_at_g0():
+    from arr_coc.allocators.arr_coc_host_trained import RATE_SCALE
+
+    host, tokens, _, _ = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    alloc = create_allocator("arr_coc_host_trained", relational=True, relation_geometry=True, rate_hidden=8).train()
+    out = alloc(tokens, query=q, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host)
+    rate = out.extras["relation_rate"]
+    # the last layer is zero at init: every question starts at softplus(-2) nats per cell
+    torch.testing.assert_close(rate, torch.full((2,), math.log1p(math.exp(-2.0))))
+    assert isinstance(alloc.relation_rate, torch.nn.Sequential) and alloc.relation_rate[0].out_features == 8
+    # closed form once the MLP is moved: softplus(10 (MLP(q_bar) + g0 / 10))
+    with torch.no_grad():
+        alloc.relation_rate[2].weight.normal_()
+    rate = alloc(tokens, query=q, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host).extras["relation_rate"]
+    want = torch.nn.functional.softplus(RATE_SCALE * (alloc.relation_rate(q.mean(1))[:, 0] + alloc.relation_rate_offset))
+    torch.testing.assert_close(rate, want)
+    assert not torch.allclose(rate[0], rate[1])  # per question
+    # both of the MLP's layers learn from the relevance loss
+    alloc.zero_grad()
+    out = alloc(tokens, query=q, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, [0, 15]] = True
+    relevance_listwise_loss(out.extras["relevance_logits"], mask).sum().backward()
+    for layer in (alloc.relation_rate[0], alloc.relation_rate[2]):
+        assert layer.weight.grad is not None and float(layer.weight.grad.abs().sum()) > 0
+
+
+def test_relation_mixture_is_one_question_weighted_distribution_in_the_gain():
+    from arr_coc.allocators.arr_coc_host_trained import _mixture_pmi
+
+    host, tokens, _, _ = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    args = dict(query=q, budget=5, grid=(4, 4), num_prefix_tokens=1, host=host)
+    base = create_allocator("arr_coc_host").eval()(tokens, **args)
+    torch.manual_seed(0)
+    alloc = create_allocator("arr_coc_host_trained", relational=True, relation_geometry=True, anchor_query=True,
+                             relation_mixture=True, learned_weight=2.0).train()
+    out = alloc(tokens, **args)
+    pmi, pmi2, lam = out.extras["pmi"], out.extras["pmi_relation"], out.extras["relation_mix"]
+    torch.testing.assert_close(lam, torch.full((2,), 0.5))  # the gate starts at one half
+    # closed form: log(M ((1 - lam) p1 + lam p2)) over the M candidates; a distribution (exp sums to M)
+    mix = torch.log(16 * ((1 - lam[:, None]) * pmi.softmax(-1) + lam[:, None] * pmi2.softmax(-1)))
+    rel = out.extras["relevance_logits"]
+    assert rel.shape == (2, 4, 16)
+    torch.testing.assert_close(rel[:, 3], mix, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rel[:, 3].exp().sum(1), torch.full((2,), 16.0), rtol=1e-5, atol=1e-4)
+    # the gain carries learned_weight * max(0, pmi_mix) alone (not the sum of the two pmi)
+    want = base.extras["prior_information"] + 2.0 * mix.clamp_min(0)
+    torch.testing.assert_close(out.extras["prior_information"], want, rtol=1e-5, atol=1e-5)
+    # the weight's limits are the two readings
+    torch.testing.assert_close(_mixture_pmi(pmi, pmi2, torch.full((2,), -40.0)), pmi, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_mixture_pmi(pmi, pmi2, torch.full((2,), 40.0)), pmi2, rtol=1e-5, atol=1e-5)
+    # the gate learns from the relevance loss through the mixture's reading
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, [2, 9]] = True
+    relevance_listwise_loss(rel, mask).sum().backward()
+    assert alloc.mixture_gate[2].weight.grad is not None and float(alloc.mixture_gate[2].weight.grad.abs().sum()) > 0
+    # without a question the learned term is 0, as the two readings' are
+    empty = alloc.eval()(tokens, budget=5, grid=(4, 4), num_prefix_tokens=1, host=host).extras["relevance_logits"]
+    torch.testing.assert_close(empty[:, 3], torch.zeros(2, 16))
+    # without anchor_query the mixture is the third reading
+    plain = create_allocator("arr_coc_host_trained", relational=True, relation_mixture=True).train()(tokens, **args)
+    assert plain.extras["relevance_logits"].shape == (2, 3, 16)
+    # a relational allocator trained with questions selects for a call without one (uniform readings)
+    blank = create_allocator("arr_coc_host_trained", relational=True, relation_geometry=True, anchor_query=True)
+    blank.train()(tokens, **args)
+    no_q = blank.eval()(tokens, budget=5, grid=(4, 4), num_prefix_tokens=1, host=host)
+    assert no_q.indices.shape == (2, 5) and float(no_q.extras["relevance_logits"][:, 1:].abs().sum()) == 0
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"learned_weight": -1.0}, "learned_weight"), ({"distill": 1}, "distill"), ({"st_temperature": 0.0}, "st_temperature"),
+    [({"rate_hidden": 8}, "rate_hidden"), ({"relational": True, "relation_geometry": True, "rate_hidden": 0}, "rate_hidden"),
+     ({"relational": True, "relation_geometry": True, "rate_hidden": True}, "rate_hidden"),
+     ({"relation_mixture": True}, "relation_mixture"), ({"relational": True, "relation_mixture": 1}, "relation_mixture"),
+     ({"learned_weight": -1.0}, "learned_weight"), ({"distill": 1}, "distill"), ({"st_temperature": 0.0}, "st_temperature"),
      ({"relational": 1}, "relational"), ({"relational": True, "relation_hidden": 0}, "relation_hidden"),
      ({"relation_geometry": True}, "relation_geometry"), ({"anchor_query": True}, "anchor_query"),
      ({"relational": True, "anchor_query": "yes"}, "anchor_query"), ({"relation_others": True}, "relation_others"),
