@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-__all__ = ["Pyramid", "build_pyramid", "pyramid_positions", "raster_key"]
+__all__ = ["Pyramid", "build_pyramid", "coverage_mask", "pyramid_positions", "raster_key"]
 
 
 @dataclass
@@ -96,3 +96,24 @@ def raster_key(positions: torch.Tensor, grid: tuple[int, int], max_level: int = 
     h, w = grid
     row, col, level = positions.unbind(-1)
     return (row * w + col) * (max_level + 1) + (max_level - level)
+
+
+def coverage_mask(positions: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Fine patches covered by the kept tokens.
+
+    positions: [B, K, 3] long (row, col, level); a token at level l covers the
+    2^l x 2^l block whose top-left patch is (row, col), clipped to the grid.
+    mask: [B, K] bool (real tokens).  Returns [B, H, W] bool.
+    """
+    if positions.dim() != 3 or positions.shape[-1] != 3 or mask.shape != positions.shape[:2]:
+        raise ValueError(
+            f"positions/mask: expected [B, K, 3] and [B, K], got {tuple(positions.shape)} and {tuple(mask.shape)}"
+        )
+    h, w = grid
+    rows = torch.arange(h, device=positions.device)
+    cols = torch.arange(w, device=positions.device)
+    r0, c0, lv = positions.unbind(-1)  # [B, K]
+    size = torch.where(mask, 2 ** lv.clamp(min=0), torch.zeros_like(lv))
+    in_r = (rows[None, None, :] >= r0[..., None]) & (rows[None, None, :] < (r0 + size)[..., None])  # [B, K, H]
+    in_c = (cols[None, None, :] >= c0[..., None]) & (cols[None, None, :] < (c0 + size)[..., None])  # [B, K, W]
+    return (in_r[..., :, None] & in_c[..., None, :]).any(dim=1)

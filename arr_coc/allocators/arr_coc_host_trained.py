@@ -95,6 +95,18 @@ reading (``relevance_logits`` [B, S + 1, N]), so its weight moves to whichever r
 question type's relevant cells. The straight-through factor reads ``pmi_mix``; ``extras`` gains
 ``relation_mix`` [B] (lam).
 
+``fill="background"`` changes what the budget left after the question's evidence is spent on. The
+greedy's coverage term fills it with the tokens that tell most about the rest of the image, i.e.
+the other objects, and the base VLM confuses an object next to the anchor with the answer (at 8
+tokens every pre-LLM design answers "nearest" below full tokens although both relevant cells are
+kept; keeping the relevant cells and filling 16 tokens with the least salient cells scores 1.000,
+with the most salient 0.982: experiments/results/arr_coc_host.md). With it, the greedy's picks
+whose learned term exceeds ``evidence_threshold`` nats are kept (in pick order) and the rest of
+the budget goes to the fine tokens they do not cover with the smallest salience
+``||x_j - mean_i x_i||`` (the background): what the kept set tells beyond the evidence is then as
+little as the budget allows (:func:`background_fill`). The fill tokens are not the greedy's, so
+``gain`` is not reported (None); ``extras["evidence"]`` [B] counts the evidence tokens kept.
+
 ``arr_coc_host_llm_trained`` is the same idea inside the LLM, at the place of
 ``arr_coc_host_llm`` (after layer ``llm_layer``; ``llm_layer=1`` is FastV's K = 2): the scorer
 reads that layer's hidden states (candidates: the visual slots; query: the text tokens), its
@@ -122,8 +134,11 @@ from arr_coc.allocators.arr_coc_host import ArrCocHostAllocator, ArrCocHostLLMAl
 from arr_coc.allocators.base import AllocationContext, Selection
 from arr_coc.allocators.registry import register_allocator
 from arr_coc.knowing import ParticipatoryScorer, masked_mean
+from arr_coc.pyramid import coverage_mask
 
-__all__ = ["ArrCocHostLLMTrainedAllocator", "ArrCocHostTrainedAllocator", "candidate_centres", "relevance_listwise_loss"]
+__all__ = [
+    "ArrCocHostLLMTrainedAllocator", "ArrCocHostTrainedAllocator", "background_fill", "candidate_centres", "relevance_listwise_loss",
+]
 
 
 def relevance_listwise_loss(
@@ -190,6 +205,41 @@ def _positive_pmi(pmi: torch.Tensor, weight: float) -> torch.Tensor | None:
     return weight * pmi.detach().clamp_min(0) if weight > 0 else None
 
 
+def background_fill(
+    indices: torch.Tensor, evidence: torch.Tensor, fine: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the evidence among a selection and fill the rest of it with the least salient fine tokens.
+
+    indices [B, K] long candidate indices in pick order (< 0: padding), evidence [B, M] bool (which
+    candidates are evidence), fine [B, N, D] the fine tokens (candidates 0 .. N-1), positions [M, 3]
+    (row, col, level) -> (indices [B, K], evidence count [B]): the evidence picks first, in their
+    order, then the fine tokens none of them covers in increasing salience ``||x_j - mean_i x_i||``,
+    as many as the selection had real picks (its padding stays padding).
+    """
+    if indices.dim() != 2 or evidence.dim() != 2 or evidence.shape[0] != indices.shape[0]:
+        raise ValueError(f"indices/evidence: expected [B, K] and [B, M], got {tuple(indices.shape)} and {tuple(evidence.shape)}")
+    b, k = indices.shape
+    n = fine.shape[1]
+    real = indices >= 0
+    safe = indices.clamp_min(0)
+    is_ev = evidence.gather(1, safe) & real  # [B, K]
+    slot = torch.arange(k, device=indices.device).expand(b, k)
+    order = torch.where(is_ev, slot, slot + k).argsort(1)  # evidence picks first, in pick order
+    ev_idx, n_ev = safe.gather(1, order), is_ev.sum(1)  # [B, K], [B]
+    covered = rearrange(coverage_mask(positions[safe], is_ev, grid), "b h w -> b (h w)")  # [B, N]
+    x = fine.float()
+    salience = (x - x.mean(1, keepdim=True)).norm(dim=-1).masked_fill(covered, math.inf)  # [B, N]
+    fill_sal, fill_idx = salience.sort(1)
+    if n < k:  # fewer fine tokens than slots: the slots past them are never filled
+        pad = fill_idx.new_zeros(b, k - n)
+        fill_idx, fill_sal = torch.cat([fill_idx, pad], 1), torch.cat([fill_sal, torch.full_like(fill_sal[:, :1], math.inf).expand(b, k - n)], 1)
+    j = (slot - n_ev[:, None]).clamp_min(0)  # position in the fill order
+    fill_ok = torch.isfinite(fill_sal[:, :k].gather(1, j))
+    want = slot < real.sum(1, keepdim=True)  # as many tokens as the selection had
+    out = torch.where(slot < n_ev[:, None], ev_idx, torch.where(fill_ok, fill_idx[:, :k].gather(1, j), -1))
+    return torch.where(want, out, torch.full_like(out, -1)), n_ev
+
+
 def _zero_last_mlp(hidden: int) -> nn.Sequential:
     """A lazy two-layer MLP to one output, [B, D] -> [B, 1], whose output is 0 at init (last layer zeroed)."""
     mlp = nn.Sequential(nn.LazyLinear(hidden), nn.GELU(), nn.Linear(hidden, 1))
@@ -233,6 +283,10 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relation_mixture: the learned term is the pmi of a question-weighted mixture of the two
             scorers' distributions instead of the sum of their pmi (see the module docstring);
             needs ``relational``.
+        fill: "greedy" (the greedy spends the whole budget) or "background" (the greedy's evidence
+            picks, then the least salient fine tokens; see the module docstring).
+        evidence_threshold: with ``fill="background"``, a pick is evidence when its learned term
+            exceeds this many nats (>= 0).
     """
 
     def __init__(
@@ -254,6 +308,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relation_others: bool | str = False,
         rate_hidden: int | None = None,
         relation_mixture: bool = False,
+        fill: str = "greedy",
+        evidence_threshold: float = 1.0,
         **kwargs,
     ):
         super().__init__(alpha, price, **kwargs)
@@ -290,6 +346,13 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         self.relation_mixture = relation_mixture
         if relation_mixture:  # q_bar -> the mixture weight's logit (0 at init: lam = 1/2)
             self.mixture_gate = _zero_last_mlp(relation_hidden)
+        if fill not in ("greedy", "background"):
+            raise ValueError(f"fill: expected 'greedy' or 'background', got {fill!r}")
+        if not (isinstance(evidence_threshold, (int, float)) and math.isfinite(evidence_threshold) and evidence_threshold >= 0):
+            raise ValueError(f"evidence_threshold: expected a finite float >= 0, got {evidence_threshold!r}")
+        if fill == "background" and self.learned_weight == 0:
+            raise ValueError("fill: 'background' needs learned_weight > 0 (evidence is read from the learned term)")
+        self.fill, self.evidence_threshold = fill, float(evidence_threshold)
         if not isinstance(anchor_query, bool):
             raise ValueError(f"anchor_query: expected a bool, got {anchor_query!r}")
         if anchor_query and not relational:
@@ -382,6 +445,10 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
                 exclude = torch.zeros(rel_logits.shape, dtype=torch.bool, device=rel_logits.device)
                 exclude[torch.arange(rel_logits.shape[0], device=exclude.device), 1, anchor] = True
         sel = self._greedy(ctx, extra_unary=extra)
+        if self.fill == "background":
+            evidence = extra.detach() > self.evidence_threshold  # [B, M]
+            sel.indices, sel.extras["evidence"] = background_fill(sel.indices, evidence, ctx.fine, ctx.pyramid.positions, ctx.grid)
+            sel.gain = None
         sel.extras.update(pmi=pmi, relevance_logits=rel_logits)
         if self.relational:
             sel.extras.update(pmi_relation=pmi2, anchor=anchor)

@@ -54,7 +54,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from arr_coc.allocators import AllocationOutput
-from arr_coc.pyramid import build_pyramid, pyramid_positions
+from arr_coc.pyramid import build_pyramid, coverage_mask, pyramid_positions
 
 __all__ = [
     "ARRCOCModule",
@@ -70,27 +70,6 @@ _LOSS_KEYS = ("ce", "rate", "critic", "distill")
 
 
 # ---------------------------------------------------------------------------- metrics
-def coverage_mask(positions: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Fine patches covered by the kept tokens.
-
-    positions: [B, K, 3] long (row, col, level); a token at level l covers the
-    2^l x 2^l block whose top-left patch is (row, col), clipped to the grid.
-    mask: [B, K] bool (real tokens).  Returns [B, H, W] bool.
-    """
-    if positions.dim() != 3 or positions.shape[-1] != 3 or mask.shape != positions.shape[:2]:
-        raise ValueError(
-            f"positions/mask: expected [B, K, 3] and [B, K], got {tuple(positions.shape)} and {tuple(mask.shape)}"
-        )
-    h, w = grid
-    rows = torch.arange(h, device=positions.device)
-    cols = torch.arange(w, device=positions.device)
-    r0, c0, lv = positions.unbind(-1)  # [B, K]
-    size = torch.where(mask, 2 ** lv.clamp(min=0), torch.zeros_like(lv))
-    in_r = (rows[None, None, :] >= r0[..., None]) & (rows[None, None, :] < (r0 + size)[..., None])  # [B, K, H]
-    in_c = (cols[None, None, :] >= c0[..., None]) & (cols[None, None, :] < (c0 + size)[..., None])  # [B, K, W]
-    return (in_r[..., :, None] & in_c[..., None, :]).any(dim=1)
-
-
 def relevance_recall(
     positions: torch.Tensor, mask: torch.Tensor, relevance: torch.Tensor, grid: tuple[int, int]
 ) -> torch.Tensor:

@@ -344,9 +344,62 @@ def test_relation_mixture_is_one_question_weighted_distribution_in_the_gain():
     assert no_q.indices.shape == (2, 5) and float(no_q.extras["relevance_logits"][:, 1:].abs().sum()) == 0
 
 
+def test_background_fill_keeps_the_evidence_then_the_least_salient_cells():
+    from arr_coc.allocators.arr_coc_host_trained import background_fill
+    from arr_coc.pyramid import pyramid_positions
+
+    # one-dimensional tokens on a 2 x 3 grid: salience |x - mean| = 2.58, 7.42, 1.58, 3.58, 2.42, 2.08
+    fine = torch.tensor([[0.0, 10.0, 1.0, -1.0, 5.0, 0.5]])[..., None]
+    pos = pyramid_positions((2, 3), ())[0]
+    evidence = torch.tensor([[False, False, False, False, True, False]])
+    idx, n_ev = background_fill(torch.tensor([[1, 4, 0]]), evidence, fine, pos, (2, 3))
+    assert idx.tolist() == [[4, 2, 5]] and n_ev.tolist() == [1]  # the evidence, then the two least salient
+    # every pick evidence: unchanged; padding stays padding
+    both = torch.tensor([[False, True, False, False, True, False]])
+    assert background_fill(torch.tensor([[1, 4, -1]]), both, fine, pos, (2, 3))[0].tolist() == [[1, 4, -1]]
+    # no evidence: the K least salient cells
+    none = torch.zeros(1, 6, dtype=torch.bool)
+    assert background_fill(torch.tensor([[1, 4, 0]]), none, fine, pos, (2, 3))[0].tolist() == [[2, 5, 4]]
+    # a pooled evidence pick covers its cells: they are not filled; nothing left to fill is padding
+    pos2 = pyramid_positions((2, 2), (1,))[0]  # 4 fine cells + one 2x2 token (index 4) covering them
+    fine2 = torch.tensor([[1.0, 2.0, 3.0, 4.0]])[..., None]
+    ev2 = torch.tensor([[False, False, False, False, True]])
+    assert background_fill(torch.tensor([[4, 0, 1]]), ev2, fine2, pos2, (2, 2))[0].tolist() == [[4, -1, -1]]
+    with pytest.raises(ValueError, match="indices/evidence"):
+        background_fill(torch.tensor([1, 4]), evidence, fine, pos, (2, 3))
+
+
+def test_background_fill_in_the_allocator():
+    host, tokens, _, _ = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    args = dict(query=q, budget=5, grid=(4, 4), num_prefix_tokens=1, host=host)
+    torch.manual_seed(0)
+    greedy = create_allocator("arr_coc_host_trained", relational=True, learned_weight=2.0).eval()
+    ref = greedy(tokens, **args)
+    extra = ref.extras["prior_information"] - create_allocator("arr_coc_host").eval()(tokens, **args).extras["prior_information"]
+    for threshold in (0.0, 1.0, 1e6):
+        bg = create_allocator("arr_coc_host_trained", relational=True, learned_weight=2.0, fill="background",
+                              evidence_threshold=threshold).eval()
+        bg.load_state_dict(greedy.state_dict())
+        out = bg(tokens, **args)
+        picks = ref.extras["pick_order"]
+        is_ev = extra.gather(1, picks) > threshold
+        assert out.extras["evidence"].tolist() == is_ev.sum(1).tolist()
+        assert out.gain is None
+        for b in range(2):  # the greedy's evidence picks are kept; every kept token is distinct
+            kept = set(out.indices[b].tolist())
+            assert set(picks[b][is_ev[b]].tolist()) <= kept and len(kept) == 5
+    # with no evidence the kept set is the 5 least salient fine tokens
+    x = tokens[:, 1:]
+    sal = (x - x.mean(1, keepdim=True)).norm(dim=-1)
+    assert [set(r) for r in out.indices.tolist()] == [set(r) for r in sal.topk(5, 1, largest=False).indices.tolist()]
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"rate_hidden": 8}, "rate_hidden"), ({"relational": True, "relation_geometry": True, "rate_hidden": 0}, "rate_hidden"),
+    [({"fill": "random"}, "fill"), ({"evidence_threshold": -1.0}, "evidence_threshold"),
+     ({"fill": "background", "learned_weight": 0.0}, "fill"),
+     ({"rate_hidden": 8}, "rate_hidden"), ({"relational": True, "relation_geometry": True, "rate_hidden": 0}, "rate_hidden"),
      ({"relational": True, "relation_geometry": True, "rate_hidden": True}, "rate_hidden"),
      ({"relation_mixture": True}, "relation_mixture"), ({"relational": True, "relation_mixture": 1}, "relation_mixture"),
      ({"learned_weight": -1.0}, "learned_weight"), ({"distill": 1}, "distill"), ({"st_temperature": 0.0}, "st_temperature"),
