@@ -95,6 +95,10 @@ reading (``relevance_logits`` [B, S + 1, N]), so its weight moves to whichever r
 question type's relevant cells. The straight-through factor reads ``pmi_mix``; ``extras`` gains
 ``relation_mix`` [B] (lam).
 
+``gain_readings`` chooses which of the readings enter the gain (by default the first scorer's and
+the relation's): the anchor reading, a conjunction of the question's words, can stand in for the
+first scorer's disjunction ("how many red objects" rates every object through the word "objects").
+
 ``fill="background"`` changes what the budget left after the question's evidence is spent on. The
 greedy's coverage term fills it with the tokens that tell most about the rest of the image, i.e.
 the other objects, and the base VLM confuses an object next to the anchor with the answer (at 8
@@ -283,6 +287,9 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relation_mixture: the learned term is the pmi of a question-weighted mixture of the two
             scorers' distributions instead of the sum of their pmi (see the module docstring);
             needs ``relational``.
+        gain_readings: which readings' positive pmi the gain adds: "first" (the question's
+            scorer), "relation" (needs ``relational``), "anchor" (the one-query-vector reading,
+            needs ``anchor_query``); None: ("first", "relation") with ``relational``, else ("first",).
         fill: "greedy" (the greedy spends the whole budget) or "background" (the greedy's evidence
             picks, then the least salient fine tokens; see the module docstring).
         evidence_threshold: with ``fill="background"``, a pick is evidence when its learned term
@@ -310,6 +317,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relation_mixture: bool = False,
         fill: str = "greedy",
         evidence_threshold: float = 1.0,
+        gain_readings: tuple[str, ...] | list[str] | None = None,
         **kwargs,
     ):
         super().__init__(alpha, price, **kwargs)
@@ -353,6 +361,14 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         if fill == "background" and self.learned_weight == 0:
             raise ValueError("fill: 'background' needs learned_weight > 0 (evidence is read from the learned term)")
         self.fill, self.evidence_threshold = fill, float(evidence_threshold)
+        default = ("first", "relation") if relational else ("first",)
+        readings = default if gain_readings is None else tuple(gain_readings)
+        allowed = {"first"} | ({"relation"} if relational else set()) | ({"anchor"} if anchor_query else set())
+        if not readings or len(set(readings)) != len(readings) or not set(readings) <= allowed:
+            raise ValueError(f"gain_readings: expected distinct names among {sorted(allowed)}, got {gain_readings!r}")
+        if relation_mixture and readings != default:
+            raise ValueError("gain_readings: relation_mixture puts its own mixture of the first and relation readings in the gain")
+        self.gain_readings = readings
         if not isinstance(anchor_query, bool):
             raise ValueError(f"anchor_query: expected a bool, got {anchor_query!r}")
         if anchor_query and not relational:
@@ -436,10 +452,11 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
                 mix, pmi_mix = torch.sigmoid(gate), _mixture_pmi(pmi, pmi2, gate)
                 extra, st_logits = _positive_pmi(pmi_mix, self.learned_weight), pmi_mix
                 readings.append(pmi_mix[:, :n])
-            else:
+            else:  # the sum of the chosen readings' positive pmi
+                chosen = [{"first": pmi, "relation": pmi2, "anchor": pmi_a}[r] for r in self.gain_readings]
+                st_logits = sum(chosen[1:], chosen[0])
                 if extra is not None:
-                    extra = extra + _positive_pmi(pmi2, self.learned_weight)
-                st_logits = pmi + pmi2
+                    extra = sum((_positive_pmi(t, self.learned_weight) for t in chosen[1:]), _positive_pmi(chosen[0], self.learned_weight))
             rel_logits = torch.stack(readings, 1)
             if self.relation_others:  # the relation learns what the anchor leads to, not the anchor
                 exclude = torch.zeros(rel_logits.shape, dtype=torch.bool, device=rel_logits.device)

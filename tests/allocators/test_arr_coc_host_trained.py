@@ -395,9 +395,31 @@ def test_background_fill_in_the_allocator():
     assert [set(r) for r in out.indices.tolist()] == [set(r) for r in sal.topk(5, 1, largest=False).indices.tolist()]
 
 
+def test_gain_readings_choose_the_learned_terms_in_the_gain():
+    host, tokens, _, _ = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    args = dict(query=q, budget=5, grid=(4, 4), num_prefix_tokens=1, host=host)
+    base = create_allocator("arr_coc_host").eval()(tokens, **args).extras["prior_information"]
+    kw = dict(relational=True, relation_geometry=True, anchor_query=True, learned_weight=2.0)
+    torch.manual_seed(0)
+    default = create_allocator("arr_coc_host_trained", **kw).train()
+    out = default(tokens, **args)
+    pmi, pmi2, pmi_a = (out.extras[k] for k in ("pmi", "pmi_relation", "pmi_anchor"))
+    torch.testing.assert_close(out.extras["prior_information"], base + 2.0 * (pmi.clamp_min(0) + pmi2.clamp_min(0)))
+    for readings, terms in ((["anchor", "relation"], (pmi_a, pmi2)), (["first", "relation", "anchor"], (pmi, pmi2, pmi_a)),
+                            (["anchor"], (pmi_a,))):
+        alloc = create_allocator("arr_coc_host_trained", gain_readings=readings, **kw).train()
+        alloc.load_state_dict(default.state_dict())
+        got = alloc(tokens, **args).extras["prior_information"]
+        torch.testing.assert_close(got, base + 2.0 * sum(t.clamp_min(0) for t in terms))
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"fill": "random"}, "fill"), ({"evidence_threshold": -1.0}, "evidence_threshold"),
+    [({"gain_readings": ["relation"]}, "gain_readings"), ({"relational": True, "gain_readings": ["anchor"]}, "gain_readings"),
+     ({"gain_readings": []}, "gain_readings"), ({"gain_readings": ["first", "first"]}, "gain_readings"),
+     ({"relational": True, "relation_mixture": True, "gain_readings": ["first"]}, "gain_readings"),
+     ({"fill": "random"}, "fill"), ({"evidence_threshold": -1.0}, "evidence_threshold"),
      ({"fill": "background", "learned_weight": 0.0}, "fill"),
      ({"rate_hidden": 8}, "rate_hidden"), ({"relational": True, "relation_geometry": True, "rate_hidden": 0}, "rate_hidden"),
      ({"relational": True, "relation_geometry": True, "rate_hidden": True}, "rate_hidden"),
