@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from arr_coc._finite import all_finite
 from arr_coc.pyramid import pyramid_positions
 
 __all__ = ["GreedyResult", "PyramidGram", "gaussian_set_mi", "greedy_conditional_mi", "kernel_matrix", "pyramid_gram"]
@@ -262,12 +263,12 @@ def _validate(cand, query, query_mask, budget, alpha, price, kernel, jitter, var
     if not isinstance(cand, torch.Tensor) or cand.dim() != 3:
         raise ValueError(f"cand_emb: expected a [B, M, R] tensor, got {getattr(cand, 'shape', type(cand))}")
     b, m, r = cand.shape
-    if check_finite and not torch.isfinite(cand).all():
+    if check_finite and not all_finite(cand):
         raise ValueError("cand_emb: expected finite values, found NaN or Inf")
     if query is not None:
         if not isinstance(query, torch.Tensor) or query.dim() != 3 or query.shape[0] != b or query.shape[2] != r:
             raise ValueError(f"query_emb: expected a [B={b}, T, R={r}] tensor, got {getattr(query, 'shape', type(query))}")
-        if not torch.isfinite(query).all():
+        if not all_finite(query):
             raise ValueError("query_emb: expected finite values, found NaN or Inf")
         if query_mask is not None and tuple(query_mask.shape) != tuple(query.shape[:2]):
             raise ValueError(f"query_mask: expected shape {tuple(query.shape[:2])}, got {tuple(query_mask.shape)}")

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from arr_coc._finite import all_finite
 from arr_coc.pyramid import Pyramid, build_pyramid, raster_key
 
 __all__ = ["AllocationContext", "AllocationOutput", "Allocator", "Selection", "topk_indices"]
@@ -126,7 +127,7 @@ class Selection:
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         raise ValueError(f"{name}: expected finite values, found NaN or Inf")
 
 
