@@ -95,6 +95,18 @@ reading (``relevance_logits`` [B, S + 1, N]), so its weight moves to whichever r
 question type's relevant cells. The straight-through factor reads ``pmi_mix``; ``extras`` gains
 ``relation_mix`` [B] (lam).
 
+``relation_content="gate"`` changes what the relation's content reading may decide. With the
+default ``"logit"`` the content pmi and the distance enter the kernel product on one scale, so a
+farther object that the content rates higher beats the nearest one: on the validation "nearest"
+questions the relation's best cell other than the anchor was always an object, but the nearest one
+on only 0.72 of them, a farther object on the rest (experiments/results/arr_coc_host_diag/nearest.md).
+With ``"gate"`` the content enters as ``log sigmoid(pmi2_content_j)``: a gate that says whether j
+is something the relation can lead to (an object, not background), about 0 for every token the
+content rates well above its uniform share and bounded there, so among the gated tokens the
+distance to the anchor decides. The question's named objects are found by the anchor reading (which
+should then be in the gain); the relation becomes "the objects nearest the anchor", at the rate the
+question asks for.
+
 ``gain_readings`` chooses which of the readings enter the gain (by default the first scorer's and
 the relation's): the anchor reading, a conjunction of the question's words, can stand in for the
 first scorer's disjunction ("how many red objects" rates every object through the word "objects").
@@ -287,6 +299,9 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relation_mixture: the learned term is the pmi of a question-weighted mixture of the two
             scorers' distributions instead of the sum of their pmi (see the module docstring);
             needs ``relational``.
+        relation_content: "logit" (the relation's content pmi and its distance kernel on one scale)
+            or "gate" (the content as a bounded gate, log sigmoid; see the module docstring); "gate"
+            needs ``relation_geometry``.
         gain_readings: which readings' positive pmi the gain adds: "first" (the question's
             scorer), "relation" (needs ``relational``), "anchor" (the one-query-vector reading,
             needs ``anchor_query``); None: ("first", "relation") with ``relational``, else ("first",).
@@ -315,6 +330,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relation_others: bool | str = False,
         rate_hidden: int | None = None,
         relation_mixture: bool = False,
+        relation_content: str = "logit",
         fill: str = "greedy",
         evidence_threshold: float = 1.0,
         gain_readings: tuple[str, ...] | list[str] | None = None,
@@ -347,6 +363,11 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         if relation_geometry:  # q_bar -> the kernel's rate, softplus(read(q_bar) + g0) nats per cell
             self.relation_rate = nn.LazyLinear(1) if rate_hidden is None else _zero_last_mlp(rate_hidden)
             self.relation_rate_offset = nn.Parameter(torch.tensor(-2.0 / RATE_SCALE))
+        if relation_content not in ("logit", "gate"):
+            raise ValueError(f"relation_content: expected 'logit' or 'gate', got {relation_content!r}")
+        if relation_content == "gate" and not relation_geometry:
+            raise ValueError("relation_content: 'gate' needs relation_geometry=True (the distance ranks what the gate lets through)")
+        self.relation_content = relation_content
         if not isinstance(relation_mixture, bool):
             raise ValueError(f"relation_mixture: expected a bool, got {relation_mixture!r}")
         if relation_mixture and not relational:
@@ -412,7 +433,10 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         rate = F.softplus(RATE_SCALE * (self.relation_rate(q_bar.float())[:, 0] + self.relation_rate_offset))  # [B]
         centres = candidate_centres(ctx.pyramid.positions).to(c.device)  # [M, 2] in fine cells
         dist = torch.cdist(centres, centres[anchor])  # [M, B]
-        logits = out.pmi.float() - rate[:, None] * rearrange(dist, "m b -> b m")
+        content = out.pmi.float()
+        if self.relation_content == "gate":  # whether j can be what the anchor leads to, bounded at 0
+            content = F.logsigmoid(content)
+        logits = content - rate[:, None] * rearrange(dist, "m b -> b m")
         pmi2 = logits.log_softmax(-1) + math.log(c.shape[1])  # log(M p2(j))
         pmi2 = torch.where(out.has_query[:, None], pmi2, torch.zeros_like(pmi2)).to(out.pmi.dtype)
         return pmi2, anchor, rate

@@ -200,6 +200,49 @@ def test_relation_geometry_is_a_distance_kernel_around_the_anchor():
     assert alloc.relation_rate_offset.grad is not None and float(alloc.relation_rate_offset.grad.abs()) > 0
 
 
+def test_relation_content_gate_bounds_the_content_and_lets_the_distance_rank():
+    from types import SimpleNamespace
+
+    from arr_coc.pyramid import pyramid_positions
+
+    host, tokens, _, _ = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    alloc = create_allocator("arr_coc_host_trained", relational=True, relation_geometry=True,
+                             relation_content="gate").train()
+    alloc(tokens, query=q, budget=4, grid=(4, 4), num_prefix_tokens=1, host=host)  # materialise
+    ctx = SimpleNamespace(candidates=tokens[:, 1:], num_fine=16, query=q, query_mask=None,
+                          pyramid=SimpleNamespace(positions=pyramid_positions((4, 4), ())[0]))
+    anchor_at = torch.eye(16)[[5, 10]]
+    pmi2, anchor, rate = alloc._relation_pmi(ctx, anchor_at)
+    # closed form: log(M softmax(log sigmoid(content) - rate * distance))
+    z = alloc.relation(torch.cat([q.mean(1), tokens[:, 1:][torch.arange(2), anchor]], -1))
+    content = alloc.relation_scorer(tokens[:, 1:], z[:, None], None).pmi
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    cells = torch.stack([rows.flatten(), cols.flatten()], -1)
+    dist = torch.stack([(cells - cells[5]).norm(dim=-1), (cells - cells[10]).norm(dim=-1)])
+    gate = torch.nn.functional.logsigmoid(content)
+    want = (gate - rate[:, None] * dist).log_softmax(-1) + math.log(16)
+    torch.testing.assert_close(pmi2, want, rtol=1e-5, atol=1e-5)
+    # the gate never rewards content: log sigmoid <= 0, so two tokens at one distance differ by at
+    # most what the lower one's gate takes away; with "logit" the same content can dominate
+    assert bool((gate <= 0).all())
+    # tokens the content rates far above uniform (pmi 3 .. 9: "objects") vs the rest (pmi -9):
+    # a kernel of 1 nat per cell then ranks the objects by distance alone, whatever their content
+    objects = torch.tensor([0, 3, 6, 12, 15])  # distances from cell 5 (1, 1): 1.41, 2.24, 1, 2.24, 2.83
+    fake = torch.full((1, 16), -9.0)
+    fake[0, objects] = torch.tensor([3.0, 9.0, 3.0, 9.0, 9.0])  # the farther objects rated higher
+    d5 = dist[:1]
+    for mode, first in (("gate", 6), ("logit", 3)):
+        c = torch.nn.functional.logsigmoid(fake) if mode == "gate" else fake
+        ranked = (c - 1.0 * d5).argsort(1, descending=True)[0].tolist()
+        ranked = [j for j in ranked if j in objects.tolist()]
+        assert ranked[0] == first, mode
+    gated = [j for j in (torch.nn.functional.logsigmoid(fake) - d5).argsort(1, descending=True)[0].tolist()
+             if j in objects.tolist()]
+    assert sorted(d5[0, gated].tolist()) == d5[0, gated].tolist()  # every object in order of distance
+
+
 def test_anchor_query_reads_the_anchor_with_one_query_vector():
     host, tokens, _, _ = _llm_host()
     q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
@@ -428,7 +471,9 @@ def test_gain_readings_choose_the_learned_terms_in_the_gain():
      ({"relational": 1}, "relational"), ({"relational": True, "relation_hidden": 0}, "relation_hidden"),
      ({"relation_geometry": True}, "relation_geometry"), ({"anchor_query": True}, "anchor_query"),
      ({"relational": True, "anchor_query": "yes"}, "anchor_query"), ({"relation_others": True}, "relation_others"),
-     ({"relational": True, "relation_others": "yes"}, "relation_others"), ({"relational": True, "relation_geometry": 1}, "relation_geometry")],
+     ({"relational": True, "relation_others": "yes"}, "relation_others"), ({"relational": True, "relation_geometry": 1}, "relation_geometry"),
+     ({"relational": True, "relation_content": "gate"}, "relation_content"),
+     ({"relational": True, "relation_geometry": True, "relation_content": "sigmoid"}, "relation_content")],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
