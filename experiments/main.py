@@ -136,6 +136,19 @@ def build_allocator(spec: Mapping[str, Any], seed: int):
     return create_allocator(spec["name"], **kwargs)
 
 
+def build_allocators(specs: Mapping[str, Mapping[str, Any]], seed: int, *, seed_rows: bool) -> dict[str, Any]:
+    """label -> allocator for one seed. ``seed_rows``: seed torch before each row, so a row's
+    initial weights depend on its spec and the seed alone; otherwise once before all of them, so
+    they also depend on the rows built before it (the behaviour before ``seed_rows`` existed)."""
+    torch.manual_seed(seed)
+    allocators = {}
+    for label, spec in specs.items():
+        if seed_rows:
+            torch.manual_seed(seed)
+        allocators[label] = build_allocator(spec, seed)
+    return allocators
+
+
 def train_allocator(vlm, allocator, cfg: DictConfig, *, seed: int, overrides: Mapping[str, Any] | None = None):
     """Stage 2: ``cfg.train.steps`` optimiser steps of :class:`ARRCOCModule` (allocator only).
 
@@ -619,8 +632,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     train_losses: dict[str, list[float]] = {}
     allocators: dict[str, Any] = {}
     for si, seed in enumerate(seeds):
-        torch.manual_seed(seed)
-        allocators = {label: build_allocator(spec, seed) for label, spec in specs.items()}
+        allocators = build_allocators(specs, seed, seed_rows=bool(cfg.get("seed_rows", False)))
         t0 = time.perf_counter()
         for label in [lab for lab in specs if lab in train_labels]:
             overrides = _container(cfg.train.get("overrides")).get(label)

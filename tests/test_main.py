@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,3 +260,20 @@ def test_v2_ships_cdpruners_released_sign_and_v1_keeps_its_rows():
     assert v2["cdpruner_paper_sign"]["kwargs"] == {"negate_relevance": False}
     assert v1["cdpruner"]["kwargs"] == {} and "cdpruner_paper_sign" not in v1 and "fastv_k1" in v1
     assert "cdpruner" not in abl and "alpha_0" in abl
+
+
+def test_seed_rows_makes_a_rows_initial_weights_independent_of_the_rows_before_it():
+    spec = {"name": "arr_coc_host_trained", "kwargs": {"relational": True, "relation_geometry": True, "anchor_query": True}}
+    other = {"name": "arr_coc_host_trained", "kwargs": {"relational": True}}
+
+    def weights(specs, seed_rows):
+        alloc = main_job.build_allocators(specs, 0, seed_rows=seed_rows)["row"]
+        return {k: v.detach().clone() for k, v in alloc.named_parameters() if not torch.nn.parameter.is_lazy(v)}
+
+    alone = weights({"row": spec}, True)
+    after = weights({"first": other, "row": spec}, True)
+    assert alone and alone.keys() == after.keys()
+    assert all(torch.equal(alone[k], after[k]) for k in alone)
+    shared = weights({"first": other, "row": spec}, False)  # one manual_seed: the first row moved the stream
+    assert any(not torch.equal(alone[k], shared[k]) for k in alone)
+    assert all(torch.equal(alone[k], v) for k, v in weights({"row": spec}, False).items())  # first row: the same
