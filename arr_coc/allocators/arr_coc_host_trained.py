@@ -111,6 +111,12 @@ question asks for.
 the relation's): the anchor reading, a conjunction of the question's words, can stand in for the
 first scorer's disjunction ("how many red objects" rates every object through the word "objects").
 
+``gain_combine="max"`` adds the largest of the chosen readings' positive pmi instead of their sum:
+each reading nominates its own tokens. With the sum, a token that two readings rate moderately (an
+object sharing a word with the named one, near the anchor) can outrank the one token a single
+reading rates highest (the relation's nearest object): at 4 tokens the relation's best cell was
+kept on fewer "nearest" questions than it was ranked first on (experiments/results/arr_coc_host_diag/nearest.md).
+
 ``fill="background"`` changes what the budget left after the question's evidence is spent on. The
 greedy's coverage term fills it with the tokens that tell most about the rest of the image, i.e.
 the other objects, and the base VLM confuses an object next to the anchor with the answer (at 8
@@ -305,6 +311,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         gain_readings: which readings' positive pmi the gain adds: "first" (the question's
             scorer), "relation" (needs ``relational``), "anchor" (the one-query-vector reading,
             needs ``anchor_query``); None: ("first", "relation") with ``relational``, else ("first",).
+        gain_combine: "sum" or "max" of the chosen readings' positive pmi (see the module docstring).
         fill: "greedy" (the greedy spends the whole budget) or "background" (the greedy's evidence
             picks, then the least salient fine tokens; see the module docstring).
         evidence_threshold: with ``fill="background"``, a pick is evidence when its learned term
@@ -331,6 +338,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         rate_hidden: int | None = None,
         relation_mixture: bool = False,
         relation_content: str = "logit",
+        gain_combine: str = "sum",
         fill: str = "greedy",
         evidence_threshold: float = 1.0,
         gain_readings: tuple[str, ...] | list[str] | None = None,
@@ -390,6 +398,11 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         if relation_mixture and readings != default:
             raise ValueError("gain_readings: relation_mixture puts its own mixture of the first and relation readings in the gain")
         self.gain_readings = readings
+        if gain_combine not in ("sum", "max"):
+            raise ValueError(f"gain_combine: expected 'sum' or 'max', got {gain_combine!r}")
+        if gain_combine == "max" and relation_mixture:
+            raise ValueError("gain_combine: relation_mixture puts one mixture in the gain, there is nothing to combine")
+        self.gain_combine = gain_combine
         if not isinstance(anchor_query, bool):
             raise ValueError(f"anchor_query: expected a bool, got {anchor_query!r}")
         if anchor_query and not relational:
@@ -478,9 +491,14 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
                 readings.append(pmi_mix[:, :n])
             else:  # the sum of the chosen readings' positive pmi
                 chosen = [{"first": pmi, "relation": pmi2, "anchor": pmi_a}[r] for r in self.gain_readings]
-                st_logits = sum(chosen[1:], chosen[0])
-                if extra is not None:
-                    extra = sum((_positive_pmi(t, self.learned_weight) for t in chosen[1:]), _positive_pmi(chosen[0], self.learned_weight))
+                if self.gain_combine == "max":  # each reading nominates its own tokens
+                    st_logits = torch.stack(chosen).amax(0)
+                    if extra is not None:
+                        extra = torch.stack([_positive_pmi(t, self.learned_weight) for t in chosen]).amax(0)
+                else:
+                    st_logits = sum(chosen[1:], chosen[0])
+                    if extra is not None:
+                        extra = sum((_positive_pmi(t, self.learned_weight) for t in chosen[1:]), _positive_pmi(chosen[0], self.learned_weight))
             rel_logits = torch.stack(readings, 1)
             if self.relation_others:  # the relation learns what the anchor leads to, not the anchor
                 exclude = torch.zeros(rel_logits.shape, dtype=torch.bool, device=rel_logits.device)

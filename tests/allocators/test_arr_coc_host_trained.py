@@ -455,6 +455,11 @@ def test_gain_readings_choose_the_learned_terms_in_the_gain():
         alloc.load_state_dict(default.state_dict())
         got = alloc(tokens, **args).extras["prior_information"]
         torch.testing.assert_close(got, base + 2.0 * sum(t.clamp_min(0) for t in terms))
+    # gain_combine="max": the largest positive pmi of the chosen readings, not their sum
+    alloc = create_allocator("arr_coc_host_trained", gain_readings=["anchor", "relation"], gain_combine="max", **kw).train()
+    alloc.load_state_dict(default.state_dict())
+    got = alloc(tokens, **args).extras["prior_information"]
+    torch.testing.assert_close(got, base + 2.0 * torch.maximum(pmi_a.clamp_min(0), pmi2.clamp_min(0)))
 
 
 @pytest.mark.parametrize(
@@ -473,6 +478,7 @@ def test_gain_readings_choose_the_learned_terms_in_the_gain():
      ({"relational": True, "anchor_query": "yes"}, "anchor_query"), ({"relation_others": True}, "relation_others"),
      ({"relational": True, "relation_others": "yes"}, "relation_others"), ({"relational": True, "relation_geometry": 1}, "relation_geometry"),
      ({"relational": True, "relation_content": "gate"}, "relation_content"),
+     ({"gain_combine": "mean"}, "gain_combine"), ({"relational": True, "relation_mixture": True, "gain_combine": "max"}, "gain_combine"),
      ({"relational": True, "relation_geometry": True, "relation_content": "sigmoid"}, "relation_content")],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
