@@ -85,7 +85,8 @@ the validation rate was steeper on the non-"nearest" questions, 0.45 nats per ce
 "nearest" ones, 0.31, and count questions, whose objects lie anywhere, share it).
 
 ``relation_mixture=True`` puts one distribution in the gain instead of the sum of two terms: the
-mixture ``p_mix = (1 - lam(q)) p1 + lam(q) p2`` of the first scorer's and the relation's
+mixture ``p_mix = (1 - lam(q)) p1 + lam(q) p2`` of the two ``gain_readings`` (by default the first
+scorer's and the relation's; ``[anchor, relation]`` mixes the anchor reading's and the relation's)
 distributions over the M candidates, with ``lam(q) = sigmoid(MLP(q_bar))`` (0.5 at init) a
 question-dependent weight, and the learned term ``learned_weight * max(0, pmi_mix_j)``,
 ``pmi_mix_j = log(M p_mix(j))``. With the sum, a token the relation's kernel rates high (an object
@@ -395,8 +396,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         allowed = {"first"} | ({"relation"} if relational else set()) | ({"anchor"} if anchor_query else set())
         if not readings or len(set(readings)) != len(readings) or not set(readings) <= allowed:
             raise ValueError(f"gain_readings: expected distinct names among {sorted(allowed)}, got {gain_readings!r}")
-        if relation_mixture and readings != default:
-            raise ValueError("gain_readings: relation_mixture puts its own mixture of the first and relation readings in the gain")
+        if relation_mixture and (len(readings) != 2 or "relation" not in readings):
+            raise ValueError("gain_readings: relation_mixture mixes two readings, the relation and one other")
         self.gain_readings = readings
         if gain_combine not in ("sum", "max"):
             raise ValueError(f"gain_combine: expected 'sum' or 'max', got {gain_combine!r}")
@@ -486,7 +487,8 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
             pmi_a, pmi2, anchor, rate, gate = self._relational_readings(ctx, pmi, out.has_query)
             readings = [fine_logits, pmi2[:, :n]] + ([] if pmi_a is None else [pmi_a[:, :n]])
             if self.relation_mixture:  # one distribution: the question weighs the two readings
-                mix, pmi_mix = torch.sigmoid(gate), _mixture_pmi(pmi, pmi2, gate)
+                first, second = ({"first": pmi, "relation": pmi2, "anchor": pmi_a}[r] for r in self.gain_readings)
+                mix, pmi_mix = torch.sigmoid(gate), _mixture_pmi(first, second, gate)
                 extra, st_logits = _positive_pmi(pmi_mix, self.learned_weight), pmi_mix
                 readings.append(pmi_mix[:, :n])
             else:  # the sum of the chosen readings' positive pmi

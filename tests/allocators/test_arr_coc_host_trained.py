@@ -369,6 +369,16 @@ def test_relation_mixture_is_one_question_weighted_distribution_in_the_gain():
     # the weight's limits are the two readings
     torch.testing.assert_close(_mixture_pmi(pmi, pmi2, torch.full((2,), -40.0)), pmi, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_mixture_pmi(pmi, pmi2, torch.full((2,), 40.0)), pmi2, rtol=1e-5, atol=1e-5)
+    # with gain_readings [anchor, relation] it mixes the anchor reading and the relation instead
+    other = create_allocator("arr_coc_host_trained", relational=True, relation_geometry=True, anchor_query=True,
+                             relation_mixture=True, learned_weight=2.0, gain_readings=["anchor", "relation"]).train()
+    other.load_state_dict(alloc.state_dict())
+    got = other(tokens, **args)
+    pmi_a = got.extras["pmi_anchor"]
+    mix_a = torch.log(16 * (0.5 * pmi_a.softmax(-1) + 0.5 * got.extras["pmi_relation"].softmax(-1)))
+    torch.testing.assert_close(got.extras["relevance_logits"][:, 3], mix_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.extras["prior_information"], base.extras["prior_information"] + 2.0 * mix_a.clamp_min(0),
+                               rtol=1e-5, atol=1e-5)
     # the gate learns from the relevance loss through the mixture's reading
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[:, [2, 9]] = True
@@ -467,6 +477,7 @@ def test_gain_readings_choose_the_learned_terms_in_the_gain():
     [({"gain_readings": ["relation"]}, "gain_readings"), ({"relational": True, "gain_readings": ["anchor"]}, "gain_readings"),
      ({"gain_readings": []}, "gain_readings"), ({"gain_readings": ["first", "first"]}, "gain_readings"),
      ({"relational": True, "relation_mixture": True, "gain_readings": ["first"]}, "gain_readings"),
+     ({"relational": True, "anchor_query": True, "relation_mixture": True, "gain_readings": ["first", "anchor"]}, "gain_readings"),
      ({"fill": "random"}, "fill"), ({"evidence_threshold": -1.0}, "evidence_threshold"),
      ({"fill": "background", "learned_weight": 0.0}, "fill"),
      ({"rate_hidden": 8}, "rate_hidden"), ({"relational": True, "relation_geometry": True, "rate_hidden": 0}, "rate_hidden"),
