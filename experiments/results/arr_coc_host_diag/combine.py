@@ -1,9 +1,9 @@
-"""Diagnostic for issue 16 goal 2 (experiments/results/arr_coc_host_diag/combine.md): the sum or the
-largest of the readings' positive pmi in the gain (``gain_combine``), on the same trained weights.
+"""Diagnostic for issue 16 goal 2 (experiments/results/arr_coc_host_diag/combine.md): how the readings
+enter the gain, on the same trained weights: the sum of their positive pmi (as trained), the largest
+(``gain_combine="max"``), the relation alone, the anchor reading alone (``gain_readings``).
 
 Reads the modules saved by ``v2_trained_readings_more`` and ``v2_trained_gate`` (``logs/diag/<label>``,
-seed 0; validation split) and evaluates each at 16 / 8 / 4 tokens with ``gain_combine`` "sum" (as
-trained) and "max".
+seed 0; validation split) and evaluates each at 16 / 8 / 4 tokens.
 
     .venv/bin/python experiments/results/arr_coc_host_diag/combine.py [threads] [label ...]
 """
@@ -40,14 +40,16 @@ types = list(task.question_types)
 t_start = time.perf_counter()
 with torch.no_grad():
     encs = [_encode(vlm, b) for b in batches]
-lines = ["| module | gain_combine | budget | accuracy | nearest | compare | count |", "|---|---|---|---|---|---|---|"]
+VARIANTS = [("sum (as trained)", {}), ("max", {"gain_combine": "max"}),
+            ("relation alone", {"gain_readings": ["relation"]}), ("anchor reading alone", {"gain_readings": ["anchor"]})]
+lines = ["| module | gain | budget | accuracy | nearest | compare | count |", "|---|---|---|---|---|---|---|"]
 for label in labels:
     source = ROOT / "logs/diag" / label
     trained = load_allocator(source)
     saved = json.loads((source / "config.json").read_text())
-    for combine in ("sum", "max"):
-        alloc = create_allocator(saved["name"], **saved["allocator_config"], gain_combine=combine)
-        alloc.load_state_dict(trained.state_dict())  # the same weights, another combination
+    for combine, kwargs in VARIANTS:
+        alloc = create_allocator(saved["name"], **{**saved["allocator_config"], **kwargs})
+        alloc.load_state_dict(trained.state_dict())  # the same weights, another gain
         alloc.eval()
         for k in (16, 8, 4):
             ok, qs = [], []
@@ -66,7 +68,7 @@ body = (
     f"(seed 0, `logs/diag/<label>`), trained with the sum. {environment()}; {time.perf_counter() - t_start:.0f} s.\n\n"
     + "\n".join(lines) + "\n"
 )
-write_report("combine", "Issue 16 goal 2 diagnostic: the sum or the largest of the readings in the gain",
+write_report("combine", "Issue 16 goal 2 diagnostic: how the readings enter the gain (same weights)",
              f".venv/bin/python experiments/results/arr_coc_host_diag/combine.py {threads} {' '.join(labels)}", body,
              results_dir=ROOT / "experiments/results/arr_coc_host_diag")
 print("commit", commit())
