@@ -486,17 +486,15 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         if self.relational:
             pmi_a, pmi2, anchor, rate, gate = self._relational_readings(ctx, pmi, out.has_query)
             readings = [fine_logits, pmi2[:, :n]] + ([] if pmi_a is None else [pmi_a[:, :n]])
+            chosen = [{"first": pmi, "relation": pmi2, "anchor": pmi_a}[r] for r in self.gain_readings]
             if self.relation_mixture:  # one distribution: the question weighs the two readings
-                first, second = ({"first": pmi, "relation": pmi2, "anchor": pmi_a}[r] for r in self.gain_readings)
-                mix, pmi_mix = torch.sigmoid(gate), _mixture_pmi(first, second, gate)
+                mix, pmi_mix = torch.sigmoid(gate), _mixture_pmi(*chosen, gate)
                 extra, st_logits = _positive_pmi(pmi_mix, self.learned_weight), pmi_mix
                 readings.append(pmi_mix[:, :n])
-            else:  # the sum of the chosen readings' positive pmi
-                chosen = [{"first": pmi, "relation": pmi2, "anchor": pmi_a}[r] for r in self.gain_readings]
+            else:  # the sum (or the largest) of the chosen readings' positive pmi
                 if self.gain_combine == "max":  # each reading nominates its own tokens
                     st_logits = torch.stack(chosen).amax(0)
-                    if extra is not None:
-                        extra = torch.stack([_positive_pmi(t, self.learned_weight) for t in chosen]).amax(0)
+                    extra = _positive_pmi(st_logits, self.learned_weight)  # max of the positive parts
                 else:
                     st_logits = sum(chosen[1:], chosen[0])
                     if extra is not None:
