@@ -12,38 +12,21 @@ are classed the same way, with the accuracy when both relevant cells are kept an
 
     .venv/bin/python experiments/results/arr_coc_host_diag/nearest.py [threads] [label ...]
 """
-import json
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT / "experiments"))
-import main as M  # noqa: E402
-
-from arr_coc.allocators import create_allocator  # noqa: E402
-from arr_coc.evaluation import _encode, build_eval_batches, run_allocation  # noqa: E402
-from arr_coc.pyramid import coverage_mask  # noqa: E402
-from arr_coc.reporting import commit, environment, write_report  # noqa: E402
-from arr_coc.training.base_vlm import BaseVLM  # noqa: E402
-from arr_coc.training.hub import load_allocator  # noqa: E402
-from arr_coc.training.tokenizer import build_tokenizer  # noqa: E402
+from _setup import ROOT, saved_module, validation_set
+from arr_coc.evaluation import run_allocation
+from arr_coc.pyramid import coverage_mask
+from arr_coc.reporting import commit, environment, write_report
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 labels = sys.argv[2:] or ["t_ga_ar_4k", "t_gaof_ar_trained"]
-torch.set_num_threads(threads)
-with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-    cfg = compose(config_name="main", overrides=["+experiment=v2_trained_readings_more"])
-vlm = BaseVLM.from_pretrained(M._path(cfg.model_folder)).eval()
-vlm.requires_grad_(False)
-task = M.build_eval_task(cfg, int(cfg.data.task_seed))
-start, size = int(cfg.eval.start), int(cfg.eval.size)
-batches = build_eval_batches(task, build_tokenizer(task), start=start, size=size, batch_size=64)
-types = list(task.question_types)
+data = validation_set("v2_trained_readings_more", threads)
+cfg, vlm, task, batches, types, start, size = data.cfg, data.vlm, data.task, data.batches, data.types, data.start, data.size
 g = int(vlm.grid[1])
 n = int(vlm.num_patches)
 
@@ -65,18 +48,12 @@ def cell_classes(i: int) -> tuple[torch.Tensor, dict[int, int]]:
 t_start = time.perf_counter()
 sections = []
 for label in labels:
-    source = ROOT / "logs/diag" / label
-    trained = load_allocator(source)
-    saved = json.loads((source / "config.json").read_text())
-    alloc = create_allocator(saved["name"], **saved["allocator_config"])
-    alloc.load_state_dict(trained.state_dict())
-    alloc.eval()
+    alloc = saved_module(label)
     top_class, own_anchor_ok, target_rank = Counter(), [], []
     kept_rows, q_count = [], 0
     with torch.no_grad():
         offset = 0
-        for b in batches:
-            enc = _encode(vlm, b)
+        for b, enc in zip(batches, data.encodings):
             res = run_allocation(vlm, alloc, b, 4, encoded=enc)
             ex = res.out.extras
             ok = (res.logits.argmax(-1) == b["answer"])
