@@ -1,6 +1,7 @@
 """Diagnostic for experiments/results/arr_coc_host.md: what the step-3,200 snapshot rewards.
 Accuracy when the relevant cells are kept and the rest of the budget is filled at random, with
-the most salient cells (other objects, distractors) or with the least salient (background);
+the most salient cells (other objects, distractors) or with the least salient (background), or
+left unspent (the relevant cells alone, session 12);
 and top-k by the LLM's layer-0 attention. Validation split, budget K (default 16).
 
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python experiments/results/arr_coc_host_diag/fill.py 512 16
@@ -22,12 +23,14 @@ batches = build_eval_batches(task, tok, start=0, size=int(sys.argv[1]), batch_si
 K = int(sys.argv[2]) if len(sys.argv) > 2 else 16
 g = torch.Generator().manual_seed(0)
 acc = {}; qts = []
-def answer(bt, proj, idx, p):
+def answer(bt, proj, idx, p, mask=None):
     fine = proj[:, p:]
-    idx = idx.sort(1).values
+    if mask is None:
+        mask = torch.ones_like(idx, dtype=torch.bool)
+    order = torch.where(mask, idx, idx + fine.shape[1]).argsort(1)  # kept tokens in raster order, padding last
+    idx, mask = idx.gather(1, order), mask.gather(1, order)
     vis = fine.gather(1, idx[..., None].expand(-1, -1, fine.shape[-1]))
     pos = vlm.fine_positions(fine.shape[0]).gather(1, idx[..., None].expand(-1, -1, 3))
-    mask = torch.ones_like(idx, dtype=torch.bool)
     lg = vlm.answer_logits(vis, mask, pos, bt["question_ids"], bt["question_mask"])
     return (lg.argmax(-1) == bt["answer"]).float()
 def fill(first_score, fill_score, k):
@@ -55,6 +58,9 @@ with torch.no_grad():
     }
     for k_, idx in cfg.items():
         acc.setdefault(k_, []).append(answer(bt, proj, idx, p))
+    # the relevant cells alone (at most K), no fill: the rest of the budget is not spent
+    idx = fill(rel, rnd, K)
+    acc.setdefault("rel only (no fill)", []).append(answer(bt, proj, idx, p, rel.gather(1, idx) > 0))
     qts.append(bt["question_type"])
 qt = torch.cat(qts)
 print("K", K, " types:", " ".join(qtypes))
