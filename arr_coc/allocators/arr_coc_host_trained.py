@@ -153,11 +153,10 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
-from arr_coc.allocators.arr_coc_host import ArrCocHostAllocator, ArrCocHostLLMAllocator
+from arr_coc.allocators.arr_coc_host import ArrCocHostAllocator, ArrCocHostLLMAllocator, background_fill
 from arr_coc.allocators.base import AllocationContext, Selection
 from arr_coc.allocators.registry import register_allocator
 from arr_coc.knowing import ParticipatoryScorer, masked_mean
-from arr_coc.pyramid import coverage_mask
 
 __all__ = [
     "ArrCocHostLLMTrainedAllocator", "ArrCocHostTrainedAllocator", "background_fill", "candidate_centres", "relevance_listwise_loss",
@@ -228,39 +227,6 @@ def _positive_pmi(pmi: torch.Tensor, weight: float) -> torch.Tensor | None:
     return weight * pmi.detach().clamp_min(0) if weight > 0 else None
 
 
-def background_fill(
-    indices: torch.Tensor, evidence: torch.Tensor, fine: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the evidence among a selection and fill the rest of it with the least salient fine tokens.
-
-    indices [B, K] long candidate indices in pick order (< 0: padding), evidence [B, M] bool (which
-    candidates are evidence), fine [B, N, D] the fine tokens (candidates 0 .. N-1), positions [M, 3]
-    (row, col, level) -> (indices [B, K], evidence count [B]): the evidence picks first, in their
-    order, then the fine tokens none of them covers in increasing salience ``||x_j - mean_i x_i||``,
-    as many as the selection had real picks (its padding stays padding).
-    """
-    if indices.dim() != 2 or evidence.dim() != 2 or evidence.shape[0] != indices.shape[0]:
-        raise ValueError(f"indices/evidence: expected [B, K] and [B, M], got {tuple(indices.shape)} and {tuple(evidence.shape)}")
-    b, k = indices.shape
-    n = fine.shape[1]
-    real = indices >= 0
-    safe = indices.clamp_min(0)
-    is_ev = evidence.gather(1, safe) & real  # [B, K]
-    slot = torch.arange(k, device=indices.device).expand(b, k)
-    order = torch.where(is_ev, slot, slot + k).argsort(1)  # evidence picks first, in pick order
-    ev_idx, n_ev = safe.gather(1, order), is_ev.sum(1)  # [B, K], [B]
-    covered = rearrange(coverage_mask(positions[safe], is_ev, grid), "b h w -> b (h w)")  # [B, N]
-    x = fine.float()
-    salience = (x - x.mean(1, keepdim=True)).norm(dim=-1).masked_fill(covered, math.inf)  # [B, N]
-    fill_sal, fill_idx = salience.sort(1)
-    if n < k:  # fewer fine tokens than slots: the slots past them are never filled
-        pad = fill_idx.new_zeros(b, k - n)
-        fill_idx, fill_sal = torch.cat([fill_idx, pad], 1), torch.cat([fill_sal, torch.full_like(fill_sal[:, :1], math.inf).expand(b, k - n)], 1)
-    j = (slot - n_ev[:, None]).clamp_min(0)  # position in the fill order
-    fill_ok = torch.isfinite(fill_sal[:, :k].gather(1, j))
-    want = slot < real.sum(1, keepdim=True)  # as many tokens as the selection had
-    out = torch.where(slot < n_ev[:, None], ev_idx, torch.where(fill_ok, fill_idx[:, :k].gather(1, j), -1))
-    return torch.where(want, out, torch.full_like(out, -1)), n_ev
 
 
 def _zero_last_mlp(hidden: int) -> nn.Sequential:
@@ -340,13 +306,12 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         relation_mixture: bool = False,
         relation_content: str = "logit",
         gain_combine: str = "sum",
-        fill: str = "greedy",
-        evidence_threshold: float = 1.0,
         gain_readings: tuple[str, ...] | list[str] | None = None,
         **kwargs,
     ):
+        self.learned_weight, scorer = _learned_relevance(learned_weight, relevance_dim, num_heads, rank, temperature)
         super().__init__(alpha, price, **kwargs)
-        self.learned_weight, self.scorer = _learned_relevance(learned_weight, relevance_dim, num_heads, rank, temperature)
+        self.scorer = scorer
         if not isinstance(distill, bool):
             raise ValueError(f"distill: expected a bool, got {distill!r}")
         if not st_temperature > 0:
@@ -384,13 +349,6 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         self.relation_mixture = relation_mixture
         if relation_mixture:  # q_bar -> the mixture weight's logit (0 at init: lam = 1/2)
             self.mixture_gate = _zero_last_mlp(relation_hidden)
-        if fill not in ("greedy", "background"):
-            raise ValueError(f"fill: expected 'greedy' or 'background', got {fill!r}")
-        if not (isinstance(evidence_threshold, (int, float)) and math.isfinite(evidence_threshold) and evidence_threshold >= 0):
-            raise ValueError(f"evidence_threshold: expected a finite float >= 0, got {evidence_threshold!r}")
-        if fill == "background" and self.learned_weight == 0:
-            raise ValueError("fill: 'background' needs learned_weight > 0 (evidence is read from the learned term)")
-        self.fill, self.evidence_threshold = fill, float(evidence_threshold)
         default = ("first", "relation") if relational else ("first",)
         readings = default if gain_readings is None else tuple(gain_readings)
         allowed = {"first"} | ({"relation"} if relational else set()) | ({"anchor"} if anchor_query else set())
@@ -416,6 +374,10 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         self.relation_others = relation_others
         if anchor_query:  # q_bar -> the anchor reading's one query vector
             self.anchor_map = nn.Sequential(nn.LazyLinear(relation_hidden), nn.GELU(), nn.Linear(relation_hidden, relation_hidden))
+
+    def _evidence_source(self) -> str | None:
+        """``fill="background"`` reads evidence from the learned term (None without one)."""
+        return "learned" if self.learned_weight > 0 else None
 
     @staticmethod
     def _question_mean(ctx: AllocationContext) -> torch.Tensor:
@@ -503,11 +465,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
             if self.relation_others:  # the relation learns what the anchor leads to, not the anchor
                 exclude = torch.zeros(rel_logits.shape, dtype=torch.bool, device=rel_logits.device)
                 exclude[torch.arange(rel_logits.shape[0], device=exclude.device), 1, anchor] = True
-        sel = self._greedy(ctx, extra_unary=extra)
-        if self.fill == "background":
-            evidence = extra.detach() > self.evidence_threshold  # [B, M]
-            sel.indices, sel.extras["evidence"] = background_fill(sel.indices, evidence, ctx.fine, ctx.pyramid.positions, ctx.grid)
-            sel.gain = None
+        sel = self._background(ctx, self._greedy(ctx, extra_unary=extra), extra)
         sel.extras.update(pmi=pmi, relevance_logits=rel_logits)
         if self.relational:
             sel.extras.update(pmi_relation=pmi2, anchor=anchor)

@@ -166,6 +166,11 @@ def test_no_host_falls_back_to_the_tokens():
         ({"llm_reader": "all"}, "llm_reader"),
         ({"alpha": None}, "alpha"),
         ({"alpha": 2.0}, "alpha"),
+        ({"fill": "random"}, "fill"),
+        ({"fill": "background", "prior": None}, "fill"),
+        ({"fill": "background", "prior_weight": 0.0}, "fill"),
+        ({"evidence_threshold": -0.5}, "evidence_threshold"),
+        ({"evidence_threshold": float("nan")}, "evidence_threshold"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
@@ -189,6 +194,31 @@ def test_bad_host_signals_raise():
     # the default (token space, LLM prior) needs the LLM's attention, which this host lacks
     with pytest.raises(SignalUnavailable, match="llm_attention"):
         create_allocator("arr_coc_host").eval()(tokens, budget=3, grid=(4, 4), num_prefix_tokens=1, host=NoText())
+
+
+def test_background_fill_keeps_the_prior_evidence_then_the_least_salient_cells():
+    host, tokens = joint_setup()
+    g = torch.Generator().manual_seed(5)
+    att = torch.rand(2, 3, 4, 17, generator=g) ** 4  # a peaked reading: a few cells carry the question
+    host.llm_attention = lambda layer: (att, torch.tensor([[True, True, True, False], [True, True, False, False]]))
+    args = dict(budget=6, grid=(4, 4), num_prefix_tokens=1, host=host)
+    ref = create_allocator("arr_coc_host").eval()(tokens, **args)
+    picks, info = ref.extras["pick_order"], ref.extras["prior_information"]
+    x = tokens[:, 1:]
+    sal = (x - x.mean(1, keepdim=True)).norm(dim=-1)
+    for threshold in (0.0, 0.5, 1e6):
+        out = create_allocator("arr_coc_host", fill="background", evidence_threshold=threshold).eval()(tokens, **args)
+        is_ev = info.gather(1, picks) > threshold
+        assert out.extras["evidence"].tolist() == is_ev.sum(1).tolist() and out.gain is None
+        for b in range(2):  # the evidence picks, then the least salient of the other cells
+            ev = picks[b][is_ev[b]].tolist()
+            rest = [j for j in sal[b].argsort().tolist() if j not in ev][: 6 - len(ev)]
+            assert sorted(out.indices[b].tolist()) == sorted(ev + rest)
+        if threshold == 0.0:  # the reading is peaked: some picks are evidence, not all
+            assert 0 < int(is_ev.sum()) < is_ev.numel()
+    # inside the LLM every slot has already read every token: no fill there
+    with pytest.raises(ValueError, match="fill"):
+        create_allocator("arr_coc_host_llm", fill="background")
 
 
 @torch.no_grad()
