@@ -84,8 +84,11 @@ def allocator_specs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     ``cfg.allocators``: null (every registered allocator with its defaults) or a list of
     registry names; ``cfg.benchmark_allocators`` (the benchmark's own rows, e.g. v2's CDPruner
     signs) and then ``cfg.extra_allocators`` (ablation variants): label -> {name, kwargs, train,
-    reference, weights_from}; a label that is a registered name replaces that row. ``reference: true``
-    reports the row as a reference (a control beside full and the oracle), not a ranked allocator.
+    reference, weights_from, seed_alone}; a label that is a registered name replaces that row.
+    ``reference: true`` reports the row as a reference (a control beside full and the oracle), not a
+    ranked allocator. ``seed_alone: true`` builds the row right after ``torch.manual_seed(seed)``, as
+    ``seed_rows`` does for every row, so its initial weights do not depend on the rows before it (a
+    row added to a table made without ``seed_rows`` reproduces the file where it was chosen).
     ``weights_from: <label>`` evaluates the parameters that row ``<label>`` (same registry name,
     trained in this run) learned under other inference-time arguments (a price, a weight), so a
     choice among them is made on one trained module instead of one training per variant.
@@ -103,10 +106,12 @@ def allocator_specs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         for label, spec in _container(cfg.get(key)).items():
             if not isinstance(spec, dict) or spec.get("name") not in known:
                 raise ValueError(f"{key}.{label}: expected {{name: <registered>, kwargs: {{...}}}}, got {spec!r}")
-            if not isinstance(spec.get("reference", False), bool):
-                raise ValueError(f"{key}.{label}.reference: expected a bool, got {spec.get('reference')!r}")
+            for flag in ("reference", "seed_alone"):
+                if not isinstance(spec.get(flag, False), bool):
+                    raise ValueError(f"{key}.{label}.{flag}: expected a bool, got {spec.get(flag)!r}")
             specs[label] = {"name": spec["name"], "kwargs": dict(spec.get("kwargs") or {}), "train": spec.get("train"),
-                            "reference": spec.get("reference", False), "weights_from": spec.get("weights_from")}
+                            "reference": spec.get("reference", False), "weights_from": spec.get("weights_from"),
+                            "seed_alone": spec.get("seed_alone", False)}
     for label, spec in specs.items():
         src = spec.get("weights_from")
         if src is None:
@@ -139,11 +144,12 @@ def build_allocator(spec: Mapping[str, Any], seed: int):
 def build_allocators(specs: Mapping[str, Mapping[str, Any]], seed: int, *, seed_rows: bool) -> dict[str, Any]:
     """label -> allocator for one seed. ``seed_rows``: seed torch before each row, so a row's
     initial weights depend on its spec and the seed alone; otherwise once before all of them, so
-    they also depend on the rows built before it (the behaviour before ``seed_rows`` existed)."""
+    they also depend on the rows built before it (the behaviour before ``seed_rows`` existed),
+    except the rows whose spec says ``seed_alone: true``."""
     torch.manual_seed(seed)
     allocators = {}
     for label, spec in specs.items():
-        if seed_rows:
+        if seed_rows or spec.get("seed_alone", False):
             torch.manual_seed(seed)
         allocators[label] = build_allocator(spec, seed)
     return allocators

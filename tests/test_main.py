@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -277,3 +278,12 @@ def test_seed_rows_makes_a_rows_initial_weights_independent_of_the_rows_before_i
     shared = weights({"first": other, "row": spec}, False)  # one manual_seed: the first row moved the stream
     assert any(not torch.equal(alone[k], shared[k]) for k in alone)
     assert all(torch.equal(alone[k], v) for k, v in weights({"row": spec}, False).items())  # first row: the same
+    # seed_alone: that row alone is seeded, in a table built without seed_rows
+    alone_row = weights({"first": other, "row": {**spec, "seed_alone": True}}, False)
+    assert all(torch.equal(alone[k], alone_row[k]) for k in alone)
+
+
+def test_seed_alone_must_be_a_bool():
+    cfg = OmegaConf.create({"allocators": [], "benchmark_allocators": {"row": {"name": "random", "seed_alone": "yes"}}})
+    with pytest.raises(ValueError, match="seed_alone"):
+        main_job.allocator_specs(cfg)
