@@ -368,6 +368,8 @@ class ArrCocHostAllocator(ArrCocAllocator):
         evidence threshold, then the least salient fine tokens (:func:`background_fill`)."""
         if self.fill != "background":
             return sel
+        if information is None:
+            raise ValueError("fill: 'background' reads the evidence from the prior, which this call did not compute")
         evidence = information.detach() > self.evidence_threshold  # [B, M]
         sel.indices, sel.extras["evidence"] = background_fill(sel.indices, evidence, ctx.fine, ctx.pyramid.positions, ctx.grid)
         sel.gain = None
