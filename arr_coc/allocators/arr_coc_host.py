@@ -185,9 +185,9 @@ def background_fill(
         pad = fill_idx.new_zeros(b, k - n)
         fill_idx, fill_sal = torch.cat([fill_idx, pad], 1), torch.cat([fill_sal, torch.full_like(fill_sal[:, :1], math.inf).expand(b, k - n)], 1)
     j = (slot - n_ev[:, None]).clamp_min(0)  # position in the fill order
-    fill_ok = torch.isfinite(fill_sal[:, :k].gather(1, j))
+    fill_ok = torch.isfinite(fill_sal.gather(1, j))
     want = slot < real.sum(1, keepdim=True)  # as many tokens as the selection had
-    out = torch.where(slot < n_ev[:, None], ev_idx, torch.where(fill_ok, fill_idx[:, :k].gather(1, j), -1))
+    out = torch.where(slot < n_ev[:, None], ev_idx, torch.where(fill_ok, fill_idx.gather(1, j), -1))
     return torch.where(want, out, torch.full_like(out, -1)), n_ev
 
 
@@ -265,12 +265,12 @@ class ArrCocHostAllocator(ArrCocAllocator):
                 and math.isfinite(evidence_threshold) and evidence_threshold >= 0):
             raise ValueError(f"evidence_threshold: expected a finite float >= 0, got {evidence_threshold!r}")
         self.fill, self.evidence_threshold = fill, float(evidence_threshold)
-        if fill == "background" and self._evidence_source() is None:
+        if fill == "background" and not self._has_evidence():
             raise ValueError("fill: 'background' needs a prior (evidence is read from the prior information)")
 
-    def _evidence_source(self) -> str | None:
-        """What ``fill="background"`` reads evidence from (None: nothing, so it is refused)."""
-        return None if self.prior is None or self.prior_weight == 0 else "prior"
+    def _has_evidence(self) -> bool:
+        """Whether ``fill="background"`` has a term to read evidence from (here: the prior)."""
+        return self.prior is not None and self.prior_weight > 0
 
     # ------------------------------------------------------------------ signals
     def _joint(self, ctx: AllocationContext, dtype: torch.dtype):

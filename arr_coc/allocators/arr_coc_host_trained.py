@@ -227,8 +227,6 @@ def _positive_pmi(pmi: torch.Tensor, weight: float) -> torch.Tensor | None:
     return weight * pmi.detach().clamp_min(0) if weight > 0 else None
 
 
-
-
 def _zero_last_mlp(hidden: int) -> nn.Sequential:
     """A lazy two-layer MLP to one output, [B, D] -> [B, 1], whose output is 0 at init (last layer zeroed)."""
     mlp = nn.Sequential(nn.LazyLinear(hidden), nn.GELU(), nn.Linear(hidden, 1))
@@ -309,6 +307,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         gain_readings: tuple[str, ...] | list[str] | None = None,
         **kwargs,
     ):
+        # the weight first: the base __init__ checks fill="background" against it (_has_evidence)
         self.learned_weight, scorer = _learned_relevance(learned_weight, relevance_dim, num_heads, rank, temperature)
         super().__init__(alpha, price, **kwargs)
         self.scorer = scorer
@@ -375,9 +374,9 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         if anchor_query:  # q_bar -> the anchor reading's one query vector
             self.anchor_map = nn.Sequential(nn.LazyLinear(relation_hidden), nn.GELU(), nn.Linear(relation_hidden, relation_hidden))
 
-    def _evidence_source(self) -> str | None:
-        """``fill="background"`` reads evidence from the learned term (None without one)."""
-        return "learned" if self.learned_weight > 0 else None
+    def _has_evidence(self) -> bool:
+        """``fill="background"`` reads evidence from the learned term: it needs one."""
+        return self.learned_weight > 0
 
     @staticmethod
     def _question_mean(ctx: AllocationContext) -> torch.Tensor:
