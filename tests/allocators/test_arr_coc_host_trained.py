@@ -448,6 +448,66 @@ def test_background_fill_in_the_allocator():
     assert [set(r) for r in out.indices.tolist()] == [set(r) for r in sal.topk(5, 1, largest=False).indices.tolist()]
 
 
+def test_mixture_part_evidence_closed_form():
+    from arr_coc.allocators.arr_coc_host_trained import _mixture_part_evidence
+
+    m = 8
+    pa = torch.tensor([[0.65] + [0.05] * 7])  # the anchor reading: cell 0
+    pr = torch.tensor([[0.25, 0.3, 0.25] + [0.04] * 5])  # the relation: cell 1, then the anchor and cell 2
+    pmi_a, pmi_r = torch.log(pa * m), torch.log(pr * m)
+    gate = torch.tensor([0.0])  # lam = 1/2
+    ev = _mixture_part_evidence(pmi_a, pmi_r, gate, torch.tensor([0]))
+    # the anchor reading's part everywhere, the relation's at its best cell other than the anchor (1)
+    want = torch.log(m * 0.5 * pa)
+    want[0, 1] = math.log(m * 0.5 * 0.3)
+    torch.testing.assert_close(ev, want)
+    # the relation's second cell other than the anchor (2) gets only the anchor reading's part, although
+    # the whole mixture rates it above a 0-nat threshold (log(8 (0.025 + 0.125)) = 0.18)
+    assert float(ev[0, 2]) < 0 < math.log(m * (0.5 * 0.05 + 0.5 * 0.25))
+    # the relation given first: its weight is then 1 - lam
+    g = torch.tensor([2.0])
+    lam = float(torch.sigmoid(g))
+    got = _mixture_part_evidence(pmi_r, pmi_a, g, torch.tensor([0]), relation_second=False)
+    want = torch.log(m * lam * pa)
+    want[0, 1] = max(float(want[0, 1]), math.log(m * (1 - lam) * 0.3))
+    torch.testing.assert_close(got, want)
+
+
+def test_relation_evidence_top_keeps_the_parts_evidence_then_the_background():
+    from arr_coc.allocators.arr_coc_host_trained import _mixture_part_evidence
+
+    host, tokens, _, _ = _llm_host()
+    q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
+    args = dict(query=q, budget=5, grid=(4, 4), num_prefix_tokens=1, host=host)
+    kw = dict(relational=True, relation_geometry=True, anchor_query=True, relation_mixture=True,
+              gain_readings=["anchor", "relation"], learned_weight=2.0)
+    torch.manual_seed(0)
+    greedy = create_allocator("arr_coc_host_trained", **kw).eval()
+    greedy(tokens, **args)  # materialise the lazy layers
+    with torch.no_grad():  # a question-dependent weight away from 1/2
+        greedy.mixture_gate[2].weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+    ref = greedy(tokens, **args)
+    pmi_a, pmi_r, lam, anchor = (ref.extras[k] for k in ("pmi_anchor", "pmi_relation", "relation_mix", "anchor"))
+    evidence = 2.0 * _mixture_part_evidence(pmi_a, pmi_r, torch.logit(lam.double()).float(), anchor)
+    picks = ref.extras["pick_order"]
+    for threshold in (0.0, 0.5, 1e6):
+        top = create_allocator("arr_coc_host_trained", fill="background", evidence_threshold=threshold,
+                               relation_evidence="top", **kw).eval()
+        top.load_state_dict(greedy.state_dict())
+        out = top(tokens, **args)
+        is_ev = evidence.gather(1, picks) > threshold
+        assert out.extras["evidence"].tolist() == is_ev.sum(1).tolist()
+        for b in range(2):
+            kept = set(out.indices[b].tolist())
+            assert set(picks[b][is_ev[b]].tolist()) <= kept and len(kept) == 5
+    # the mixture's pmi is at least either part's, so its evidence holds the parts' evidence
+    mix = 2.0 * ref.extras["relevance_logits"][:, 3]  # [B, N] the mixture's pmi over the fine tokens
+    assert (mix >= evidence[:, :16] - 1e-4).all()
+    ev_top = evidence.gather(1, picks) > 0.5
+    assert (ev_top <= (mix.gather(1, picks) > 0.5)).all()
+    assert int(ev_top.sum()) < int((mix.gather(1, picks) > 0.5).sum())  # and here strictly fewer picks
+
+
 def test_gain_readings_choose_the_learned_terms_in_the_gain():
     host, tokens, _, _ = _llm_host()
     q = torch.randn(2, 3, tokens.shape[-1], generator=torch.Generator().manual_seed(1))
@@ -490,7 +550,10 @@ def test_gain_readings_choose_the_learned_terms_in_the_gain():
      ({"relational": True, "relation_others": "yes"}, "relation_others"), ({"relational": True, "relation_geometry": 1}, "relation_geometry"),
      ({"relational": True, "relation_content": "gate"}, "relation_content"),
      ({"gain_combine": "mean"}, "gain_combine"), ({"relational": True, "relation_mixture": True, "gain_combine": "max"}, "gain_combine"),
-     ({"relational": True, "relation_geometry": True, "relation_content": "sigmoid"}, "relation_content")],
+     ({"relational": True, "relation_geometry": True, "relation_content": "sigmoid"}, "relation_content"),
+     ({"relation_evidence": "parts"}, "relation_evidence"),
+     ({"relational": True, "fill": "background", "relation_evidence": "top"}, "relation_evidence"),
+     ({"relational": True, "relation_mixture": True, "relation_evidence": "top"}, "relation_evidence")],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
