@@ -11,7 +11,10 @@ sum over heads and tokens); the largest single token's pmi; and, for comparison,
 of round 13 (``logs/diag/t_gmix_of_ar``, seed 0), whose evidence ``fill`` reads in round 14.
 Part 2: ``arr_coc_host`` with its prior read deeper in the LLM (layers 1 and 2 of a partial
 prefill on every token, then pruning before the LLM), with and without ``fill="background"``: does
-a deeper reading give sharper evidence?
+a deeper reading give sharper evidence? Part 3: ``fill="background"`` on the layer-0 readings with
+evidence rules that adapt to the question instead of a fixed threshold in nats: the cells with at
+least r times the largest attention (relative), or the smallest set of cells holding a share of
+the attention (mass).
 
     .venv/bin/python experiments/results/arr_coc_host_diag/free_readings.py [threads]
 """
@@ -22,7 +25,7 @@ import torch
 
 from _setup import ROOT, saved_module, validation_set
 from arr_coc.allocators import create_allocator
-from arr_coc.allocators.arr_coc_host import LayerAttentionProbe
+from arr_coc.allocators.arr_coc_host import LayerAttentionProbe, background_fill
 from arr_coc.evaluation import run_allocation
 from arr_coc.reporting import commit, environment, write_report
 from arr_coc.training.base_host import BaseVLMHost
@@ -114,6 +117,52 @@ for layer in (0, 1, 2):
                               f"{float(n_hit.sum() / n_ev.sum().clamp_min(1)):.3f} | {float(n_hit.sum() / n_rel.sum()):.3f} | "
                               f"{float(ok[qs == types.index('nearest')].mean()):.3f} |")
                 print(lines2[-1], flush=True)
+
+
+class RuleEvidence:
+    """``fill="background"`` on ``arr_coc_host`` with the evidence read by a relative or a mass rule
+    from the prior's attention p [B, N] (instead of ``log(N p_j)`` above a threshold)."""
+
+    def __init__(self, reader: str):
+        self.alloc = create_allocator("arr_coc_host", llm_reader=reader, fill="background").eval()
+        self.alloc._background = self.background  # this script's own rule, on our own allocator
+        self.rule = ("relative", 0.1)
+
+    def mask(self, p: torch.Tensor) -> torch.Tensor:
+        kind, v = self.rule
+        p = p / p.sum(1, keepdim=True).clamp_min(1e-12)
+        if kind == "relative":
+            return p >= v * p.amax(1, keepdim=True)
+        ps, order = p.sort(1, descending=True)
+        keep = (ps.cumsum(1) - ps) < v  # the cells before the share is reached, and the one that reaches it
+        return torch.zeros_like(keep).scatter(1, order, keep)
+
+    def background(self, ctx, sel, information):
+        ev = self.mask(self.alloc._llm_attention(ctx, torch.float32).clamp_min(0))  # [B, N]
+        m = sel.extras["prior_information"].shape[1]
+        ev = torch.cat([ev, ev.new_zeros(ev.shape[0], m - ev.shape[1])], 1)  # pooled candidates: not evidence
+        sel.indices, sel.extras["evidence"] = background_fill(sel.indices, ev, ctx.fine, ctx.pyramid.positions, ctx.grid)
+        sel.gain = None
+        return sel
+
+
+lines3 = ["| reader | rule | budget | accuracy | evidence / question | nearest | compare | count |", "|---|---|---|---|---|---|---|---|"]
+for reader in ("question", "readout"):
+    ruled = RuleEvidence(reader)
+    for rule in [("relative", v) for v in (0.1, 0.2, 0.3, 0.5)] + [("mass", v) for v in (0.2, 0.5, 0.7)]:
+        ruled.rule = rule
+        for k in (64, 16, 4):
+            ok, qs, n_ev = [], [], []
+            with torch.no_grad():
+                for b, e in zip(batches, encs):
+                    res = run_allocation(vlm, ruled.alloc, b, k, encoded=e)
+                    ok.append((res.logits.argmax(-1) == b["answer"]).float())
+                    qs.append(b["question_type"])
+                    n_ev.append(res.out.extras["evidence"].float())
+            ok, qs, n_ev = torch.cat(ok), torch.cat(qs), torch.cat(n_ev)
+            by = " | ".join(f"{float(ok[qs == types.index(t)].mean()):.3f}" for t in ("nearest", "compare", "count"))
+            lines3.append(f"| {reader} | {rule[0]} {rule[1]:g} | {k} | {float(ok.mean()):.3f} | {float(n_ev.mean()):.2f} | {by} |")
+            print(lines3[-1], flush=True)
 body = (
     f"Validation split (task seed {cfg.data.task_seed}, examples {data.start}..{data.start + data.size - 1}). "
     f"{environment()}; {time.perf_counter() - t_start:.0f} s.\n\n"
@@ -124,7 +173,12 @@ body = (
     "## The training-free greedy with its prior read deeper, with and without background fill\n\n"
     "`arr_coc_host` (pre-LLM selection) whose prior is read after LLM layer 0 (the default), 1 or 2 of a partial "
     "prefill on every token. `greedy`: every pick counted as evidence. Precision / recall of the evidence picks "
-    "against the relevance masks, pooled over questions.\n\n" + "\n".join(lines2) + "\n"
+    "against the relevance masks, pooled over questions.\n\n" + "\n".join(lines2) + "\n\n"
+    "## Background fill on the layer-0 readings with adaptive evidence rules\n\n"
+    "`relative r`: the cells whose attention is at least r times the largest; `mass s`: the smallest set of cells "
+    "holding a share s of the attention (sorted), as evidence among the greedy's picks; the rest of the budget the "
+    "least salient cells. The same greedy without fill: the `greedy` rows of the table above (layer 0).\n\n"
+    + "\n".join(lines3) + "\n"
 )
 write_report("free_readings", "Issue 16 goal 1 diagnostic: training-free readings as evidence",
              f".venv/bin/python experiments/results/arr_coc_host_diag/free_readings.py {threads}", body,
