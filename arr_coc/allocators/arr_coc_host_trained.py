@@ -137,8 +137,12 @@ exceeds the threshold, or when it is the relation's best candidate other than th
 relation's part ``learned_weight * log(M lam p2(j))`` does. The relation spreads some mass over
 every object near the anchor; read as one distribution they all pass a threshold low enough for a
 count question's several objects, and at 4 tokens the base VLM takes one of them for the nearest
-(validation, examples 0 .. 4,095, round 13's first-seed weights: "nearest" 0.862 with the mixture's
-evidence, 0.905 with the parts'; experiments/results/issue16_v2.md, round 15).
+On validation (4,096 questions, three seeds; experiments/results/v2_trained_mixture_top_val.md) the
+parts' evidence scores +0.005 at 4 tokens (p 0.012) and 0.003 less at 64 / 28 / 16 (n.s.): with a
+budget to spare, the other objects near the anchor keep the nearest one when the relation's best
+cell is wrong. ``top_budget_fraction`` applies the parts' evidence to the rows whose budget is at
+most that fraction of the fine tokens and reads the mixture's above it (1.0, the default: every
+budget).
 
 ``arr_coc_host_llm_trained`` is the same idea inside the LLM, at the place of
 ``arr_coc_host_llm`` (after layer ``llm_layer``; ``llm_layer=1`` is FastV's K = 2): the scorer
@@ -321,6 +325,9 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
             evidence is the mixture's learned term above the threshold) or "top" (the other
             reading's part above it, plus the relation's best candidate other than the anchor when
             its part is above it; see the module docstring).
+        top_budget_fraction: with ``relation_evidence="top"``, the rows whose budget is at most
+            this fraction of the fine tokens read the parts' evidence, the others the mixture's
+            (in (0, 1]; 1.0: every row).
     """
 
     def __init__(
@@ -346,6 +353,7 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
         gain_combine: str = "sum",
         gain_readings: tuple[str, ...] | list[str] | None = None,
         relation_evidence: str = "mixture",
+        top_budget_fraction: float = 1.0,
         **kwargs,
     ):
         # the weight first: the base __init__ checks fill="background" against it (_has_evidence)
@@ -420,6 +428,13 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
             raise ValueError("relation_evidence: 'top' reads the evidence of fill='background' from the parts of relation_mixture; "
                              f"got relation_mixture={relation_mixture!r}, fill={self.fill!r}")
         self.relation_evidence = relation_evidence
+        if not (isinstance(top_budget_fraction, (int, float)) and not isinstance(top_budget_fraction, bool)
+                and 0 < top_budget_fraction <= 1):
+            raise ValueError(f"top_budget_fraction: expected a float in (0, 1], got {top_budget_fraction!r}")
+        if top_budget_fraction != 1 and relation_evidence != "top":
+            raise ValueError("top_budget_fraction: applies to relation_evidence='top', "
+                             f"got relation_evidence={relation_evidence!r}")
+        self.top_budget_fraction = float(top_budget_fraction)
 
     def _has_evidence(self) -> bool:
         """``fill="background"`` reads evidence from the learned term: it needs one."""
@@ -501,8 +516,10 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
                 extra, st_logits = _positive_pmi(pmi_mix, self.learned_weight), pmi_mix
                 readings.append(pmi_mix[:, :n])
                 if self.relation_evidence == "top":
-                    evidence = self.learned_weight * _mixture_part_evidence(
+                    parts = self.learned_weight * _mixture_part_evidence(
                         *chosen, gate, anchor, relation_second=self.gain_readings[1] == "relation")
+                    tight = ctx.budget <= self.top_budget_fraction * n  # [B] rows that read the parts
+                    evidence = torch.where(tight[:, None], parts, extra)
             else:  # the sum (or the largest) of the chosen readings' positive pmi
                 if self.gain_combine == "max":  # each reading nominates its own tokens
                     st_logits = torch.stack(chosen).amax(0)

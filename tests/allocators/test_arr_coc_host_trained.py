@@ -506,6 +506,20 @@ def test_relation_evidence_top_keeps_the_parts_evidence_then_the_background():
     ev_top = evidence.gather(1, picks) > 0.5
     assert (ev_top <= (mix.gather(1, picks) > 0.5)).all()
     assert int(ev_top.sum()) < int((mix.gather(1, picks) > 0.5).sum())  # and here strictly fewer picks
+    # top_budget_fraction: a row whose budget is above the fraction of the N = 16 fine tokens reads the mixture
+    whole = create_allocator("arr_coc_host_trained", fill="background", evidence_threshold=0.5, **kw).eval()
+    parts = create_allocator("arr_coc_host_trained", fill="background", evidence_threshold=0.5, relation_evidence="top", **kw).eval()
+    loose = create_allocator("arr_coc_host_trained", fill="background", evidence_threshold=0.5, relation_evidence="top",
+                             top_budget_fraction=0.25, **kw).eval()  # 5 > 0.25 * 16
+    for a in (whole, parts, loose):
+        a.load_state_dict(greedy.state_dict())
+    got_whole, got_parts, got_loose = (a(tokens, **args) for a in (whole, parts, loose))
+    assert torch.equal(got_loose.indices, got_whole.indices) and not torch.equal(got_parts.indices, got_whole.indices)
+    # per row: budgets [4, 5] with the fraction 1/4 -> the first row reads the parts, the second the mixture
+    per_row = {**args, "budget": torch.tensor([4, 5])}
+    got = loose(tokens, **per_row)
+    assert torch.equal(got.extras["evidence"][:1], parts(tokens, **{**args, "budget": 4}).extras["evidence"][:1])
+    assert torch.equal(got.extras["evidence"][1:], whole(tokens, **args).extras["evidence"][1:])
 
 
 def test_gain_readings_choose_the_learned_terms_in_the_gain():
@@ -553,7 +567,12 @@ def test_gain_readings_choose_the_learned_terms_in_the_gain():
      ({"relational": True, "relation_geometry": True, "relation_content": "sigmoid"}, "relation_content"),
      ({"relation_evidence": "parts"}, "relation_evidence"),
      ({"relational": True, "fill": "background", "relation_evidence": "top"}, "relation_evidence"),
-     ({"relational": True, "relation_mixture": True, "relation_evidence": "top"}, "relation_evidence")],
+     ({"relational": True, "relation_mixture": True, "relation_evidence": "top"}, "relation_evidence"),
+     ({"top_budget_fraction": 0.5}, "top_budget_fraction"),
+     ({"relational": True, "relation_mixture": True, "fill": "background", "relation_evidence": "top",
+       "top_budget_fraction": 0.0}, "top_budget_fraction"),
+     ({"relational": True, "relation_mixture": True, "fill": "background", "relation_evidence": "top",
+       "top_budget_fraction": 1.5}, "top_budget_fraction")],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
