@@ -136,7 +136,7 @@ from the mixture's two parts instead of the whole: a pick is evidence when the o
 exceeds the threshold, or when it is the relation's best candidate other than the anchor and the
 relation's part ``learned_weight * log(M lam p2(j))`` does. The relation spreads some mass over
 every object near the anchor; read as one distribution they all pass a threshold low enough for a
-count question's several objects, and at 4 tokens the base VLM takes one of them for the nearest
+count question's several objects, and at 4 tokens the base VLM takes one of them for the nearest.
 On validation (4,096 questions, three seeds; experiments/results/v2_trained_mixture_top_val.md) the
 parts' evidence scores +0.005 at 4 tokens (p 0.012) and 0.003 less at 64 / 28 / 16 (n.s.): with a
 budget to spare, the other objects near the anchor keep the nearest one when the relation's best
