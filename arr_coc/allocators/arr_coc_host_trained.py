@@ -279,7 +279,7 @@ def _mixture_part_evidence(
     top = rel_part.argmax(-1)  # [B]
     only_top = torch.full_like(rel_part, -math.inf)
     only_top[rows, top] = rel_part[rows, top]
-    return torch.maximum(other_part, only_top).to(pmi1.dtype).detach()
+    return torch.maximum(other_part, only_top).to(pmi1.dtype)  # from detached inputs
 
 
 @register_allocator("arr_coc_host_trained")
@@ -515,10 +515,10 @@ class ArrCocHostTrainedAllocator(ArrCocHostAllocator):
                 mix, pmi_mix = torch.sigmoid(gate), _mixture_pmi(*chosen, gate)
                 extra, st_logits = _positive_pmi(pmi_mix, self.learned_weight), pmi_mix
                 readings.append(pmi_mix[:, :n])
-                if self.relation_evidence == "top":
+                tight = ctx.budget <= self.top_budget_fraction * n  # [B] rows that read the parts
+                if self.relation_evidence == "top" and bool(tight.any()):
                     parts = self.learned_weight * _mixture_part_evidence(
                         *chosen, gate, anchor, relation_second=self.gain_readings[1] == "relation")
-                    tight = ctx.budget <= self.top_budget_fraction * n  # [B] rows that read the parts
                     evidence = torch.where(tight[:, None], parts, extra)
             else:  # the sum (or the largest) of the chosen readings' positive pmi
                 if self.gain_combine == "max":  # each reading nominates its own tokens
