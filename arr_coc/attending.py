@@ -611,14 +611,23 @@ def gaussian_set_mi(
     var_floor: float | None = None,
     bandwidth: float | None = None,
 ) -> torch.Tensor:
-    """Differentiable I(c_S ; Q) = 1/2 [log det Sigma_SS + log det Sigma_QQ - log det Sigma_(S,Q)] [B].
+    """Differentiable I(c_S ; Q) of the candidates ``indices`` [B], in nats.
 
     cand_emb [B, M, R], query_emb [B, T, R], indices [B, K] (-1 = padding, ignored),
     query_mask [B, T]. Same model as :func:`greedy_conditional_mi` (Sigma = kernel +
-    jitter I). ``var_floor=None``: exact log-dets (Cholesky; the matrices must be
-    numerically positive definite). With a floor, each log-det sums log max(eigenvalue,
-    var_floor), the set-level counterpart of the greedy's floors: an exact duplicate adds
-    nothing and a query twin's information is capped, and rank-deficient sets are fine.
+    jitter I).
+
+    ``var_floor=None``: the exact form 1/2 [log det Sigma_SS + log det Sigma_QQ - log det
+    Sigma_(S,Q)] (Cholesky; the matrices must be numerically positive definite).
+
+    With a floor: the chain rule along the order of ``indices`` under the greedy's floors,
+    sum_k 1/2 log+( max(Var(s_k | S_<k), f) / max(Var(s_k | S_<k, Q), f) ), where a pick whose
+    conditional variance in a chain is at or below the floor ``f`` is determined (it adds
+    nothing and is not conditioned on) and the query's eigen-directions at or below the floor
+    are dropped. For the greedy's own picks it equals the greedy's ``total``; where no floor
+    engages it equals the exact form (and does not depend on the order). Rank-deficient sets,
+    exact duplicates and query twins are fine. (Clamping each log-det's eigenvalues instead is
+    not the same quantity: on low-rank tokens it differs from the chain by nats.)
     """
     if kernel not in _KERNELS:
         raise ValueError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
@@ -642,8 +651,44 @@ def gaussian_set_mi(
     # absent entries become independent unit variables: they add 0 to every log-det
     kj = kj + torch.diag_embed(present * jitter + (1 - present))
     ks = indices.shape[1]
-    if var_floor is None:
-        ld = lambda mat: torch.linalg.cholesky(mat).diagonal(dim1=-2, dim2=-1).log().sum(-1) * 2  # noqa: E731
-    else:
-        ld = lambda mat: torch.linalg.eigvalsh(mat).clamp_min(var_floor).log().sum(-1)  # noqa: E731
+    if var_floor is not None:
+        return _floored_chain_mi(kj, ks, valid, float(var_floor))
+    ld = lambda mat: torch.linalg.cholesky(mat).diagonal(dim1=-2, dim2=-1).log().sum(-1) * 2  # noqa: E731
     return 0.5 * (ld(kj[:, :ks, :ks]) + ld(kj[:, ks:, ks:]) - ld(kj))
+
+
+def _floored_chain_mi(kj: torch.Tensor, ks: int, valid: torch.Tensor, var_floor: float) -> torch.Tensor:
+    """[B]: the greedy's chain-rule I(c_S ; Q) along the given picks (see :func:`gaussian_set_mi`).
+
+    kj: [B, K + T, K + T] joint covariance (the K picks, then the T query tokens; absent entries
+    independent unit variables), valid: [B, K] bool. Two Gram-Schmidt chains as in
+    :func:`greedy_conditional_mi`: A on the earlier picks, B on the query's eigen-directions
+    (eigenvalue > floor) and then the earlier picks, each skipping a pick determined in it.
+    Out of place, so the value is differentiable in the embeddings (O(K^2 (K + T))).
+    """
+    k_ss, k_qs = kj[:, :ks, :ks], kj[:, ks:, :ks]
+    evals, evecs = torch.linalg.eigh(kj[:, ks:, ks:])
+    inv_sqrt = torch.where(evals > var_floor, evals.clamp_min(var_floor).rsqrt(), torch.zeros_like(evals))
+    l_q = (evecs.transpose(1, 2) @ k_qs) * inv_sqrt[:, :, None]  # [B, T, K]
+    var_a = k_ss.diagonal(dim1=-2, dim2=-1)  # [B, K] Var(s_j | picks so far), chain A
+    var_b = (var_a - l_q.pow(2).sum(1)).clamp_min(0)  # chain B: the query first
+    rows_a = kj.new_zeros(kj.shape[0], 0, ks)
+    rows_b = l_q
+    total = kj.new_zeros(kj.shape[0])
+    for k in range(ks):
+        va, vb = var_a[:, k], var_b[:, k]
+        gain = 0.5 * (va.clamp_min(var_floor).log() - vb.clamp_min(var_floor).log()).clamp_min(0)
+        total = total + torch.where(valid[:, k] & (va > var_floor), gain, 0.0)
+        if k == ks - 1:
+            break
+        new_rows = []
+        for var, rows, v in ((var_a, rows_a, va), (var_b, rows_b, vb)):
+            # row k of the factor: cov(s_k, .) given the chain's earlier rows, scaled by 1 / sd
+            cov = k_ss[:, k] - (rows[:, :, k : k + 1] * rows).sum(1)  # [B, K]
+            keep = valid[:, k] & (v > var_floor)
+            new_rows.append(cov * torch.where(keep, v.clamp_min(var_floor).rsqrt(), 0.0)[:, None])
+        rows_a = torch.cat([rows_a, new_rows[0][:, None]], 1)
+        rows_b = torch.cat([rows_b, new_rows[1][:, None]], 1)
+        var_a = (var_a - new_rows[0].pow(2)).clamp_min(0)
+        var_b = (var_b - new_rows[1].pow(2)).clamp_min(0)
+    return total

@@ -2,7 +2,8 @@
 
 ``arr_coc`` reports ``out.gain``: I(c_S ; Q), the chain-rule sum of the greedy's query gains,
 a mutual information under a Gaussian model of the candidates and the query in its relevance
-space (``arr_coc_adapter`` reports the same quantity, ``gaussian_set_mi``, for its own picks).
+space (``arr_coc_adapter`` reports the same quantity for its own picks: the chain rule along its
+pick order under the greedy's floors, ``gaussian_set_mi`` with ``var_floor``).
 Nothing in that number looks at the answer. This module sets it beside an independent estimate
 of what the kept tokens tell the frozen VLM about the answer, the VLM's own Barber-Agakov
 bound, and measures how well the two agree, by rank:

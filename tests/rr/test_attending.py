@@ -518,6 +518,80 @@ def test_float32_greedy_matches_the_float64_reference():
     torch.testing.assert_close(res.total.double(), ref64.total, atol=1e-5, rtol=0)
 
 
+
+# ---------------------------------------------------------------------- set MI with the greedy's floors
+def _low_rank_inputs(g, b, m, t, rank, r=24, noise=1e-3):
+    """Candidates and query near a rank-``rank`` subspace (as real ViT tokens are), so the
+    greedy's floors engage: later picks are (nearly) determined and query tokens have twins."""
+    basis = torch.randn(rank, r, generator=g, dtype=torch.float64)
+    c = torch.randn(b, m, rank, generator=g, dtype=torch.float64) @ basis
+    q = torch.randn(b, t, rank, generator=g, dtype=torch.float64) @ basis
+    c = c + noise * torch.randn(b, m, r, generator=g, dtype=torch.float64)
+    q = q + noise * torch.randn(b, t, r, generator=g, dtype=torch.float64)
+    c[:, 3] = c[:, 1]  # an exact duplicate
+    return c, q
+
+
+@pytest.mark.parametrize("kernel", ["cosine", "rbf"])
+def test_set_mi_with_floor_is_the_greedys_total_where_floors_engage(kernel):
+    """With a floor, gaussian_set_mi along the greedy's pick order is the greedy's reported total
+    (per-example budgets, padded picks and query tokens), on low-rank tokens where the floors
+    change the answer by nats (the exact log-det form differs from it there)."""
+    g = torch.Generator().manual_seed(21)
+    b, m, t = 4, 40, 4
+    c, q = _low_rank_inputs(g, b, m, t, rank=6)
+    qmask = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    budget = torch.tensor([20, 12, 7, 16])
+    kw = dict(kernel=kernel, jitter=1e-6)
+    res = greedy_conditional_mi(c, q, qmask, budget, 0.9, var_floor=1e-4, **kw)
+    assert (res.indices == -1).any()  # padded picks are ignored
+    chain = gaussian_set_mi(c, q, res.indices, qmask, var_floor=1e-4, **kw)
+    torch.testing.assert_close(chain, res.total, atol=1e-8, rtol=0)
+    if kernel == "cosine":  # (the RBF kernel of low-rank tokens is not low-rank: no floor engages)
+        exact = gaussian_set_mi(c, q, res.indices, qmask, **kw)
+        assert (exact - chain).abs().max() > 0.5  # the floors matter on these inputs
+        # clamping each log-det's eigenvalues is a different quantity (what this replaced)
+        sig = kernel_matrix(torch.cat([c, q], 1), kernel=kernel)
+        sel = res.indices[0, : budget[0]].tolist() + [m + i for i in range(t)]
+        mat = sig[0][sel][:, sel] + 1e-6 * torch.eye(len(sel), dtype=torch.float64)
+        ld = lambda x: torch.linalg.eigvalsh(x).clamp_min(1e-4).log().sum()  # noqa: E731
+        k = int(budget[0])
+        clamped = 0.5 * (ld(mat[:k, :k]) + ld(mat[k:, k:]) - ld(mat))
+        assert abs(float(clamped) - float(chain[0])) > 0.5
+
+
+def test_set_mi_with_floor_equals_the_exact_form_where_no_floor_engages():
+    """Well-conditioned tokens (rank 64 > K + T): the floored chain equals the exact log-det form
+    and, like it, does not depend on the order of the picks; it is monotone along the picks."""
+    g = torch.Generator().manual_seed(22)
+    b, m, r, t, k = 3, 30, 64, 3, 10
+    c = torch.randn(b, m, r, generator=g, dtype=torch.float64)
+    q = torch.randn(b, t, r, generator=g, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(m, generator=g)[:k] for _ in range(b)])
+    exact = gaussian_set_mi(c, q, idx)
+    chain = gaussian_set_mi(c, q, idx, var_floor=1e-8)
+    torch.testing.assert_close(chain, exact, atol=1e-9, rtol=0)
+    flipped = gaussian_set_mi(c, q, idx.flip(1), var_floor=1e-8)
+    torch.testing.assert_close(flipped, exact, atol=1e-9, rtol=0)
+    prefix = torch.stack([gaussian_set_mi(c, q, idx[:, :j], var_floor=1e-8) for j in range(1, k + 1)], 1)
+    assert (prefix.diff(dim=1) >= -1e-12).all() and (prefix >= 0).all()
+
+
+def test_set_mi_with_floor_is_differentiable_and_finite_on_duplicates():
+    """Gradients reach the embeddings through the floored chain, finite with exact duplicates
+    and a query twin among the picks (where the exact form's Cholesky would be ill-posed)."""
+    g = torch.Generator().manual_seed(23)
+    c, q = _tie_inputs(g, 2, 12, 8, 2, torch.float64)
+    c.requires_grad_(True)
+    q.requires_grad_(True)
+    idx = torch.tensor([[4, 2, 5, 1, 7, 0], [2, 5, 4, 9, 3, -1]])
+    val = gaussian_set_mi(c, q, idx, var_floor=1e-4)
+    assert torch.isfinite(val).all() and (val > 0).all()
+    val.sum().backward()
+    assert torch.isfinite(c.grad).all() and torch.isfinite(q.grad).all()
+    assert c.grad.abs().sum() > 0 and q.grad.abs().sum() > 0
+    assert c.grad[:, 10:].abs().sum() == 0  # never picked: no gradient
+
 # ---------------------------------------------------------------------- pyramid Gram
 @pytest.mark.parametrize("grid, levels", [((4, 6), (1, 2)), ((5, 7), (1, 2)), ((3, 3), (1,)), ((4, 4), ())])
 def test_pyramid_gram_is_the_gram_of_the_pyramid_candidates(grid, levels):
