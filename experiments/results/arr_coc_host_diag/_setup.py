@@ -45,3 +45,25 @@ def saved_module(label: str, **overrides):
     alloc = create_allocator(saved["name"], **{**saved["allocator_config"], **overrides})
     alloc.load_state_dict(trained.state_dict())
     return alloc.eval()
+
+
+def evidence_counts(vlm, alloc, batches, encodings, budget: int, threshold: float | None) -> SimpleNamespace:
+    """Per question, ``alloc`` at ``budget`` over the batches: correct [Q], question type [Q], and of
+    the picks whose prior information exceeds ``threshold`` nats (every pick when None: the greedy's
+    own evidence) the count [Q], how many are relevant cells [Q], the relevant cells [Q] and whether
+    all of them are among those picks [Q] (bool)."""
+    from arr_coc.evaluation import run_allocation
+
+    out = {k: [] for k in ("correct", "qtype", "evidence", "hits", "relevant", "all_in")}
+    with torch.no_grad():
+        for b, e in zip(batches, encodings):
+            res = run_allocation(vlm, alloc, b, budget, encoded=e)
+            picks, info = res.out.extras["pick_order"], res.out.extras["prior_information"]
+            ev = (picks >= 0) & (info.gather(1, picks.clamp_min(0)) > (threshold if threshold is not None else -1.0))
+            rel = b["relevance"].flatten(1)
+            hit = ev & rel.gather(1, picks.clamp_min(0))
+            for key, v in (("correct", (res.logits.argmax(-1) == b["answer"]).float()), ("qtype", b["question_type"]),
+                           ("evidence", ev.sum(1)), ("hits", hit.sum(1)), ("relevant", rel.sum(1)),
+                           ("all_in", hit.sum(1) == rel.sum(1))):
+                out[key].append(v)
+    return SimpleNamespace(**{k: torch.cat(v) for k, v in out.items()})

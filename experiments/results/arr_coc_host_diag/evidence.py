@@ -17,9 +17,8 @@ import time
 
 import torch
 
-from _setup import ROOT, saved_module, validation_set
+from _setup import ROOT, evidence_counts, saved_module, validation_set
 from arr_coc.allocators import create_allocator
-from arr_coc.evaluation import run_allocation
 from arr_coc.reporting import commit, environment, write_report
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
@@ -35,23 +34,11 @@ for name, build, thresholds in ROWS:
     for tau in (None, *thresholds):
         alloc = build() if tau is None else build(fill="background", evidence_threshold=tau)
         for k in (64, 16, 4):
-            ok, qs, n_ev, n_hit, n_rel, all_in = [], [], [], [], [], []
-            with torch.no_grad():
-                for b, e in zip(batches, encs):
-                    res = run_allocation(vlm, alloc, b, k, encoded=e)
-                    ok.append((res.logits.argmax(-1) == b["answer"]).float())
-                    qs.append(b["question_type"])
-                    picks, info = res.out.extras["pick_order"], res.out.extras["prior_information"]
-                    real = picks >= 0
-                    ev = real & (info.gather(1, picks.clamp_min(0)) > (tau if tau is not None else -1.0))
-                    rel = b["relevance"].flatten(1)
-                    hit = ev & rel.gather(1, picks.clamp_min(0))
-                    n_ev.append(ev.sum(1)), n_hit.append(hit.sum(1)), n_rel.append(rel.sum(1))
-                    all_in.append(hit.sum(1) == rel.sum(1))
-            ok, qs = torch.cat(ok), torch.cat(qs)
-            n_ev, n_hit, n_rel = (torch.cat(t).float() for t in (n_ev, n_hit, n_rel))
+            c = evidence_counts(vlm, alloc, batches, encs, k, tau)
+            ok, qs = c.correct, c.qtype
+            n_ev, n_hit, n_rel = (t.float() for t in (c.evidence, c.hits, c.relevant))
             near = qs == types.index("nearest")
-            both = float(torch.cat(all_in)[near].float().mean())
+            both = float(c.all_in[near].float().mean())
             by = {t: float(ok[qs == types.index(t)].mean()) for t in ("nearest", "compare", "count")}
             label = "greedy fill" if tau is None else f"{tau:g}"
             lines.append(f"| {name} | {label} | {k} | {float(ok.mean()):.3f} | {float(n_ev.mean()):.2f} | "

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from _setup import ROOT, saved_module, validation_set
+from _setup import ROOT, evidence_counts, saved_module, validation_set
 from arr_coc.allocators import create_allocator
 from arr_coc.allocators.arr_coc_host import LayerAttentionProbe, background_fill
 from arr_coc.evaluation import run_allocation
@@ -100,18 +100,9 @@ for layer in (0, 1, 2):
                 kw.update(fill="background", evidence_threshold=tau)
             alloc = create_allocator("arr_coc_host", **kw).eval()
             for k in (64, 16, 4):
-                ok, qs, n_ev, n_hit, n_rel = [], [], [], [], []
-                with torch.no_grad():
-                    for b, e in zip(batches, encs):
-                        res = run_allocation(vlm, alloc, b, k, encoded=e)
-                        ok.append((res.logits.argmax(-1) == b["answer"]).float())
-                        qs.append(b["question_type"])
-                        picks, info = res.out.extras["pick_order"], res.out.extras["prior_information"]
-                        ev = (picks >= 0) & (info.gather(1, picks.clamp_min(0)) > (tau if tau is not None else -1.0))
-                        rel = b["relevance"].flatten(1)
-                        n_ev.append(ev.sum(1)), n_hit.append((ev & rel.gather(1, picks.clamp_min(0))).sum(1)), n_rel.append(rel.sum(1))
-                ok, qs = torch.cat(ok), torch.cat(qs)
-                n_ev, n_hit, n_rel = (torch.cat(t).float() for t in (n_ev, n_hit, n_rel))
+                c = evidence_counts(vlm, alloc, batches, encs, k, tau)
+                ok, qs = c.correct, c.qtype
+                n_ev, n_hit, n_rel = (t.float() for t in (c.evidence, c.hits, c.relevant))
                 label = "greedy" if tau is None else f"background ({tau:g} nats)"
                 lines2.append(f"| {layer} | {reader} | {label} | {k} | {float(ok.mean()):.3f} | {float(n_ev.mean()):.2f} | "
                               f"{float(n_hit.sum() / n_ev.sum().clamp_min(1)):.3f} | {float(n_hit.sum() / n_rel.sum()):.3f} | "
