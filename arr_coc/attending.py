@@ -664,43 +664,72 @@ def gaussian_set_mi(
     kj = kj + torch.diag_embed(present * jitter + (1 - present))
     ks = indices.shape[1]
     if var_floor is not None:
-        return _floored_chain_mi(kj, ks, valid, float(var_floor))
+        return _floored_chain_mi(kj, ks, valid, qm, float(var_floor))
     ld = lambda mat: torch.linalg.cholesky(mat).diagonal(dim1=-2, dim2=-1).log().sum(-1) * 2  # noqa: E731
     return 0.5 * (ld(kj[:, :ks, :ks]) + ld(kj[:, ks:, ks:]) - ld(kj))
 
 
-def _floored_chain_mi(kj: torch.Tensor, ks: int, valid: torch.Tensor, var_floor: float) -> torch.Tensor:
+def _floored_chain_mi(kj: torch.Tensor, ks: int, valid: torch.Tensor, qm: torch.Tensor, var_floor: float) -> torch.Tensor:
     """[B]: the greedy's chain-rule I(c_S ; Q) along the given picks (see :func:`gaussian_set_mi`).
 
     kj: [B, K + T, K + T] joint covariance (the K picks, then the T query tokens; absent entries
-    independent unit variables), valid: [B, K] bool. Two Gram-Schmidt chains as in
-    :func:`greedy_conditional_mi`: A on the earlier picks, B on the query's eigen-directions
-    (eigenvalue > floor) and then the earlier picks, each skipping a pick determined in it.
-    Out of place, so the value is differentiable in the embeddings (O(K^2 (K + T))).
+    independent unit variables), valid: [B, K] and qm: [B, T] bool (real picks / query tokens).
+
+    The floors make discrete choices: which query eigen-directions count, and which picks are
+    determined in each chain. They are made without gradient, by the greedy's own recursion (two
+    Gram-Schmidt chains over the picks, O(K^2 (K + T)), in place); the value is that recursion's.
+    When a gradient is wanted the same value is recomputed, the choices held fixed, from two
+    Cholesky factorisations (the kept directions and picks; the others independent unit
+    variables), so it flows to the embeddings of every pick and query token that counts.
     """
+    b, f = kj.shape[0], var_floor
     k_ss, k_qs = kj[:, :ks, :ks], kj[:, ks:, :ks]
-    evals, evecs = torch.linalg.eigh(kj[:, ks:, ks:])
-    inv_sqrt = torch.where(evals > var_floor, evals.clamp_min(var_floor).rsqrt(), torch.zeros_like(evals))
-    l_q = (evecs.transpose(1, 2) @ k_qs) * inv_sqrt[:, :, None]  # [B, T, K]
-    var_a = k_ss.diagonal(dim1=-2, dim2=-1)  # [B, K] Var(s_j | picks so far), chain A
-    var_b = (var_a - l_q.pow(2).sum(1)).clamp_min(0)  # chain B: the query first
-    rows_a = kj.new_zeros(kj.shape[0], 0, ks)
-    rows_b = l_q
-    total = kj.new_zeros(kj.shape[0])
-    for k in range(ks):
-        va, vb = var_a[:, k], var_b[:, k]
-        gain = 0.5 * (va.clamp_min(var_floor).log() - vb.clamp_min(var_floor).log()).clamp_min(0)
-        total = total + torch.where(valid[:, k] & (va > var_floor), gain, 0.0)
-        if k == ks - 1:
-            break
-        new_rows = []
-        for var, rows, v in ((var_a, rows_a, va), (var_b, rows_b, vb)):
-            # row k of the factor: cov(s_k, .) given the chain's earlier rows, scaled by 1 / sd
-            cov = k_ss[:, k] - (rows[:, :, k : k + 1] * rows).sum(1)  # [B, K]
-            keep = valid[:, k] & (v > var_floor)
-            new_rows.append(cov * torch.where(keep, v.clamp_min(var_floor).rsqrt(), 0.0)[:, None])
-        rows_a = torch.cat([rows_a, new_rows[0][:, None]], 1)
-        rows_b = torch.cat([rows_b, new_rows[1][:, None]], 1)
-        var_a = (var_a - new_rows[0].pow(2)).clamp_min(0)
-        var_b = (var_b - new_rows[1].pow(2)).clamp_min(0)
-    return total
+    qmf = qm.to(kj.dtype)
+    with torch.no_grad():
+        # the query's eigen-factor as the greedy builds it (absent tokens: no variance, dropped)
+        k_qq = kj[:, ks:, ks:] * qmf[:, :, None] * qmf[:, None, :]
+        evals, evecs = torch.linalg.eigh(k_qq)
+        keep_q = evals > f  # [B, T]
+        basis = evecs * keep_q[:, None, :].to(kj.dtype)  # [B, T, T] kept eigenvectors (others 0)
+        l_q = (basis.transpose(1, 2) @ k_qs.detach()) * torch.where(keep_q, evals.clamp_min(f).rsqrt(), 0.0)[:, :, None]
+        t = l_q.shape[1]
+        k_det = k_ss.detach()
+        var_a = k_det.diagonal(dim1=-2, dim2=-1).clone()  # [B, K]
+        var_b = (var_a - l_q.pow(2).sum(1)).clamp_min(0)
+        fac_a = kj.new_zeros(b, ks, ks)  # row k: pick k's Gram-Schmidt row in chain A
+        fac_b = torch.cat([l_q, kj.new_zeros(b, ks, ks)], 1)  # chain B: the query rows first
+        kept_a = torch.zeros(b, ks, dtype=torch.bool, device=kj.device)
+        kept_b = torch.zeros_like(kept_a)
+        total = kj.new_zeros(b)
+        for k in range(ks):
+            va, vb = var_a[:, k].clone(), var_b[:, k].clone()
+            kept_a[:, k] = valid[:, k] & (va > f)
+            kept_b[:, k] = valid[:, k] & (vb > f)
+            gain = 0.5 * (va.clamp_min(f).log() - vb.clamp_min(f).log()).clamp_min(0)
+            total += torch.where(kept_a[:, k], gain, 0.0)
+            if k == ks - 1:
+                break
+            for fac, var, v, kept, r in ((fac_a, var_a, va, kept_a[:, k], k), (fac_b, var_b, vb, kept_b[:, k], t + k)):
+                # cov(s_k, s_j | the chain's earlier rows) for the later picks j > k, scaled by 1 / sd
+                cov = k_det[:, k, k + 1 :] - torch.bmm(fac[:, None, :r, k], fac[:, :r, k + 1 :])[:, 0]
+                row = cov * torch.where(kept, v.clamp_min(f).rsqrt(), 0.0)[:, None]
+                fac[:, r, k + 1 :] = row
+                var[:, k + 1 :] = (var[:, k + 1 :] - row.pow(2)).clamp_min(0)
+    if not (torch.is_grad_enabled() and kj.requires_grad):
+        return total
+
+    def independent_outside(mat: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        both = (keep[:, :, None] & keep[:, None, :]).to(mat.dtype)
+        return mat * both + torch.diag_embed((~keep).to(mat.dtype))
+
+    # chain A: Var(s_k | kept earlier picks) = the Cholesky diagonal of the kept picks' covariance
+    var_a = torch.linalg.cholesky(independent_outside(k_ss, kept_a)).diagonal(dim1=-2, dim2=-1).pow(2)
+    # chain B: the kept query directions z = U^T q (covariance U^T K_QQ U), then the picks kept in B
+    z = basis.transpose(1, 2) @ (kj[:, ks:, ks:] * qmf[:, :, None] * qmf[:, None, :]) @ basis
+    zc = basis.transpose(1, 2) @ k_qs * kept_b[:, None, :].to(kj.dtype)
+    joint = torch.cat([torch.cat([independent_outside(z, keep_q), zc], 2),
+                       torch.cat([zc.transpose(1, 2), independent_outside(k_ss, kept_b)], 2)], 1)
+    var_b = torch.linalg.cholesky(joint).diagonal(dim1=-2, dim2=-1)[:, t:].pow(2)
+    var_b = torch.where(kept_b, var_b, torch.full_like(var_b, f))  # determined in B: at the floor
+    gain = 0.5 * (var_a.clamp_min(f).log() - var_b.clamp_min(f).log()).clamp_min(0)
+    return torch.where(kept_a, gain, 0.0).sum(1)

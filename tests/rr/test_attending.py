@@ -578,19 +578,36 @@ def test_set_mi_with_floor_equals_the_exact_form_where_no_floor_engages():
 
 
 def test_set_mi_with_floor_is_differentiable_and_finite_on_duplicates():
-    """Gradients reach the embeddings through the floored chain, finite with exact duplicates
-    and a query twin among the picks (where the exact form's Cholesky would be ill-posed)."""
+    """Gradients reach the embeddings through the floored chain, finite with exact duplicates, a
+    query twin and padded query tokens; the value with a gradient is the value without one."""
     g = torch.Generator().manual_seed(23)
-    c, q = _tie_inputs(g, 2, 12, 8, 2, torch.float64)
+    c, q = _tie_inputs(g, 2, 12, 8, 3, torch.float64)
+    qmask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    idx = torch.tensor([[4, 2, 5, 1, 7, 0], [2, 5, 4, 9, 3, -1]])
+    plain = gaussian_set_mi(c, q, idx, qmask, var_floor=1e-4)
     c.requires_grad_(True)
     q.requires_grad_(True)
-    idx = torch.tensor([[4, 2, 5, 1, 7, 0], [2, 5, 4, 9, 3, -1]])
-    val = gaussian_set_mi(c, q, idx, var_floor=1e-4)
+    val = gaussian_set_mi(c, q, idx, qmask, var_floor=1e-4)
+    torch.testing.assert_close(val.detach(), plain, atol=1e-10, rtol=0)
     assert torch.isfinite(val).all() and (val > 0).all()
     val.sum().backward()
     assert torch.isfinite(c.grad).all() and torch.isfinite(q.grad).all()
-    assert c.grad.abs().sum() > 0 and q.grad.abs().sum() > 0
+    assert c.grad.abs().sum() > 0 and q.grad[0].abs().sum() > 0
     assert c.grad[:, 10:].abs().sum() == 0  # never picked: no gradient
+    assert q.grad[1, 1:].abs().sum() == 0  # padded query tokens: no gradient
+
+
+def test_set_mi_with_floor_gradient_matches_finite_differences():
+    """Away from the floors' switching points the floored chain is smooth and its gradient is the
+    derivative of its value (gradcheck, float64), on low-rank tokens where some picks are
+    determined and with a padded query token."""
+    g = torch.Generator().manual_seed(24)
+    c, q = _low_rank_inputs(g, 2, 10, 3, rank=4, r=6, noise=3e-2)
+    qmask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    idx = torch.tensor([[0, 2, 4, 6, 8, 9], [1, 3, 5, 7, -1, -1]])
+    fn = lambda cc, qq: gaussian_set_mi(cc, qq, idx, qmask, var_floor=1e-4)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (c.requires_grad_(True), q.requires_grad_(True)), eps=1e-7, atol=1e-5)
+
 
 # ---------------------------------------------------------------------- pyramid Gram
 @pytest.mark.parametrize("grid, levels", [((4, 6), (1, 2)), ((5, 7), (1, 2)), ((3, 3), (1,)), ((4, 4), ())])
