@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from arr_coc.attending import gaussian_set_mi, greedy_conditional_mi, kernel_matrix
 
@@ -558,6 +560,20 @@ def test_set_mi_with_floor_is_the_greedys_total_where_floors_engage(kernel):
         k = int(budget[0])
         clamped = 0.5 * (ld(mat[:k, :k]) + ld(mat[k:, k:]) - ld(mat))
         assert abs(float(clamped) - float(chain[0])) > 0.5
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), rank=st.integers(1, 8), t=st.integers(1, 5), k=st.integers(1, 24),
+       alpha=st.floats(0.0, 1.0))
+def test_set_mi_with_floor_is_the_greedys_total_for_any_low_rank_tokens(seed, rank, t, k, alpha):
+    """Property: for any alpha, budget, query length and token rank, the floored chain along the
+    greedy's picks is the greedy's reported total (float64), and it is never negative."""
+    g = torch.Generator().manual_seed(seed)
+    c, q = _low_rank_inputs(g, 2, 30, t, rank=rank, r=12)
+    res = greedy_conditional_mi(c, q, None, k, alpha, var_floor=1e-4)
+    chain = gaussian_set_mi(c, q, res.indices, var_floor=1e-4)
+    torch.testing.assert_close(chain, res.total, atol=1e-7, rtol=1e-9)
+    assert (chain >= 0).all()
 
 
 def test_set_mi_with_floor_equals_the_exact_form_where_no_floor_engages():
