@@ -685,10 +685,10 @@ def _floored_chain_mi(kj: torch.Tensor, ks: int, valid: torch.Tensor, qm: torch.
     b, f = kj.shape[0], var_floor
     k_ss, k_qs = kj[:, :ks, :ks], kj[:, ks:, :ks]
     qmf = qm.to(kj.dtype)
+    k_qq = kj[:, ks:, ks:] * qmf[:, :, None] * qmf[:, None, :]  # absent tokens: no variance (dropped)
     with torch.no_grad():
-        # the query's eigen-factor as the greedy builds it (absent tokens: no variance, dropped)
-        k_qq = kj[:, ks:, ks:] * qmf[:, :, None] * qmf[:, None, :]
-        evals, evecs = torch.linalg.eigh(k_qq)
+        # the query's eigen-factor as the greedy builds it
+        evals, evecs = torch.linalg.eigh(k_qq.detach())
         keep_q = evals > f  # [B, T]
         basis = evecs * keep_q[:, None, :].to(kj.dtype)  # [B, T, T] kept eigenvectors (others 0)
         l_q = (basis.transpose(1, 2) @ k_qs.detach()) * torch.where(keep_q, evals.clamp_min(f).rsqrt(), 0.0)[:, :, None]
@@ -702,7 +702,7 @@ def _floored_chain_mi(kj: torch.Tensor, ks: int, valid: torch.Tensor, qm: torch.
         kept_b = torch.zeros_like(kept_a)
         total = kj.new_zeros(b)
         for k in range(ks):
-            va, vb = var_a[:, k].clone(), var_b[:, k].clone()
+            va, vb = var_a[:, k], var_b[:, k]  # later steps only write columns > k
             kept_a[:, k] = valid[:, k] & (va > f)
             kept_b[:, k] = valid[:, k] & (vb > f)
             gain = 0.5 * (va.clamp_min(f).log() - vb.clamp_min(f).log()).clamp_min(0)
@@ -725,7 +725,7 @@ def _floored_chain_mi(kj: torch.Tensor, ks: int, valid: torch.Tensor, qm: torch.
     # chain A: Var(s_k | kept earlier picks) = the Cholesky diagonal of the kept picks' covariance
     var_a = torch.linalg.cholesky(independent_outside(k_ss, kept_a)).diagonal(dim1=-2, dim2=-1).pow(2)
     # chain B: the kept query directions z = U^T q (covariance U^T K_QQ U), then the picks kept in B
-    z = basis.transpose(1, 2) @ (kj[:, ks:, ks:] * qmf[:, :, None] * qmf[:, None, :]) @ basis
+    z = basis.transpose(1, 2) @ k_qq @ basis
     zc = basis.transpose(1, 2) @ k_qs * kept_b[:, None, :].to(kj.dtype)
     joint = torch.cat([torch.cat([independent_outside(z, keep_q), zc], 2),
                        torch.cat([zc.transpose(1, 2), independent_outside(k_ss, kept_b)], 2)], 1)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from arr_coc.allocators import create_allocator
+from arr_coc.attending import gaussian_set_mi, greedy_conditional_mi
 
 from ._report import argv_command, markdown_table, write_report
 
@@ -112,14 +113,11 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(same.all(1), a.shape[1], (~same).float().argmax(1)).float()
 
 
-def _determinacy(cand: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, n: int, m: int, k: int) -> list[list[object]]:
-    """How far the greedy's picks are a function of its inputs: the float64 greedy against itself on
-    the same candidate and query embeddings times ``1 + eps * z`` (z standard normal, fixed seed),
-    and against the same greedy computed in float32 (with the error of float32's reported total
-    against the float64 chain rule along the same picks)."""
-    from arr_coc.attending import gaussian_set_mi, greedy_conditional_mi
-
-    ref = greedy_conditional_mi(cand.double(), query.double(), mask, k, 0.9, 0.0)
+def _determinacy(cand: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, ref, n: int, m: int, k: int) -> list[list[object]]:
+    """How far the greedy's picks are a function of its inputs: ``ref``, the float64 greedy on these
+    candidate and query embeddings, against itself on them times ``1 + eps * z`` (z standard normal,
+    fixed seed), and against the same greedy computed in float32 (with the error of float32's
+    reported total against the float64 chain rule along the same picks)."""
     positive = round(float((ref.gains > 0).sum(1).float().mean()), 1)
     determined = torch.where(ref.gains > 0, ref.indices, -1)
 
@@ -155,10 +153,8 @@ def _speed_and_overlap(tokens, query, mask, grid: int, budgets, rounds: int) -> 
 
             pyr = build_pyramid(tokens[:, 1:], (grid, grid), (1, 2))
             so = greedy.scorer(pyr.candidates, query, mask)
-            from arr_coc.attending import greedy_conditional_mi
-
             g64 = greedy_conditional_mi(so.candidate_emb.double(), so.query_emb.double(), mask, k, 0.9, 0.0)
-            determinacy += _determinacy(so.candidate_emb, so.query_emb, mask, grid * grid, m, k)
+            determinacy += _determinacy(so.candidate_emb, so.query_emb, mask, g64, grid * grid, m, k)
             rows.append([grid * grid, m, k, "exact greedy in float64 (reproducibility ceiling)", "",
                          round(_overlap(ref.indices, g64.indices, m), 3), round(_overlap(determined, g64.indices, m), 3),
                          round(float(g64.total.mean()), 3)])
@@ -211,7 +207,6 @@ def _train_recall(steps: int, grid: int = 24, budget: int = 36, train_size: int 
     """Design (c): the adapter's learned residual trained for shortlist recall of the greedy's
     determined picks (training split, seed 0), recall measured on validation (seed 1000003)."""
     from arr_coc.adapter import QualityAdapter, shortlist_recall_loss
-    from arr_coc.attending import greedy_conditional_mi
     from arr_coc.pyramid import build_pyramid
 
     data = {}
@@ -276,7 +271,8 @@ def main(argv: list[str]) -> None:
         else:
             tokens, query, mask = _synthetic(grid)
         speed, det = _speed_and_overlap(tokens, query, mask, grid, budgets, rounds)
-        speed_rows, det_rows = speed_rows + speed, det_rows + det
+        speed_rows += speed
+        det_rows += det
         if real and grid == 16 and eval_size > 0:
             acc_rows = _accuracy(vlm, batches, encs, budgets)
     train_size = int(_flag(argv, "train-size", "512"))
